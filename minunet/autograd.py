@@ -1,0 +1,452 @@
+"""minunet.autograd: the Tensor and reverse-mode automatic differentiation, in one page.
+
+A Tensor wraps an array (numpy on 'cpu', cupy on 'cuda'). Every differentiable operation is
+a Function subclass with two methods written once for both devices:
+
+    forward(ctx, *args)  -> output array       (args: arrays where Tensors were passed)
+    backward(ctx, gy)    -> one gradient per positional argument (None where there is none)
+
+`Function.apply` unwraps the Tensors, runs forward and, when any input requires a gradient
+and grad mode is on, records the Function as the output's `_ctx`: the graph is the chain of
+`_ctx.parents`. `Tensor.backward` sorts that graph topologically with an explicit stack (so a
+chain 10,000 ops deep never touches Python's recursion limit), walks it from the output
+back, and sums the gradients of every tensor used more than once. Only leaves (tensors made
+by the user, such as parameters) keep `.grad`, and they accumulate into it with `+=`, as in
+PyTorch and micrograd.
+"""
+import contextlib
+
+import numpy as np
+
+from minunet import backend
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Context manager (and decorator) under which no graph is recorded."""
+    global _grad_enabled
+    prev, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = prev
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+class Function:
+    """One differentiable operation; an instance is the node that records one call."""
+
+    def __init__(self):
+        self.parents = ()
+        self.needs_input_grad = ()
+
+    def save_for_backward(self, *arrays):
+        self.saved = arrays
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def backward(self, gy):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *args, **kwargs):
+        tensors = [a for a in args if isinstance(a, Tensor)]
+        if tensors:
+            devices = {t.device for t in tensors}
+            if len(devices) > 1:
+                shapes = ", ".join(f"{t.device}:{tuple(t.shape)}" for t in tensors)
+                raise ValueError(f"{cls.op_name()}: tensors on different devices ({shapes}); "
+                                 f"move them with .to(device) first")
+        ctx = cls()
+        y = ctx.forward(*(a.data if isinstance(a, Tensor) else a for a in args), **kwargs)
+        requires = _grad_enabled and any(t.requires_grad for t in tensors)
+        out = Tensor(y, requires_grad=requires)
+        if requires:
+            ctx.parents = args
+            ctx.needs_input_grad = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
+            out._ctx = ctx
+        return out
+
+    @classmethod
+    def op_name(cls):
+        return getattr(cls, "name", cls.__name__.lower())
+
+
+def unbroadcast(g, shape):
+    """Sum a broadcast gradient `g` back down to `shape` (NumPy broadcasting in reverse)."""
+    if g.shape == tuple(shape):
+        return g
+    xp = backend.array_module(g)
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, s in enumerate(shape) if s == 1 and g.shape[lead + i] != 1)
+    g = g.sum(axis=axes, keepdims=True) if axes else g
+    return xp.reshape(g, shape)
+
+
+class Tensor:
+    """An n-dimensional array on 'cpu' or 'cuda' that can record its history."""
+
+    __array_priority__ = 100  # numpy scalars on the left defer to Tensor's reflected ops
+
+    def __init__(self, data, requires_grad=False):
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._ctx = None
+
+    # ---- properties ----------------------------------------------------------------
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def device(self):
+        return backend.device_of(self.data)
+
+    @property
+    def is_leaf(self):
+        return self._ctx is None
+
+    def size(self, dim=None):
+        return self.shape if dim is None else self.shape[dim]
+
+    def numel(self):
+        return int(self.data.size)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __repr__(self):
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        dev = ", device='cuda'" if self.device == "cuda" else ""
+        return f"tensor({backend.to_numpy(self.data)!r}{dev}{grad})"
+
+    # ---- conversion ----------------------------------------------------------------
+    def numpy(self):
+        """The values as a host NumPy array (copied from the GPU when on 'cuda')."""
+        return backend.to_numpy(self.data)
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item(): only a one-element tensor has an item, this one has shape {self.shape}")
+        return self.data.reshape(()).item()
+
+    def detach(self):
+        return Tensor(self.data, requires_grad=False)
+
+    def to(self, device):
+        device = backend.normalize_device(device)
+        if device == self.device:
+            return self
+        return ToDevice.apply(self, device=device)
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self):
+        return self.to("cuda")
+
+    def float(self):
+        return self.astype(np.float32)
+
+    def double(self):
+        return self.astype(np.float64)
+
+    def astype(self, dtype):
+        if self.dtype == np.dtype(dtype):
+            return self
+        return Cast.apply(self, dtype=np.dtype(dtype))
+
+    # ---- autograd --------------------------------------------------------------------
+    def backward(self, gy=None):
+        """Accumulate d(self)/d(leaf) * gy into the .grad of every leaf that requires it."""
+        if not self.requires_grad:
+            raise RuntimeError("backward(): this tensor does not require grad and has no graph")
+        xp = backend.array_module(self.data)
+        if gy is None:
+            if self.data.size != 1:
+                raise RuntimeError(f"backward(): gy can be left out only for a one-element output, "
+                                   f"this one has shape {self.shape}")
+            gy = xp.ones_like(self.data)
+        else:
+            gy = gy.data if isinstance(gy, Tensor) else xp.asarray(gy, dtype=self.dtype)
+            if gy.shape != self.data.shape:
+                raise ValueError(f"backward(): gy has shape {tuple(gy.shape)}, the tensor {self.shape}")
+
+        grads = {id(self): gy}
+        for node in reversed(self._toposort()):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._ctx is None:  # a leaf: accumulate
+                if node.grad is None:
+                    node.grad = g.copy()
+                else:
+                    node.grad += g
+                continue
+            ctx = node._ctx
+            gxs = ctx.backward(g)
+            if not isinstance(gxs, tuple):
+                gxs = (gxs,)
+            for parent, gx, needed in zip(ctx.parents, gxs, ctx.needs_input_grad):
+                if not needed or gx is None:
+                    continue
+                if gx.shape != parent.data.shape:
+                    raise RuntimeError(f"{ctx.op_name()}.backward returned a gradient of shape "
+                                       f"{tuple(gx.shape)} for an input of shape {parent.shape}")
+                prev = grads.get(id(parent))
+                grads[id(parent)] = gx if prev is None else prev + gx
+
+    def _toposort(self):
+        """Tensors reachable from self, every tensor after all the tensors it was made from."""
+        order, visited, stack = [], set(), [(self, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if id(node) in visited:
+                continue
+            visited.add(id(node))
+            stack.append((node, True))
+            if node._ctx is not None:
+                for p in node._ctx.parents:
+                    if isinstance(p, Tensor) and p.requires_grad and id(p) not in visited:
+                        stack.append((p, False))
+        return order
+
+    # ---- arithmetic (NumPy broadcasting) ---------------------------------------------
+    def __add__(self, other):
+        return Add.apply(self, other)
+
+    def __radd__(self, other):
+        return Add.apply(self, other)
+
+    def __sub__(self, other):
+        return Sub.apply(self, other)
+
+    def __rsub__(self, other):
+        return Sub.apply(other, self)
+
+    def __mul__(self, other):
+        return Mul.apply(self, other)
+
+    def __rmul__(self, other):
+        return Mul.apply(self, other)
+
+    def __truediv__(self, other):
+        return Div.apply(self, other)
+
+    def __rtruediv__(self, other):
+        return Div.apply(other, self)
+
+    def __neg__(self):
+        return Neg.apply(self)
+
+    def __pow__(self, exponent):
+        if isinstance(exponent, Tensor):
+            raise TypeError("pow: only a Python scalar exponent is supported")
+        return Pow.apply(self, exponent=exponent)
+
+    def exp(self):
+        return Exp.apply(self)
+
+    def log(self):
+        return Log.apply(self)
+
+    def sum(self, axis=None, keepdims=False):
+        return Sum.apply(self, axis=_axes(axis, self.ndim), keepdims=keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        axes = _axes(axis, self.ndim)
+        n = int(np.prod([self.shape[a] for a in axes])) if axes else 1
+        return self.sum(axis=axes, keepdims=keepdims) / n if n else self.sum(axis=axes, keepdims=keepdims)
+
+    def reshape(self, *shape):
+        shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+        return Reshape.apply(self, shape=tuple(shape))
+
+    def flatten(self):
+        return self.reshape(-1)
+
+
+def _axes(axis, ndim):
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"sum: axis {a} is out of range for a tensor with {ndim} dimensions")
+        out.append(a % ndim)
+    return tuple(sorted(set(out)))
+
+
+def _data(a):
+    return a.data if isinstance(a, Tensor) else a
+
+
+def _shape(a):
+    return getattr(a, "shape", ())
+
+
+# ---- the elementwise primitives ------------------------------------------------------
+# Each forward takes arrays (or Python scalars) and each backward reduces a broadcast
+# gradient back to its input's shape with `unbroadcast`.
+
+class Add(Function):
+    def forward(self, a, b):
+        self.shapes = (_shape(a), _shape(b))
+        return a + b
+
+    def backward(self, gy):
+        na, nb = self.needs_input_grad
+        return (unbroadcast(gy, self.shapes[0]) if na else None,
+                unbroadcast(gy, self.shapes[1]) if nb else None)
+
+
+class Sub(Function):
+    def forward(self, a, b):
+        self.shapes = (_shape(a), _shape(b))
+        return a - b
+
+    def backward(self, gy):
+        na, nb = self.needs_input_grad
+        return (unbroadcast(gy, self.shapes[0]) if na else None,
+                unbroadcast(-gy, self.shapes[1]) if nb else None)
+
+
+class Mul(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a * b
+
+    def backward(self, gy):
+        ga = unbroadcast(gy * self.b, _shape(self.a)) if self.needs_input_grad[0] else None
+        gb = unbroadcast(gy * self.a, _shape(self.b)) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Div(Function):
+    def forward(self, a, b):
+        self.a, self.b = a, b
+        return a / b
+
+    def backward(self, gy):
+        ga = unbroadcast(gy / self.b, _shape(self.a)) if self.needs_input_grad[0] else None
+        gb = unbroadcast(-gy * self.a / (self.b * self.b), _shape(self.b)) if self.needs_input_grad[1] else None
+        return ga, gb
+
+
+class Neg(Function):
+    def forward(self, a):
+        return -a
+
+    def backward(self, gy):
+        return -gy
+
+
+class Pow(Function):
+    def forward(self, a, exponent):
+        self.a, self.p = a, exponent
+        return a ** exponent
+
+    def backward(self, gy):
+        return gy * self.p * self.a ** (self.p - 1)
+
+
+class Exp(Function):
+    def forward(self, a):
+        self.y = backend.array_module(a).exp(a)
+        return self.y
+
+    def backward(self, gy):
+        return gy * self.y
+
+
+class Log(Function):
+    def forward(self, a):
+        self.a = a
+        return backend.array_module(a).log(a)
+
+    def backward(self, gy):
+        return gy / self.a
+
+
+class Sum(Function):
+    def forward(self, a, axis, keepdims):
+        self.shape, self.axis = a.shape, axis
+        return a.sum(axis=axis, keepdims=keepdims)
+
+    def backward(self, gy):
+        xp = backend.array_module(gy)
+        g = xp.expand_dims(gy, self.axis) if gy.ndim != len(self.shape) else gy
+        return xp.broadcast_to(g, self.shape).copy()
+
+
+class Reshape(Function):
+    def forward(self, a, shape):
+        self.shape = a.shape
+        return a.reshape(shape)
+
+    def backward(self, gy):
+        return gy.reshape(self.shape)
+
+
+class ToDevice(Function):
+    name = "to"
+
+    def forward(self, a, device):
+        self.src = backend.device_of(a)
+        return backend.to_device(a, device)
+
+    def backward(self, gy):
+        return backend.to_device(gy, self.src)
+
+
+class Cast(Function):
+    name = "astype"
+
+    def forward(self, a, dtype):
+        self.src = a.dtype
+        return a.astype(dtype)
+
+    def backward(self, gy):
+        return gy.astype(self.src)
+
+
+def tensor(data, dtype=None, device="cpu", requires_grad=False):
+    """Make a leaf Tensor from array_like data, as torch.tensor does.
+
+    Python floats become float32 (minunet's default dtype) and Python ints int64; NumPy or
+    CuPy arrays keep their dtype unless `dtype` is given. The data is always copied.
+    """
+    device = backend.normalize_device(device)
+    if isinstance(data, Tensor):
+        data = data.data
+    if dtype is None and not hasattr(data, "dtype"):
+        a = np.asarray(data)
+        dtype = np.float32 if a.dtype.kind == "f" else a.dtype
+        data = a
+    xp = backend.xp_for(device)
+    if xp is np:
+        arr = np.array(backend.to_numpy(data), dtype=dtype, copy=True)
+    else:
+        arr = xp.array(data, dtype=dtype, copy=True)
+    if requires_grad and arr.dtype.kind != "f":
+        raise TypeError(f"tensor(): only floating tensors can require grad, got dtype {arr.dtype}")
+    return Tensor(arr, requires_grad=requires_grad)

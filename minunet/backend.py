@@ -69,7 +69,9 @@ adam_update             PyTorch's Adam (decoupled=False: g += weight_decay*p) or
                         p *= 1 - lr*weight_decay); m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g*g;
                         p -= lr/(1-b1^step) * m / (sqrt(v)/sqrt(1-b2^step) + eps); step counts from 1
 - `version` picks one of a convolution's implementations (None = the fastest). Every
-  version computes the same function; tests run them all, benchmarks time them all.
+  version computes the same function; tests run them all, benchmarks time them all. Each
+  kernel module has `VERSIONS = {kernel_name: (1, 2, ...)}` for the kernels that take
+  `version`, and `DEFAULT_VERSION = {kernel_name: v}` for what None picks.
 """
 import numpy as np
 

@@ -1,0 +1,550 @@
+"""minunet.functional: the differentiable ops of a U-Net, with PyTorch's names and semantics.
+
+Each op is a public function that validates its arguments (so bad input fails here, with the
+op, the argument and the shapes in the message, and never deep inside a numba or CUDA
+kernel) and then applies a Function subclass. Each Function's forward and backward are
+written ONCE for both devices: the heavy lifting goes to `kernels_for(x)` (minunet.cpu or
+minunet.cuda, same names and signatures), and the cheap elementwise glue uses
+`array_module(x)` (numpy or cupy). The derivative rules therefore live in this file only.
+
+Layout is NCHW throughout; kernel_size, stride and padding take an int or an (h, w) pair.
+"""
+import numpy as np
+
+from minunet import backend
+from minunet.autograd import Function, Tensor
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ---- argument checking ---------------------------------------------------------------
+
+def _check_tensor(x, op, arg, ndim=None):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{op}: {arg} must be a minunet Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"{op}: {arg} has dtype {x.dtype}; minunet ops take float32 or float64")
+    if ndim is not None and x.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{op}: {arg} must be {ndim}-D, got shape {x.shape}")
+
+
+def _check_same(op, **tensors):
+    """All given tensors on one device and of one dtype."""
+    items = [(k, t) for k, t in tensors.items() if t is not None]
+    devices = {t.device for _, t in items}
+    if len(devices) > 1:
+        desc = ", ".join(f"{k} on {t.device}" for k, t in items)
+        raise ValueError(f"{op}: arguments on different devices ({desc}); move them with .to(device)")
+    dtypes = {t.dtype for _, t in items}
+    if len(dtypes) > 1:
+        desc = ", ".join(f"{k} {t.dtype}" for k, t in items)
+        raise TypeError(f"{op}: arguments of different dtypes ({desc})")
+
+
+def _pair(v, op, arg, minimum):
+    pair = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(p, (int, np.integer)) for p in pair):
+        raise TypeError(f"{op}: {arg} must be an int or a pair of ints, got {v!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{op}: {arg} must be >= {minimum}, got {v!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def _array_arg(a, like, op, arg):
+    """A non-differentiable array argument (target, weight, ...) as an array on `like`'s device;
+    Python lists and scalars are converted, arrays on another device are refused."""
+    a = a.data if isinstance(a, Tensor) else a
+    if hasattr(a, "shape") and backend.device_of(a) != backend.device_of(like):
+        raise ValueError(f"{op}: {arg} is on {backend.device_of(a)} but the input is on "
+                         f"{backend.device_of(like)}; move it with .to(device)")
+    return backend.array_module(like).asarray(a)
+
+
+def _contiguous(a):
+    return backend.array_module(a).ascontiguousarray(a)
+
+
+# ---- convolution ---------------------------------------------------------------------
+
+class Conv2d(Function):
+    name = "conv2d"
+
+    def forward(self, x, w, b, stride, padding):
+        # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) -> y: (N, K, Ho, Wo)
+        self.x, self.w, self.stride, self.padding = x, w, stride, padding
+        return backend.kernels_for(x).conv2d_forward(x, w, b, stride, padding)
+
+    def backward(self, gy):
+        k, gy = backend.kernels_for(gy), _contiguous(gy)
+        need_x, need_w, need_b = self.needs_input_grad
+        gx = k.conv2d_backward_input(gy, self.w, self.x.shape, self.stride, self.padding) if need_x else None
+        gw = k.conv2d_backward_weight(self.x, gy, self.w.shape, self.stride, self.padding) if need_w else None
+        gb = k.bias_backward(gy) if need_b else None
+        return gx, gw, gb
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """2-D cross-correlation, as torch.nn.functional.conv2d (no dilation, no groups)."""
+    op = "conv2d"
+    _check_tensor(x, op, "input x", 4)
+    _check_tensor(weight, op, "weight", 4)
+    if bias is not None:
+        _check_tensor(bias, op, "bias", 1)
+    _check_same(op, x=x, weight=weight, bias=bias)
+    stride, padding = _pair(stride, op, "stride", 1), _pair(padding, op, "padding", 0)
+    n, c, h, w_ = x.shape
+    k, cw, kh, kw = weight.shape
+    if c != cw:
+        raise ValueError(f"{op}: input x has {c} channels (shape {x.shape}) but weight expects {cw} "
+                         f"(weight shape {weight.shape}, which is (out, in, kh, kw))")
+    if bias is not None and bias.shape != (k,):
+        raise ValueError(f"{op}: bias must have shape ({k},) for weight {weight.shape}, got {bias.shape}")
+    if h + 2 * padding[0] < kh or w_ + 2 * padding[1] < kw:
+        raise ValueError(f"{op}: the {kh}x{kw} kernel does not fit the padded input "
+                         f"(x {x.shape}, padding {padding})")
+    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding)
+
+
+class ConvTranspose2d(Function):
+    name = "conv_transpose2d"
+
+    def forward(self, x, w, b, stride, padding, output_padding):
+        # x: (N, Cin, H, W), w: (Cin, Cout, kh, kw) -> y: (N, Cout, Ho, Wo)
+        self.x, self.w, self.stride, self.padding = x, w, stride, padding
+        return backend.kernels_for(x).conv_transpose2d_forward(x, w, b, stride, padding, output_padding)
+
+    def backward(self, gy):
+        k, gy = backend.kernels_for(gy), _contiguous(gy)
+        need_x, need_w, need_b = self.needs_input_grad
+        gx = k.conv_transpose2d_backward_input(gy, self.w, self.stride, self.padding) if need_x else None
+        gw = k.conv_transpose2d_backward_weight(self.x, gy, self.w.shape, self.stride, self.padding) if need_w else None
+        gb = k.bias_backward(gy) if need_b else None
+        return gx, gw, gb
+
+
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0):
+    """Transposed convolution (the adjoint of conv2d), as torch.nn.functional.conv_transpose2d."""
+    op = "conv_transpose2d"
+    _check_tensor(x, op, "input x", 4)
+    _check_tensor(weight, op, "weight", 4)
+    if bias is not None:
+        _check_tensor(bias, op, "bias", 1)
+    _check_same(op, x=x, weight=weight, bias=bias)
+    stride, padding = _pair(stride, op, "stride", 1), _pair(padding, op, "padding", 0)
+    output_padding = _pair(output_padding, op, "output_padding", 0)
+    if output_padding[0] >= stride[0] or output_padding[1] >= stride[1]:
+        raise ValueError(f"{op}: output_padding {output_padding} must be smaller than stride {stride}")
+    n, c, h, w_ = x.shape
+    cw, k, kh, kw = weight.shape
+    if c != cw:
+        raise ValueError(f"{op}: input x has {c} channels (shape {x.shape}) but weight expects {cw} "
+                         f"(weight shape {weight.shape}, which is (in, out, kh, kw))")
+    if bias is not None and bias.shape != (k,):
+        raise ValueError(f"{op}: bias must have shape ({k},) for weight {weight.shape}, got {bias.shape}")
+    ho = (h - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0]
+    wo = (w_ - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1]
+    if ho < 1 or wo < 1:
+        raise ValueError(f"{op}: padding {padding} leaves no output for x {x.shape} and weight {weight.shape}")
+    return ConvTranspose2d.apply(x, weight, bias, stride=stride, padding=padding, output_padding=output_padding)
+
+
+# ---- pooling, concatenation, cropping --------------------------------------------------
+
+class MaxPool2d(Function):
+    name = "max_pool2d"
+
+    def forward(self, x, kernel_size, stride, padding):
+        # x: (N, C, H, W) -> y: (N, C, Ho, Wo), with the argmax saved for backward
+        self.x_shape = x.shape
+        y, self.argmax = backend.kernels_for(x).max_pool2d_forward(x, kernel_size, stride, padding)
+        return y
+
+    def backward(self, gy):
+        return backend.kernels_for(gy).max_pool2d_backward(_contiguous(gy), self.argmax, self.x_shape)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0):
+    """Max pooling, as torch.nn.functional.max_pool2d (floor mode, no dilation)."""
+    op = "max_pool2d"
+    _check_tensor(x, op, "input x", 4)
+    kernel_size = _pair(kernel_size, op, "kernel_size", 1)
+    stride = kernel_size if stride is None else _pair(stride, op, "stride", 1)
+    padding = _pair(padding, op, "padding", 0)
+    if padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
+        raise ValueError(f"{op}: padding {padding} must be at most half of kernel_size {kernel_size}")
+    h, w = x.shape[2:]
+    if h + 2 * padding[0] < kernel_size[0] or w + 2 * padding[1] < kernel_size[1]:
+        raise ValueError(f"{op}: kernel_size {kernel_size} does not fit input x {x.shape} with padding {padding}")
+    return MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding)
+
+
+class Concat(Function):
+    """Concatenation along channels, each input cropped to a window first: one kernel does both."""
+    name = "cat"
+
+    def forward(self, *xs, offsets, out_hw):
+        # xs[i]: (N, C_i, H_i, W_i) -> y: (N, sum C_i, H, W)
+        self.shapes, self.offsets = [x.shape for x in xs], offsets
+        return backend.kernels_for(xs[0]).concat_forward([_contiguous(x) for x in xs], offsets, out_hw)
+
+    def backward(self, gy):
+        return tuple(backend.kernels_for(gy).concat_backward(_contiguous(gy), self.shapes, self.offsets))
+
+
+class ConcatAnyDim(Function):
+    name = "cat"
+
+    def forward(self, *xs, dim):
+        # xs[i]: (..., D_i, ...) -> y: (..., sum D_i, ...)
+        self.dim, self.sizes = dim, [x.shape[dim] for x in xs]
+        return backend.array_module(xs[0]).concatenate(xs, axis=dim)
+
+    def backward(self, gy):
+        xp = backend.array_module(gy)
+        return tuple(xp.split(gy, np.cumsum(self.sizes)[:-1].tolist(), axis=self.dim))
+
+
+def cat(tensors, dim=0):
+    """Concatenate tensors along `dim`, as torch.cat."""
+    op = "cat"
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{op}: expected a non-empty list of tensors")
+    for i, t in enumerate(tensors):
+        _check_tensor(t, op, f"tensors[{i}]")
+    _check_same(op, **{f"tensors[{i}]": t for i, t in enumerate(tensors)})
+    ndim = tensors[0].ndim
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"{op}: dim {dim} is out of range for {ndim}-D tensors")
+    dim %= ndim
+    ref = tensors[0].shape
+    for i, t in enumerate(tensors):
+        if t.ndim != ndim or any(a != b for d, (a, b) in enumerate(zip(t.shape, ref)) if d != dim):
+            shapes = ", ".join(str(t.shape) for t in tensors)
+            raise ValueError(f"{op}: sizes must match except in dim {dim}; got shapes {shapes}")
+    if ndim == 4 and dim == 1:
+        return Concat.apply(*tensors, offsets=[(0, 0)] * len(tensors), out_hw=ref[2:])
+    return ConcatAnyDim.apply(*tensors, dim=dim)
+
+
+def center_crop(x, size):
+    """Crop the centre (H, W) window of the last two dims, as the valid-padding U-Net does with
+    its skip features. Where the margin is odd, the extra row/column is cut at the bottom/right."""
+    op = "center_crop"
+    _check_tensor(x, op, "input x")
+    if x.ndim < 2:
+        raise ValueError(f"{op}: input x needs at least 2 dims, got shape {x.shape}")
+    h, w = _pair(size, op, "size", 1)
+    H, W = x.shape[-2:]
+    if h > H or w > W:
+        raise ValueError(f"{op}: cannot crop {(h, w)} out of input x {x.shape}")
+    lead = x.shape[:-2]
+    x4 = x.reshape(int(np.prod(lead[:-1])) if len(lead) > 1 else 1, lead[-1] if lead else 1, H, W)
+    y = Concat.apply(x4, offsets=[((H - h) // 2, (W - w) // 2)], out_hw=(h, w))
+    return y.reshape(*lead, h, w)
+
+
+# ---- activations -----------------------------------------------------------------------
+
+class ReLU(Function):
+    name = "relu"
+
+    def forward(self, x):
+        # x: (...) -> y: (...)
+        self.y = backend.kernels_for(x).relu_forward(_contiguous(x))
+        return self.y
+
+    def backward(self, gy):
+        return backend.kernels_for(gy).relu_backward(_contiguous(gy), self.y)
+
+
+def relu(x):
+    _check_tensor(x, "relu", "input x")
+    return ReLU.apply(x)
+
+
+def _sigmoid(xp, x):
+    return xp.exp(-xp.logaddexp(0, -x))  # 1 / (1 + e^-x) without overflow for large |x|
+
+
+class Sigmoid(Function):
+    name = "sigmoid"
+
+    def forward(self, x):
+        self.y = _sigmoid(backend.array_module(x), x)
+        return self.y
+
+    def backward(self, gy):
+        return gy * self.y * (1 - self.y)
+
+
+def sigmoid(x):
+    _check_tensor(x, "sigmoid", "input x")
+    return Sigmoid.apply(x)
+
+
+class Softmax(Function):
+    name = "softmax"
+
+    def forward(self, x, dim):
+        xp = backend.array_module(x)
+        e = xp.exp(x - x.max(axis=dim, keepdims=True))
+        self.y, self.dim = e / e.sum(axis=dim, keepdims=True), dim
+        return self.y
+
+    def backward(self, gy):
+        return self.y * (gy - (gy * self.y).sum(axis=self.dim, keepdims=True))
+
+
+class LogSoftmax(Function):
+    name = "log_softmax"
+
+    def forward(self, x, dim):
+        xp = backend.array_module(x)
+        z = x - x.max(axis=dim, keepdims=True)
+        self.y, self.dim = z - xp.log(xp.exp(z).sum(axis=dim, keepdims=True)), dim
+        return self.y
+
+    def backward(self, gy):
+        xp = backend.array_module(gy)
+        return gy - xp.exp(self.y) * gy.sum(axis=self.dim, keepdims=True)
+
+
+def _dim(x, dim, op):
+    if not -x.ndim <= dim < x.ndim:
+        raise ValueError(f"{op}: dim {dim} is out of range for input x of shape {x.shape}")
+    return dim % x.ndim
+
+
+def softmax(x, dim):
+    _check_tensor(x, "softmax", "input x")
+    return Softmax.apply(x, dim=_dim(x, dim, "softmax"))
+
+
+def log_softmax(x, dim):
+    _check_tensor(x, "log_softmax", "input x")
+    return LogSoftmax.apply(x, dim=_dim(x, dim, "log_softmax"))
+
+
+def dropout(x, p=0.5, training=True):
+    """Zero each element with probability p and scale the rest by 1/(1-p), in training only."""
+    _check_tensor(x, "dropout", "input x")
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0:
+        return x
+    xp = backend.array_module(x.data)
+    keep = (xp.random.random_sample(x.shape) >= p).astype(x.dtype) / x.dtype.type(1 - p)
+    return x * keep
+
+
+# ---- losses ----------------------------------------------------------------------------
+
+class SoftmaxCrossEntropy(Function):
+    """Per-pixel weighted cross-entropy of softmax(x) over channels: (N,C,H,W) -> (N,H,W)."""
+    name = "cross_entropy"
+
+    def forward(self, x, target, weight, ignore_index):
+        # x: (N, C, H, W), target: (N, H, W) -> loss: (N, H, W)
+        self.target, self.weight, self.ignore_index = target, weight, ignore_index
+        loss, self.p = backend.kernels_for(x).softmax_cross_entropy_forward(x, target, weight, ignore_index)
+        return loss
+
+    def backward(self, gloss):
+        k = backend.kernels_for(gloss)
+        return k.softmax_cross_entropy_backward(self.p, self.target, self.weight, self.ignore_index,
+                                                _contiguous(gloss)), None, None
+
+
+def _check_target(logits, target, op):
+    """Validate integer class targets against (N, C, ...) logits; return them as int64."""
+    target = _array_arg(target, logits.data, op, "target")
+    if target.dtype.kind not in "iu":
+        raise TypeError(f"{op}: target must hold integer class indices, got dtype {target.dtype}")
+    expected = (logits.shape[0],) + logits.shape[2:]
+    if target.shape != expected:
+        raise ValueError(f"{op}: target has shape {tuple(target.shape)}, expected {expected} for logits {logits.shape}")
+    return target.astype(np.int64, copy=False)
+
+
+def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean"):
+    """Softmax cross-entropy over dim 1, as torch.nn.functional.cross_entropy.
+
+    logits: (N, C) or (N, C, H, W); target: integer class indices, (N,) or (N, H, W); weight: (C,)
+    class weights; pixels whose target is ignore_index count for nothing. 'mean' divides by the
+    summed weight of the pixels that count.
+    """
+    op = "cross_entropy"
+    _check_tensor(logits, op, "logits", (2, 4))
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    target = _check_target(logits, target, op)
+    n_classes = logits.shape[1]
+    xp = backend.array_module(logits.data)
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        values = sorted(set(backend.to_numpy(target[bad]).tolist()))[:10]
+        raise ValueError(f"{op}: target holds class indices {values} outside [0, {n_classes}) "
+                         f"(ignore_index={ignore_index}) for logits {logits.shape}")
+    if weight is not None:
+        weight = _array_arg(weight, logits.data, op, "weight").astype(logits.dtype)
+        if weight.shape != (n_classes,):
+            raise ValueError(f"{op}: weight must have shape ({n_classes},), got {tuple(weight.shape)}")
+        weight = xp.ascontiguousarray(weight)
+    x4 = logits if logits.ndim == 4 else logits.reshape(*logits.shape, 1, 1)
+    t3 = target.reshape(x4.shape[0], *x4.shape[2:])
+    loss = SoftmaxCrossEntropy.apply(x4, xp.ascontiguousarray(t3), weight, ignore_index=int(ignore_index))
+    if logits.ndim == 2:
+        loss = loss.reshape(logits.shape[0])
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    valid = target != ignore_index
+    total = (weight[xp.where(valid, target, 0)] * valid).sum() if weight is not None else valid.sum()
+    return loss.sum() / total.astype(logits.dtype)
+
+
+class BCEWithLogits(Function):
+    name = "binary_cross_entropy_with_logits"
+
+    def forward(self, x, t, pos_weight):
+        # x, t: (...) -> loss: (...) = -[pw t log s(x) + (1 - t) log(1 - s(x))]
+        xp = backend.array_module(x)
+        self.x, self.t, self.pw = x, t, pos_weight
+        self.softplus_neg = xp.logaddexp(0, -x)  # -log s(x), stable
+        lw = 1 if pos_weight is None else 1 + (pos_weight - 1) * t
+        return (1 - t) * x + lw * self.softplus_neg
+
+    def backward(self, gy):
+        xp = backend.array_module(gy)
+        x, t, pw = self.x, self.t, self.pw
+        lw = 1 if pw is None else 1 + (pw - 1) * t
+        gx = gy * ((1 - t) - lw * _sigmoid(xp, -x)) if self.needs_input_grad[0] else None
+        gt = None
+        if self.needs_input_grad[1]:
+            gt = gy * (-x + (0 if pw is None else (pw - 1) * self.softplus_neg))
+        return gx, gt, None
+
+
+def binary_cross_entropy_with_logits(logits, target, weight=None, pos_weight=None, reduction="mean"):
+    """Sigmoid + binary cross-entropy in one stable op, as in PyTorch (pos_weight broadcasts
+    against the target, so (C, 1, 1) weighs the positives of each channel of (N, C, H, W))."""
+    op = "binary_cross_entropy_with_logits"
+    _check_tensor(logits, op, "logits")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{op}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if isinstance(target, Tensor):
+        _check_tensor(target, op, "target")
+        _check_same(op, logits=logits, target=target)
+    else:
+        target = Tensor(_array_arg(target, logits.data, op, "target").astype(logits.dtype))
+    if target.shape != logits.shape:
+        raise ValueError(f"{op}: target has shape {target.shape}, logits {logits.shape}; they must match")
+    if pos_weight is not None:
+        pos_weight = _array_arg(pos_weight, logits.data, op, "pos_weight").astype(logits.dtype)
+        try:
+            np.broadcast_shapes(pos_weight.shape, logits.shape)
+        except ValueError:
+            raise ValueError(f"{op}: pos_weight of shape {tuple(pos_weight.shape)} does not broadcast "
+                             f"against logits {logits.shape}") from None
+    loss = BCEWithLogits.apply(logits, target, pos_weight)
+    if weight is not None:
+        weight = _array_arg(weight, logits.data, op, "weight").astype(logits.dtype)
+        loss = loss * weight
+    if reduction == "none":
+        return loss
+    return loss.sum() if reduction == "sum" else loss.mean()
+
+
+def dice_loss(logits, target, ignore_index=None, eps=1.0):
+    """Soft multi-class Dice loss: 1 - mean over classes of (2|P∩T| + eps) / (|P| + |T| + eps),
+    with P = softmax(logits) and T the one-hot target, summed over the batch and the pixels."""
+    op = "dice_loss"
+    _check_tensor(logits, op, "logits", 4)
+    target = _check_target(logits, target, op)
+    xp = backend.array_module(logits.data)
+    n_classes = logits.shape[1]
+    valid = (target != ignore_index) if ignore_index is not None else xp.ones(target.shape, bool)
+    t = xp.where(valid, target, 0)
+    if bool(((t < 0) | (t >= n_classes)).any()):
+        raise ValueError(f"{op}: target holds class indices outside [0, {n_classes}) for logits {logits.shape}")
+    onehot = (t[:, None] == xp.arange(n_classes)[None, :, None, None]) & valid[:, None]
+    onehot = onehot.astype(logits.dtype)
+    p = softmax(logits, 1) * valid[:, None].astype(logits.dtype)
+    inter = (p * onehot).sum(axis=(0, 2, 3))
+    denom = p.sum(axis=(0, 2, 3)) + onehot.sum(axis=(0, 2, 3))
+    dice = (inter * 2 + eps) / (denom + eps)
+    return 1 - dice.mean()
+
+
+# ---- normalisation ---------------------------------------------------------------------
+
+class BatchNorm(Function):
+    name = "batch_norm"
+
+    def forward(self, x, gamma, beta, mean, var, eps, training, stats):
+        # x: (N, C, H, W), gamma, beta: (C,) -> y: (N, C, H, W)
+        k = backend.kernels_for(x)
+        y, self.mean, self.var = k.batch_norm_forward(x, gamma, beta, mean, var, eps, training)
+        self.x, self.gamma, self.eps, self.training = x, gamma, eps, training
+        stats["mean"], stats["var"] = self.mean, self.var  # for the running-statistics update
+        return y
+
+    def backward(self, gy):
+        k = backend.kernels_for(gy)
+        gx, ggamma, gbeta = k.batch_norm_backward(_contiguous(gy), self.x, self.gamma, self.mean, self.var,
+                                                  self.eps, self.training)
+        return gx, ggamma, gbeta
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+    """Batch normalisation over (N, H, W) per channel, as torch.nn.functional.batch_norm.
+
+    In training mode the batch statistics normalise x and, where running_mean/running_var
+    are given, update them in place (the variance unbiased, as in PyTorch); in eval mode the
+    running statistics are used.
+    """
+    op = "batch_norm"
+    _check_tensor(x, op, "input x", (2, 4))
+    c = x.shape[1]
+    xp = backend.array_module(x.data)
+
+    def param(p, arg, fill):
+        if p is None:
+            return Tensor(xp.full((c,), fill, dtype=x.dtype))
+        _check_tensor(p, op, arg, 1)
+        _check_same(op, x=x, **{arg: p})
+        if p.shape != (c,):
+            raise ValueError(f"{op}: {arg} must have shape ({c},) for input x {x.shape}, got {p.shape}")
+        return p
+
+    def stat(s, arg):
+        if s is None:
+            return None
+        s = s.data if isinstance(s, Tensor) else s
+        if backend.device_of(s) != x.device or tuple(s.shape) != (c,):
+            raise ValueError(f"{op}: {arg} must be a ({c},) array on {x.device}, "
+                             f"got shape {tuple(s.shape)} on {backend.device_of(s)}")
+        return s
+
+    gamma, beta = param(weight, "weight", 1), param(bias, "bias", 0)
+    running_mean, running_var = stat(running_mean, "running_mean"), stat(running_var, "running_var")
+    m = x.data.size // c
+    if training and m < 2:
+        raise ValueError(f"{op}: training needs more than one value per channel, got input x {x.shape}")
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError(f"{op}: eval mode needs running_mean and running_var")
+    x4 = x if x.ndim == 4 else x.reshape(*x.shape, 1, 1)
+    mean = None if training else _contiguous(running_mean.astype(x.dtype, copy=False))
+    var = None if training else _contiguous(running_var.astype(x.dtype, copy=False))
+    stats = {}
+    y = BatchNorm.apply(x4, gamma, beta, mean, var, eps=float(eps), training=bool(training), stats=stats)
+    if training and running_mean is not None:
+        running_mean *= 1 - momentum
+        running_mean += momentum * stats["mean"].astype(running_mean.dtype)
+    if training and running_var is not None:
+        running_var *= 1 - momentum
+        running_var += momentum * (stats["var"] * (m / (m - 1))).astype(running_var.dtype)
+    return y if x.ndim == 4 else y.reshape(x.shape)
+

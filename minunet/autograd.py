@@ -283,6 +283,9 @@ class Tensor:
     def flatten(self):
         return self.reshape(-1)
 
+    def __getitem__(self, index):
+        return GetItem.apply(self, index=index)
+
 
 def _axes(axis, ndim):
     if axis is None:
@@ -405,6 +408,20 @@ class Reshape(Function):
 
     def backward(self, gy):
         return gy.reshape(self.shape)
+
+
+class GetItem(Function):
+    name = "getitem"
+
+    def forward(self, a, index):
+        self.shape, self.dtype, self.index = a.shape, a.dtype, index
+        return a[index]
+
+    def backward(self, gy):
+        xp = backend.array_module(gy)
+        gx = xp.zeros(self.shape, dtype=self.dtype)
+        xp.add.at(gx, self.index, gy)  # an index may pick one element twice: add, don't assign
+        return gx
 
 
 class ToDevice(Function):

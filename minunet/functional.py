@@ -24,8 +24,10 @@ def _check_tensor(x, op, arg, ndim=None):
         raise TypeError(f"{op}: {arg} must be a minunet Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOATS:
         raise TypeError(f"{op}: {arg} has dtype {x.dtype}; minunet ops take float32 or float64")
-    if ndim is not None and x.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
-        raise ValueError(f"{op}: {arg} must be {ndim}-D, got shape {x.shape}")
+    ranks = (ndim,) if isinstance(ndim, int) else ndim
+    if ranks is not None and x.ndim not in ranks:
+        want = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{op}: {arg} must be {want}, got shape {x.shape}")
 
 
 def _check_same(op, **tensors):

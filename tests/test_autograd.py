@@ -120,6 +120,16 @@ def test_tensor_factory_dtypes_and_conversions():
         mn.tensor([1.0, 2.0]).item()
 
 
+def test_indexing_scatters_gradients_back(xp):
+    x = leaf(xp, (3, 4))
+    (x[1:, ::2].sum() + x[xp.asarray([0, 0, 2]), 1].sum()).backward()
+    expected = np.zeros((3, 4))
+    expected[1:, ::2] = 1
+    expected[0, 1] += 2  # picked twice
+    expected[2, 1] += 1
+    np.testing.assert_allclose(host(x.grad), expected)
+
+
 def test_astype_is_differentiable():
     x = mn.tensor(np.array([1.0, 2.0]), requires_grad=True)
     y = x.float()

@@ -1,0 +1,469 @@
+"""Every kernel function of the backend contract, every version, on every usable device,
+in float32 and float64, checked against the NumPy float64 oracle in tests/reference.py.
+
+Each test is named `test_<kernel>` after the kernel it checks. A kernel that takes
+`version=` is run once per entry of its module's VERSIONS and once with version=None (the
+default); `pytest_generate_tests` below builds those (device, version) pairs from
+minunet.cpu.VERSIONS and, where a GPU is usable, minunet.cuda.VERSIONS. The other tests take
+the `device` fixture from conftest.py.
+
+Inputs are drawn in the tested dtype and the reference runs in float64 on those very values,
+so the only difference left is the kernel's own rounding. Tolerances: float64 results must
+agree to rtol 1e-10; float32 ones to rtol 1e-4, with an absolute slack of 1e-4 times the
+largest |reference| value because sums of many float32 terms of both signs cancel.
+
+Shapes come from fixed lists (the U-Net's own cases, odd sizes, stride larger than the kernel,
+overlapping pooling windows, padding, batch 1, one channel) plus a few drawn from a seeded
+generator, so every run tests the same cases and a failure names its shape.
+"""
+import numpy as np
+import pytest
+
+import reference as ref
+from minunet import backend
+
+DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
+RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+
+
+# ---------------------------------------------------------------------------------- harness
+
+def pytest_generate_tests(metafunc):
+    """Parametrize (device, version) for tests of kernels that take `version=`."""
+    if "version" not in metafunc.fixturenames:
+        return
+    name = metafunc.function.__name__.removeprefix("test_")
+    assert name in backend.KERNELS, f"{metafunc.function.__name__} is not named after a kernel"
+    from minunet import cpu
+    params = [pytest.param("cpu", v, id=f"cpu-v{v}") for v in (*cpu.VERSIONS[name], None)]
+    if backend.cuda_available():
+        from minunet import cuda
+        params += [pytest.param("cuda", v, id=f"cuda-v{v}", marks=pytest.mark.gpu) for v in (*cuda.VERSIONS[name], None)]
+    else:
+        params.append(pytest.param("cuda", None, id="cuda", marks=[
+            pytest.mark.gpu, pytest.mark.skip(reason=f"no usable GPU: {backend.cuda_status()[1]}")]))
+    metafunc.parametrize("device, version", params)
+
+
+def make(rng, dtype, *shapes):
+    """Standard-normal arrays of `dtype`, one per shape."""
+    return [rng.standard_normal(s).astype(dtype) for s in shapes]
+
+
+def run(device, kernel, *args, **kwargs):
+    """Call kernel `kernel` of `device`'s kernel module on copies of the NumPy arguments moved
+    to `device`, check that it left its inputs untouched, and return its outputs as NumPy."""
+    to_dev = lambda a: backend.to_device(a, device) if isinstance(a, np.ndarray) else a  # noqa: E731
+    dev_args = [[to_dev(a) for a in arg] if isinstance(arg, list) else to_dev(arg) for arg in args]
+    k = backend.kernels_for(backend.to_device(np.zeros(1), device))
+    out = getattr(k, kernel)(*dev_args, **kwargs)
+    for arg, dev_arg in zip(args, dev_args):
+        for a, d in zip(arg, dev_arg) if isinstance(arg, list) else [(arg, dev_arg)]:
+            if isinstance(a, np.ndarray):
+                np.testing.assert_array_equal(backend.to_numpy(d), a, err_msg=f"{kernel} modified an input")
+    if isinstance(out, (tuple, list)):
+        return type(out)(backend.to_numpy(o) for o in out)
+    return backend.to_numpy(out)
+
+
+def check(actual, expected, dtype, what):
+    """`actual` has `dtype`, the reference's shape, and its values within the dtype's tolerance."""
+    dtype = np.dtype(dtype)
+    assert isinstance(actual, np.ndarray), f"{what}: got {type(actual).__name__}, expected an array"
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
+    scale = float(np.abs(expected).max(initial=0.0)) or 1.0
+    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * scale, err_msg=what)
+
+
+def case_id(case):
+    return "-".join("x".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in case)
+
+
+# ----------------------------------------------------------------------------- convolution
+
+def _random_conv_cases(seed, n):
+    """(N, C, H, W, K, (kh, kw), stride, padding) drawn at random; padding <= kernel // 2."""
+    g = np.random.default_rng(seed)
+    cases = []
+    for _ in range(n):
+        kh, kw = (int(v) for v in g.integers(1, 5, size=2))
+        sh, sw = (int(v) for v in g.integers(1, 4, size=2))
+        ph, pw = int(g.integers(0, kh // 2 + 1)), int(g.integers(0, kw // 2 + 1))
+        H, W = int(g.integers(max(kh - 2 * ph, 1), 12)), int(g.integers(max(kw - 2 * pw, 1), 12))
+        N, C, K = (int(v) for v in g.integers(1, 5, size=3))
+        cases.append((N, C, H, W, K, (kh, kw), (sh, sw), (ph, pw)))
+    return cases
+
+
+# (N, C, H, W, K, (kh, kw), stride, padding)
+CONV_CASES = [
+    (2, 3, 10, 9, 4, (3, 3), (1, 1), (0, 0)),    # U-Net 3x3, no padding (the paper's valid convs)
+    (2, 4, 8, 8, 5, (3, 3), (1, 1), (1, 1)),     # U-Net 3x3, same padding
+    (1, 32, 12, 12, 8, (3, 3), (1, 1), (1, 1)),  # many channels: long float32 sums
+    (1, 6, 5, 7, 3, (1, 1), (1, 1), (0, 0)),     # the final 1x1 classifier
+    (1, 2, 9, 7, 3, (3, 3), (2, 2), (1, 1)),     # strided
+    (2, 1, 11, 10, 2, (2, 2), (3, 3), (0, 0)),   # stride > kernel: some inputs are never read
+    (1, 3, 7, 12, 2, (3, 5), (2, 1), (1, 2)),    # asymmetric kernel, stride and padding
+    (1, 1, 5, 5, 1, (3, 3), (1, 1), (0, 0)),     # batch 1, one channel
+    (1, 2, 4, 4, 3, (2, 2), (1, 1), (2, 2)),     # padding >= kernel: border outputs see only padding
+    (1, 2, 3, 3, 2, (3, 3), (1, 1), (0, 0)),     # a 1x1 output
+] + _random_conv_cases(seed=2024, n=5)
+
+
+def _conv_inputs(rng, dtype, case):
+    N, C, H, W, K, ks, stride, padding = case
+    x, w, b = make(rng, dtype, (N, C, H, W), (K, C) + ks, (K,))
+    return x, w, b, stride, padding
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_forward(device, version, dtype, case, bias, rng):
+    x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
+    b = b if bias else None
+    y = run(device, "conv2d_forward", x, w, b, stride, padding, version=version)
+    check(y, ref.conv2d_forward(x, w, b, stride, padding), dtype, "conv2d_forward y")
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_backward_input(device, version, dtype, case, rng):
+    x, w, _, stride, padding = _conv_inputs(rng, dtype, case)
+    (gy,) = make(rng, dtype, ref.conv2d_forward(x, w, None, stride, padding).shape)
+    gx = run(device, "conv2d_backward_input", gy, w, x.shape, stride, padding, version=version)
+    check(gx, ref.conv2d_backward_input(gy, w, x.shape, stride, padding), dtype, "conv2d_backward_input gx")
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_backward_weight(device, version, dtype, case, rng):
+    x, w, _, stride, padding = _conv_inputs(rng, dtype, case)
+    (gy,) = make(rng, dtype, ref.conv2d_forward(x, w, None, stride, padding).shape)
+    gw = run(device, "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=version)
+    check(gw, ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, "conv2d_backward_weight gw")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bias_backward(device, dtype, rng):
+    for shape in [(2, 3, 5, 7), (1, 1, 1, 1), (3, 16, 4, 4)]:
+        (gy,) = make(rng, dtype, shape)
+        check(run(device, "bias_backward", gy), ref.bias_backward(gy), dtype, f"bias_backward gb {shape}")
+
+
+# ------------------------------------------------------------------- transposed convolution
+
+def _random_conv_t_cases(seed, n):
+    """(N, Cin, H, W, Cout, (kh, kw), stride, padding, output_padding) drawn at random, with
+    output_padding < stride and padding small enough for a non-empty output."""
+    g = np.random.default_rng(seed)
+    cases = []
+    for _ in range(n):
+        kh, kw = (int(v) for v in g.integers(1, 5, size=2))
+        sh, sw = (int(v) for v in g.integers(1, 4, size=2))
+        ph, pw = int(g.integers(0, kh // 2 + 1)), int(g.integers(0, kw // 2 + 1))
+        oph, opw = int(g.integers(0, sh)), int(g.integers(0, sw))
+        H, W = (int(v) for v in g.integers(2, 7, size=2))
+        N, Cin, Cout = (int(v) for v in g.integers(1, 5, size=3))
+        cases.append((N, Cin, H, W, Cout, (kh, kw), (sh, sw), (ph, pw), (oph, opw)))
+    return cases
+
+
+# (N, Cin, H, W, Cout, (kh, kw), stride, padding, output_padding)
+CONV_T_CASES = [
+    (2, 4, 5, 6, 3, (2, 2), (2, 2), (0, 0), (0, 0)),   # U-Net up-convolution 2x2 stride 2
+    (1, 16, 4, 4, 8, (2, 2), (2, 2), (0, 0), (0, 0)),  # ... with more channels
+    (1, 2, 3, 4, 2, (3, 3), (3, 3), (0, 0), (0, 0)),   # kernel == stride, 3x3
+    (1, 3, 4, 5, 2, (3, 3), (2, 2), (1, 1), (1, 1)),   # 3x3 stride 2 with output_padding
+    (2, 2, 5, 4, 3, (3, 3), (1, 1), (1, 1), (0, 0)),   # stride 1: overlapping patches
+    (1, 2, 4, 3, 2, (2, 2), (3, 3), (0, 0), (2, 1)),   # stride > kernel: gaps, output_padding
+    (1, 1, 3, 5, 1, (3, 2), (2, 1), (1, 0), (1, 0)),   # asymmetric, batch 1, one channel
+    (1, 2, 2, 2, 2, (2, 2), (2, 2), (0, 0), (1, 1)),   # kernel == stride but output_padding
+] + _random_conv_t_cases(seed=7, n=5)
+
+
+def _conv_t_inputs(rng, dtype, case):
+    N, Cin, H, W, Cout, ks, stride, padding, output_padding = case
+    x, w, b = make(rng, dtype, (N, Cin, H, W), (Cin, Cout) + ks, (Cout,))
+    return x, w, b, stride, padding, output_padding
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("case", CONV_T_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_transpose2d_forward(device, version, dtype, case, bias, rng):
+    x, w, b, stride, padding, output_padding = _conv_t_inputs(rng, dtype, case)
+    b = b if bias else None
+    y = run(device, "conv_transpose2d_forward", x, w, b, stride, padding, output_padding, version=version)
+    check(y, ref.conv_transpose2d_forward(x, w, b, stride, padding, output_padding), dtype,
+          "conv_transpose2d_forward y")
+
+
+@pytest.mark.parametrize("case", CONV_T_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_transpose2d_backward_input(device, version, dtype, case, rng):
+    x, w, _, stride, padding, output_padding = _conv_t_inputs(rng, dtype, case)
+    (gy,) = make(rng, dtype, ref.conv_transpose2d_forward(x, w, None, stride, padding, output_padding).shape)
+    gx = run(device, "conv_transpose2d_backward_input", gy, w, stride, padding, version=version)
+    expected = ref.conv_transpose2d_backward_input(gy, w, stride, padding)
+    assert expected.shape == x.shape
+    check(gx, expected, dtype, "conv_transpose2d_backward_input gx")
+
+
+@pytest.mark.parametrize("case", CONV_T_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv_transpose2d_backward_weight(device, version, dtype, case, rng):
+    x, w, _, stride, padding, output_padding = _conv_t_inputs(rng, dtype, case)
+    (gy,) = make(rng, dtype, ref.conv_transpose2d_forward(x, w, None, stride, padding, output_padding).shape)
+    gw = run(device, "conv_transpose2d_backward_weight", x, gy, w.shape, stride, padding, version=version)
+    check(gw, ref.conv_transpose2d_backward_weight(x, gy, w.shape, stride, padding), dtype,
+          "conv_transpose2d_backward_weight gw")
+
+
+# ----------------------------------------------------------------------------- max pooling
+
+# (N, C, H, W, kernel_size, stride, padding)
+POOL_CASES = [
+    (2, 3, 8, 6, (2, 2), (2, 2), (0, 0)),    # U-Net 2x2 stride 2
+    (1, 2, 9, 7, (2, 2), (2, 2), (0, 0)),    # ... on odd sizes: the last row/column is dropped
+    (1, 2, 7, 9, (3, 3), (2, 2), (1, 1)),    # overlapping windows with padding
+    (2, 1, 5, 5, (3, 3), (1, 1), (1, 1)),    # heavily overlapping: one input wins many windows
+    (1, 3, 8, 7, (3, 3), (2, 2), (0, 0)),    # overlapping, no padding
+    (1, 2, 10, 7, (2, 2), (3, 3), (0, 0)),   # stride > kernel
+    (1, 1, 7, 6, (3, 2), (2, 1), (1, 0)),    # asymmetric
+    (1, 1, 1, 1, (1, 1), (1, 1), (0, 0)),    # a single pixel
+]
+
+
+def _distinct(rng, dtype, shape):
+    """Distinct values (a shuffled range, exact in float32), so every window has one maximum."""
+    n = int(np.prod(shape))
+    return (rng.permutation(n) - n / 2.0).reshape(shape).astype(dtype)
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool2d_forward(device, dtype, case, rng):
+    N, C, H, W, ks, stride, padding = case
+    x = _distinct(rng, dtype, (N, C, H, W))
+    y, argmax = run(device, "max_pool2d_forward", x, ks, stride, padding)
+    y_ref, argmax_ref = ref.max_pool2d_forward(x, ks, stride, padding)
+    check(y, y_ref, dtype, "max_pool2d_forward y")
+    assert argmax.dtype == np.int64, f"max_pool2d_forward argmax: dtype {argmax.dtype}, expected int64"
+    np.testing.assert_array_equal(argmax, argmax_ref, err_msg="max_pool2d_forward argmax")
+
+
+@pytest.mark.parametrize("value", [0.0, -1.0])
+@pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool2d_forward_ties(device, dtype, case, value):
+    """A constant input ties every window: the first real element in row-major window order
+    must win, and a padded place never (with value -1 a padding read as 0 would)."""
+    N, C, H, W, ks, stride, padding = case
+    x = np.full((N, C, H, W), value, dtype=dtype)
+    y, argmax = run(device, "max_pool2d_forward", x, ks, stride, padding)
+    y_ref, argmax_ref = ref.max_pool2d_forward(x, ks, stride, padding)
+    check(y, y_ref, dtype, "max_pool2d_forward y")
+    np.testing.assert_array_equal(argmax, argmax_ref, err_msg="max_pool2d_forward argmax on ties")
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool2d_backward(device, dtype, case, rng):
+    N, C, H, W, ks, stride, padding = case
+    _, argmax = ref.max_pool2d_forward(_distinct(rng, np.float64, (N, C, H, W)), ks, stride, padding)
+    (gy,) = make(rng, dtype, argmax.shape)
+    gx = run(device, "max_pool2d_backward", gy, argmax, (N, C, H, W))
+    check(gx, ref.max_pool2d_backward(gy, argmax, (N, C, H, W)), dtype, "max_pool2d_backward gx")
+
+
+# ----------------------------------------------------------- concatenation with cropping
+
+# (input shapes, crop offsets (top, left), out_hw)
+CONCAT_CASES = [
+    ([(2, 3, 9, 8), (2, 2, 5, 4)], [(2, 2), (0, 0)], (5, 4)),                       # U-Net: centre crop of the skip
+    ([(1, 4, 17, 17), (1, 4, 13, 13)], [(2, 2), (0, 0)], (13, 13)),
+    ([(1, 1, 4, 4), (1, 2, 6, 5), (1, 1, 3, 3)], [(1, 0), (3, 2), (0, 0)], (3, 3)),  # uneven offsets, 3 inputs
+    ([(2, 2, 3, 5)], [(0, 1)], (3, 3)),                                              # one input: a crop
+    ([(1, 1, 2, 2), (1, 1, 2, 2)], [(0, 0), (0, 0)], (2, 2)),                        # no cropping
+]
+
+
+@pytest.mark.parametrize("case", CONCAT_CASES, ids=lambda c: case_id([s for shape in c[0] for s in shape]))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_concat_forward(device, dtype, case, rng):
+    shapes, offsets, out_hw = case
+    xs = make(rng, dtype, *shapes)
+    y = run(device, "concat_forward", xs, offsets, out_hw)
+    check(y, ref.concat_forward(xs, offsets, out_hw), dtype, "concat_forward y")
+
+
+@pytest.mark.parametrize("case", CONCAT_CASES, ids=lambda c: case_id([s for shape in c[0] for s in shape]))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_concat_backward(device, dtype, case, rng):
+    shapes, offsets, out_hw = case
+    (gy,) = make(rng, dtype, (shapes[0][0], sum(s[1] for s in shapes)) + out_hw)
+    gxs = run(device, "concat_backward", gy, shapes, offsets)
+    expected = ref.concat_backward(gy, shapes, offsets)
+    assert len(gxs) == len(expected), f"concat_backward: {len(gxs)} gradients for {len(expected)} inputs"
+    for i, (gx, e) in enumerate(zip(gxs, expected)):
+        check(gx, e, dtype, f"concat_backward gx[{i}]")
+
+
+# ------------------------------------------------------------------------ activation, bias
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_forward(device, dtype, rng):
+    x, b = make(rng, dtype, (2, 3, 5, 7), (3,))
+    check(run(device, "relu_forward", x, b), ref.relu_forward(x, b), dtype, "relu_forward y (with b)")
+    check(run(device, "relu_forward", x), ref.relu_forward(x), dtype, "relu_forward y (b=None)")
+    for shape in [(7,), (3, 5), (2, 1, 3, 2, 2)]:  # without a bias any shape goes
+        (x,) = make(rng, dtype, shape)
+        check(run(device, "relu_forward", x), ref.relu_forward(x), dtype, f"relu_forward y {shape}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu_backward(device, dtype, rng):
+    for shape in [(2, 3, 5, 7), (4, 5)]:
+        x, gy = make(rng, dtype, shape, shape)
+        y = np.maximum(x, 0)
+        check(run(device, "relu_backward", gy, y), ref.relu_backward(gy, y), dtype, f"relu_backward gx {shape}")
+
+
+# -------------------------------------------------------------- softmax cross-entropy
+
+# (N, C, H, W, class weights?, ignore_index)
+CE_CASES = [
+    (2, 3, 4, 5, False, -100),
+    (2, 3, 4, 5, True, -100),
+    (1, 12, 6, 8, True, 11),   # CamVid-like: 11 classes + a void class that is ignored
+    (1, 2, 7, 3, False, 0),    # ignore_index names a real class
+    (3, 1, 2, 2, True, -1),    # one class
+]
+
+
+def _ce_inputs(rng, dtype, case):
+    N, C, H, W, weighted, ignore_index = case
+    (x,) = make(rng, dtype, (N, C, H, W))
+    x *= 3  # confident and unconfident pixels
+    target = rng.integers(0, C, size=(N, H, W)).astype(np.int64)
+    target[rng.random((N, H, W)) < 0.25] = ignore_index
+    weight = (rng.random(C) + 0.5).astype(dtype) if weighted else None
+    return x, target, weight, ignore_index
+
+
+@pytest.mark.parametrize("case", CE_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_cross_entropy_forward(device, dtype, case, rng):
+    x, target, weight, ignore_index = _ce_inputs(rng, dtype, case)
+    loss, p = run(device, "softmax_cross_entropy_forward", x, target, weight, ignore_index)
+    loss_ref, p_ref = ref.softmax_cross_entropy_forward(x, target, weight, ignore_index)
+    check(loss, loss_ref, dtype, "softmax_cross_entropy_forward loss")
+    check(p, p_ref, dtype, "softmax_cross_entropy_forward p")
+
+
+@pytest.mark.parametrize("case", CE_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_cross_entropy_backward(device, dtype, case, rng):
+    x, target, weight, ignore_index = _ce_inputs(rng, dtype, case)
+    p = ref.softmax(x, 1).astype(dtype)
+    (gloss,) = make(rng, dtype, target.shape)
+    gx = run(device, "softmax_cross_entropy_backward", p, target, weight, ignore_index, gloss)
+    check(gx, ref.softmax_cross_entropy_backward(p, target, weight, ignore_index, gloss), dtype,
+          "softmax_cross_entropy_backward gx")
+
+
+# ---------------------------------------------------------------------- batch normalisation
+
+BN_SHAPES = [(4, 3, 5, 6), (2, 1, 3, 3), (8, 5, 1, 1), (1, 2, 4, 7)]
+
+
+def _bn_inputs(rng, dtype, shape):
+    C = shape[1]
+    (x,) = make(rng, dtype, shape)
+    x = x * 2 + 3  # a mean away from 0, so a one-pass variance would lose digits
+    gamma, beta = make(rng, dtype, (C,), (C,))
+    running_mean = rng.standard_normal(C).astype(dtype)
+    running_var = (rng.random(C) + 0.5).astype(dtype)
+    return x, gamma, beta, running_mean, running_var
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_forward(device, dtype, shape, training, rng):
+    x, gamma, beta, running_mean, running_var = _bn_inputs(rng, dtype, shape)
+    mean, var = (None, None) if training else (running_mean, running_var)  # as minunet.functional passes them
+    y, mean_used, var_used = run(device, "batch_norm_forward", x, gamma, beta, mean, var, 1e-5, training)
+    y_ref, mean_ref, var_ref = ref.batch_norm_forward(x, gamma, beta, running_mean, running_var, 1e-5, training)
+    check(y, y_ref, dtype, "batch_norm_forward y")
+    check(mean_used, mean_ref, dtype, "batch_norm_forward mean")
+    check(var_used, var_ref, dtype, "batch_norm_forward var")
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", BN_SHAPES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batch_norm_backward(device, dtype, shape, training, rng):
+    x, gamma, beta, running_mean, running_var = _bn_inputs(rng, dtype, shape)
+    _, mean, var = ref.batch_norm_forward(x, gamma, beta, running_mean, running_var, 1e-5, training)
+    mean, var = mean.astype(dtype), var.astype(dtype)
+    (gy,) = make(rng, dtype, shape)
+    gx, ggamma, gbeta = run(device, "batch_norm_backward", gy, x, gamma, mean, var, 1e-5, training)
+    gx_ref, ggamma_ref, gbeta_ref = ref.batch_norm_backward(gy, x, gamma, mean, var, 1e-5, training)
+    check(gx, gx_ref, dtype, "batch_norm_backward gx")
+    check(ggamma, ggamma_ref, dtype, "batch_norm_backward ggamma")
+    check(gbeta, gbeta_ref, dtype, "batch_norm_backward gbeta")
+
+
+# ------------------------------------------------------------------------------ optimizers
+
+def _device_copy(a, device):
+    return None if a is None else backend.to_device(a.copy(), device)
+
+
+@pytest.mark.parametrize("momentum, dampening, weight_decay, nesterov", [
+    (0.0, 0.0, 0.0, False), (0.9, 0.0, 0.0, False), (0.9, 0.3, 1e-2, False), (0.8, 0.0, 1e-2, True),
+])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sgd_update(device, dtype, momentum, dampening, weight_decay, nesterov, rng):
+    """Three steps in place; on the first step buf holds garbage the kernel must not read."""
+    lr, shape = 0.1, (3, 7)
+    (p,) = make(rng, dtype, shape)
+    buf = rng.standard_normal(shape).astype(dtype) if momentum else None
+    p_dev, buf_dev = _device_copy(p, device), _device_copy(buf, device)
+    k = backend.kernels_for(p_dev)
+    p_ref, buf_ref = p, None
+    for step in range(3):
+        (g,) = make(rng, dtype, shape)
+        g_dev = _device_copy(g, device)
+        out = k.sgd_update(p_dev, g_dev, buf_dev, lr, momentum, dampening, weight_decay, nesterov, step == 0)
+        assert out is None, "sgd_update updates in place and returns None"
+        np.testing.assert_array_equal(backend.to_numpy(g_dev), g, err_msg="sgd_update modified g")
+        p_ref, buf_ref = ref.sgd_update(p_ref, g, buf_ref, lr, momentum, dampening, weight_decay, nesterov, step == 0)
+        check(backend.to_numpy(p_dev), p_ref, dtype, f"sgd_update p after step {step + 1}")
+        if momentum:
+            check(backend.to_numpy(buf_dev), buf_ref, dtype, f"sgd_update buf after step {step + 1}")
+
+
+@pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adam_update(device, dtype, weight_decay, decoupled, rng):
+    lr, beta1, beta2, eps, shape = 0.01, 0.9, 0.99, 1e-8, (5, 4)
+    (p,) = make(rng, dtype, shape)
+    m, v = np.zeros(shape, dtype), np.zeros(shape, dtype)
+    p_dev, m_dev, v_dev = (_device_copy(a, device) for a in (p, m, v))
+    k = backend.kernels_for(p_dev)
+    p_ref, m_ref, v_ref = p, m, v
+    for step in range(1, 4):
+        (g,) = make(rng, dtype, shape)
+        g_dev = _device_copy(g, device)
+        out = k.adam_update(p_dev, g_dev, m_dev, v_dev, lr, beta1, beta2, eps, weight_decay, step, decoupled)
+        assert out is None, "adam_update updates in place and returns None"
+        np.testing.assert_array_equal(backend.to_numpy(g_dev), g, err_msg="adam_update modified g")
+        p_ref, m_ref, v_ref = ref.adam_update(p_ref, g, m_ref, v_ref, lr, beta1, beta2, eps, weight_decay, step, decoupled)
+        check(backend.to_numpy(p_dev), p_ref, dtype, f"adam_update p after step {step}")
+        check(backend.to_numpy(m_dev), m_ref, dtype, f"adam_update m after step {step}")
+        check(backend.to_numpy(v_dev), v_ref, dtype, f"adam_update v after step {step}")

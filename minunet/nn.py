@@ -316,7 +316,8 @@ class Sequential(Module):
             self.register_module(str(i), m)
 
     def __getitem__(self, i):
-        return list(self._modules.values())[i]
+        modules = list(self._modules.values())
+        return Sequential(*modules[i]) if isinstance(i, slice) else modules[i]
 
     def __len__(self):
         return len(self._modules)

@@ -128,6 +128,8 @@ class Optimizer:
                         raise ValueError(f"{name}.load_state_dict: state {k!r} of parameter {i} has shape "
                                          f"{tuple(v.shape)}, the parameter {p.shape}")
                     v = backend.to_device(np.array(backend.to_numpy(v), dtype=p.dtype, copy=True), p.device)
+                elif hasattr(v, "shape"):  # a 0-d array, e.g. a step count read back from a file
+                    v = v.item()
                 state[p][k] = v
         for g, saved in zip(self.param_groups, saved_groups):
             g.update({k: v for k, v in saved.items() if k != "params"})

@@ -30,6 +30,8 @@ def test_named_parameters_buffers_and_state_dict_keys():
     assert not any(b.requires_grad for b in net.buffers())
     assert net[3][0].bias is None  # bias=False registers an absent parameter
     assert len(list(net.modules())) == 7 and len(list(net.children())) == 4
+    head = net[:2]
+    assert isinstance(head, nn.Sequential) and head[1] is net[1] and list(head.state_dict()) == SMALL_NET_KEYS[:7]
 
 
 def test_state_dict_keys_match_torch():

@@ -6,7 +6,9 @@ NVIDIA GPUs; differentiable ops written once (minunet.functional) over two kerne
 data, training and a `minunet` command on top. This file only re-exports.
 """
 from minunet import functional as F
+from minunet import nn, optim
 from minunet.autograd import Tensor, no_grad, tensor
+from minunet.unet import UNet
 
 __version__ = "0.1.0"
-__all__ = ["Tensor", "tensor", "no_grad", "F"]
+__all__ = ["Tensor", "tensor", "no_grad", "UNet", "F", "nn", "optim"]

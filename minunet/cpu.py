@@ -1,0 +1,919 @@
+"""minunet.cpu: the CPU kernels (numba + NumPy), one function per entry of backend.KERNELS.
+
+Every public function here has the name, signature and meaning listed in
+`minunet.backend.KERNELS`; minunet/cuda.py implements the same set on the GPU. Arrays are
+NumPy, NCHW, C-contiguous, float32 or float64; outputs come back in the input dtype and
+pooling indices as int64.
+
+How a kernel is built
+---------------------
+Each public function is a thin Python wrapper that checks its arguments (so a wrong dtype or
+layout gives a message naming the op, the argument and the shape, never a numba typing trace
+or an out-of-bounds read: numba does not check bounds), allocates the outputs with NumPy and
+hands everything to a `_jit` loop, exactly as cuda.py checks, allocates and launches. Only
+`sgd_update` and `adam_update` write into their arguments.
+
+The loops are numba `@njit(parallel=True, cache=True)` functions whose outer loop is a
+`prange`; every iteration owns what it writes (one (n, c) image plane, one channel, one pixel,
+one element), so no two threads write the same place and no atomics are needed. `cache=True`
+keeps the machine code in __pycache__: each (kernel, dtype) pair is compiled once per machine.
+Reductions (bias and batch-norm sums, v1 weight gradients) accumulate in float64.
+
+Convolution versions (`version=`, see VERSIONS)
+-----------------------------------------------
+  v1  direct loops, a transcription of the definition
+          y[n,k,i,j] = b[k] + sum_{c,u,v} x[n,c,i*sh-ph+u, j*sw-pw+v] * w[k,c,u,v];
+      naive and obviously right, and slow.
+  v2  im2col + GEMM (the Caffe/Chainer lowering). im2col copies every receptive field of x
+      into a column, col[n, (c,u,v), (i,j)] = x[n, c, i*sh-ph+u, j*sw-pw+v] (0 in the padding),
+      which turns the convolution into one matrix product per image that BLAS runs near peak:
+          forward          y[n]    (K, P) = W (K, R)   @ col[n] (R, P)     R = C*kh*kw, P = Ho*Wo
+          backward_input   gcol[n] (R, P) = W.T (R, K) @ gy[n] (K, P),  gx = col2im(gcol)
+          backward_weight  gW      (K, R) = sum_n gy[n] (K, P) @ col[n].T (P, R)
+      col2im is im2col's adjoint: it adds every entry of a column back onto the pixel it was
+      copied from. im2col and col2im are numba loops over (n, c) planes; the GEMMs are
+      numpy.matmul over the stacked (N, ., .) arrays (one BLAS call per image, transposes passed
+      to BLAS as flags, not copied). col is R/C = kh*kw times the size of x, so it lives in a
+      reusable per-thread scratch buffer: a fresh array that size would cost more in page faults
+      than the copy itself. A 1x1 kernel with stride 1 and no padding needs no im2col: x viewed
+      as (N, C, H*W) already is col.
+
+Transposed convolution is the adjoint of convolution in x (as in Chainer): its forward is
+conv2d's backward_input with the roles of x and gy swapped, its backward_input is conv2d's
+forward and its backward_weight is conv2d's backward_weight with x and gy swapped. The U-Net's
+up-convolution (kernel == stride, no padding) has patches that do not overlap, so v2 runs it
+as one GEMM per image, z[n] (Cout*kh*kw, H*W) = W.T @ x[n], and a reshuffle of each pixel's
+(Cout, kh, kw) patch into place, with the bias added on the way.
+"""
+import math
+import threading
+
+import numba
+import numpy as np
+from numba import prange
+
+VERSIONS = {
+    "conv2d_forward": (1, 2),
+    "conv2d_backward_input": (1, 2),
+    "conv2d_backward_weight": (1, 2),
+    "conv_transpose2d_forward": (1, 2),
+    "conv_transpose2d_backward_input": (1, 2),
+    "conv_transpose2d_backward_weight": (1, 2),
+}
+DEFAULT_VERSION = {name: 2 for name in VERSIONS}
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_jit = numba.njit(parallel=True, cache=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------
+
+def _floats(op, *named, ndim=None):
+    """Check (name, array) pairs: NumPy, C-contiguous, one float dtype (and `ndim` dims)."""
+    dtype = first = None
+    for name, a in named:
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{op}: {name} must be a numpy.ndarray on the CPU, got {type(a).__name__}")
+        if a.dtype not in _FLOATS:
+            raise TypeError(f"{op}: {name} has dtype {a.dtype}; expected float32 or float64")
+        if dtype is None:
+            dtype, first = a.dtype, name
+        elif a.dtype != dtype:
+            raise TypeError(f"{op}: {name} has dtype {a.dtype} but {first} has {dtype}")
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{op}: {name} of shape {a.shape} must be C-contiguous")
+        if ndim is not None and a.ndim != ndim:
+            raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {a.shape}")
+    return dtype
+
+
+def _int64(op, name, a, shape):
+    if not isinstance(a, np.ndarray) or a.dtype != np.int64:
+        got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
+        raise TypeError(f"{op}: {name} must be a numpy int64 array, got {got}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{op}: {name} of shape {a.shape} must be C-contiguous")
+    _same_shape(op, name, a, shape)
+
+
+def _same_shape(op, name, a, shape):
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
+
+
+def _vector(op, name, a, n, dtype, default=None):
+    """A per-channel vector (bias, gamma, class weight, ...) as a contiguous (n,) `dtype` array;
+    `default` fills it when `a` is None."""
+    if a is None:
+        return np.full(n, default, dtype)
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{op}: {name} must be a numpy.ndarray or None, got {type(a).__name__}")
+    if a.shape != (n,):
+        raise ValueError(f"{op}: {name} has shape {a.shape}, expected ({n},)")
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _version(op, version):
+    v = DEFAULT_VERSION[op] if version is None else version
+    if v not in VERSIONS[op]:
+        raise ValueError(f"{op}: unknown version {version!r}; available: {VERSIONS[op]}")
+    return v
+
+
+def _conv_out_hw(op, hw, khw, stride, padding):
+    (H, W), (kh, kw), (sh, sw), (ph, pw) = hw, khw, stride, padding
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f"{op}: input {H}x{W} with kernel {kh}x{kw}, stride {stride} and "
+                         f"padding {padding} gives an empty output ({Ho}x{Wo})")
+    return Ho, Wo
+
+
+class _Scratch(threading.local):
+    """One growing byte buffer per thread, for temporaries that never leave a kernel (im2col's
+    columns): reusing it skips the page faults a fresh array of that size costs every call."""
+    buf = np.empty(0, np.uint8)
+
+
+_scratch_space = _Scratch()
+
+
+def _scratch(shape, dtype):
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    if _scratch_space.buf.nbytes < nbytes:
+        _scratch_space.buf = np.empty(nbytes, np.uint8)
+    return _scratch_space.buf[:nbytes].view(dtype).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution v1: direct loops
+# ---------------------------------------------------------------------------------------------
+
+@_jit
+def _conv2d_forward_v1(x, w, b, sh, sw, ph, pw, y):
+    # one prange iteration per output plane y[n, k]
+    N, C, H, W = x.shape
+    K, _, kh, kw = w.shape
+    Ho, Wo = y.shape[2], y.shape[3]
+    for nk in prange(N * K):
+        n, k = nk // K, nk % K
+        for i in range(Ho):
+            for j in range(Wo):
+                acc = b[k]
+                for c in range(C):
+                    for u in range(kh):
+                        h = i * sh - ph + u
+                        if 0 <= h < H:
+                            for v in range(kw):
+                                q = j * sw - pw + v
+                                if 0 <= q < W:
+                                    acc += x[n, c, h, q] * w[k, c, u, v]
+                y[n, k, i, j] = acc
+
+
+@_jit
+def _conv2d_backward_input_v1(gy, w, sh, sw, ph, pw, gx):
+    # the forward loops run backwards: every y[n,k,i,j] hands gy * w back to each x it read.
+    # One prange iteration per input plane gx[n, c] (zeroed by the caller), so += never races.
+    N, C, H, W = gx.shape
+    _, K, Ho, Wo = gy.shape
+    kh, kw = w.shape[2], w.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for k in range(K):
+            for i in range(Ho):
+                for j in range(Wo):
+                    g = gy[n, k, i, j]
+                    for u in range(kh):
+                        h = i * sh - ph + u
+                        if 0 <= h < H:
+                            for v in range(kw):
+                                q = j * sw - pw + v
+                                if 0 <= q < W:
+                                    gx[n, c, h, q] += g * w[k, c, u, v]
+
+
+@_jit
+def _conv2d_backward_weight_v1(x, gy, sh, sw, ph, pw, gw):
+    # gw[k,c,u,v] = sum_{n,i,j} gy[n,k,i,j] * x[n,c,i*sh-ph+u, j*sw-pw+v]; one iteration per (k, c)
+    N, C, H, W = x.shape
+    _, K, Ho, Wo = gy.shape
+    kh, kw = gw.shape[2], gw.shape[3]
+    for kc in prange(K * C):
+        k, c = kc // C, kc % C
+        for u in range(kh):
+            for v in range(kw):
+                acc = 0.0
+                for n in range(N):
+                    for i in range(Ho):
+                        h = i * sh - ph + u
+                        if 0 <= h < H:
+                            for j in range(Wo):
+                                q = j * sw - pw + v
+                                if 0 <= q < W:
+                                    acc += gy[n, k, i, j] * x[n, c, h, q]
+                gw[k, c, u, v] = acc
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution v2: im2col / col2im (numba) + GEMM (BLAS through numpy.matmul)
+# ---------------------------------------------------------------------------------------------
+
+@numba.njit(cache=True)
+def _valid(n_out, n_in, s, p, u):
+    """The output positions i in [lo, hi) that read an input 0 <= i*s - p + u < n_in."""
+    lo = max(0, (p - u + s - 1) // s)
+    hi = min(n_out, (n_in - 1 + p - u) // s + 1)
+    return lo, max(lo, hi)
+
+
+@_jit
+def _im2col(x, kh, kw, sh, sw, ph, pw, col):
+    # x: (N, C, H, W) -> col: (N, C*kh*kw, Ho*Wo), col[n, (c,u,v), (i,j)] = x[n, c, i*sh-ph+u, j*sw-pw+v]
+    # or 0 in the padding. One prange iteration per plane x[n, c]: it fills rows (c, *, *) of col[n].
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for u in range(kh):
+            i0, i1 = _valid(Ho, H, sh, ph, u)
+            for v in range(kw):
+                j0, j1 = _valid(Wo, W, sw, pw, v)
+                row = col[n, (c * kh + u) * kw + v]     # (Ho*Wo,)
+                row[:i0 * Wo] = 0                      # output rows that read the top padding
+                row[i1 * Wo:] = 0                      # ... and the bottom padding
+                for i in range(i0, i1):
+                    src = x[n, c, i * sh - ph + u]     # the input row this output row reads
+                    dst = row[i * Wo:(i + 1) * Wo]
+                    dst[:j0] = 0
+                    dst[j1:] = 0
+                    if sw == 1:                        # a contiguous copy: the common case
+                        dst[j0:j1] = src[j0 - pw + v:j1 - pw + v]
+                    else:
+                        for j in range(j0, j1):
+                            dst[j] = src[j * sw - pw + v]
+
+
+@_jit
+def _col2im(col, b, kh, kw, sh, sw, ph, pw, x):
+    # col: (N, C*kh*kw, Ho*Wo) -> x: (N, C, H, W), im2col's adjoint: each plane x[n, c] starts at
+    # b[c] and every entry of its rows (c, *, *) of col is added onto the pixel it came from.
+    # One prange iteration per plane x[n, c].
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        x[n, c] = b[c]
+        for u in range(kh):
+            i0, i1 = _valid(Ho, H, sh, ph, u)
+            for v in range(kw):
+                j0, j1 = _valid(Wo, W, sw, pw, v)
+                row = col[n, (c * kh + u) * kw + v]
+                for i in range(i0, i1):
+                    dst = x[n, c, i * sh - ph + u]
+                    src = row[i * Wo:(i + 1) * Wo]
+                    if sw == 1:
+                        for j in range(j0, j1):
+                            dst[j - pw + v] += src[j]
+                    else:
+                        for j in range(j0, j1):
+                            dst[j * sw - pw + v] += src[j]
+
+
+@_jit
+def _patches_to_image(z, b, kh, kw, y):
+    # z: (N, Cout*kh*kw, H*W) -> y: (N, Cout, H*kh, W*kw), y[n, o, i*kh+u, j*kw+v] = z[n, (o,u,v), (i,j)] + b[o]:
+    # col2im when kernel == stride and there is no padding, so every output has exactly one source.
+    # One prange iteration per output plane y[n, o].
+    N, Cout, Ho, Wo = y.shape
+    H, W = Ho // kh, Wo // kw
+    for no in prange(N * Cout):
+        n, o = no // Cout, no % Cout
+        for u in range(kh):
+            for v in range(kw):
+                src = z[n, (o * kh + u) * kw + v]
+                for i in range(H):
+                    dst = y[n, o, i * kh + u]
+                    for j in range(W):
+                        dst[j * kw + v] = src[i * W + j] + b[o]
+
+
+def _cols(x, khw, stride, padding, Ho, Wo):
+    """im2col of x into the scratch buffer; for a 1x1 kernel, stride 1, no padding, x itself."""
+    N, C, H, W = x.shape
+    if khw == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        return x.reshape(N, C, H * W)
+    col = _scratch((N, C * khw[0] * khw[1], Ho * Wo), x.dtype)
+    _im2col(x, *khw, *stride, *padding, col)
+    return col
+
+
+def _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo):
+    N = x.shape[0]
+    K = w.shape[0]
+    col = _cols(x, w.shape[2:], stride, padding, Ho, Wo)        # (N, R, P)
+    y = np.empty((N, K, Ho * Wo), x.dtype)
+    np.matmul(w.reshape(K, -1), col, out=y)                     # (K, R) @ (N, R, P) -> (N, K, P)
+    if b is not None:
+        y += b[:, None]
+    return y.reshape(N, K, Ho, Wo)
+
+
+def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, b):
+    # gx = col2im(W.T @ gy), each plane starting at b[c] (b is conv_transpose2d's bias, else 0)
+    N, K, Ho, Wo = gy.shape
+    C = x_shape[1]
+    kh, kw = w.shape[2:]
+    gy = gy.reshape(N, K, Ho * Wo)
+    if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        gx = np.matmul(w.reshape(K, C).T, gy)                   # col2im of a 1x1 kernel: the identity
+        gx += b[:, None]
+        return gx.reshape(x_shape)
+    gcol = _scratch((N, C * kh * kw, Ho * Wo), gy.dtype)
+    np.matmul(w.reshape(K, -1).T, gy, out=gcol)                 # (R, K) @ (N, K, P) -> (N, R, P)
+    gx = np.empty(x_shape, gy.dtype)
+    _col2im(gcol, b, kh, kw, *stride, *padding, gx)
+    return gx
+
+
+def _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding):
+    N, K, Ho, Wo = gy.shape
+    col = _cols(x, w_shape[2:], stride, padding, Ho, Wo)        # (N, R, P)
+    gw = np.matmul(gy.reshape(N, K, Ho * Wo), col.transpose(0, 2, 1))  # (N, K, P) @ (N, P, R)
+    return gw.sum(axis=0).reshape(w_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution: the public kernels
+# ---------------------------------------------------------------------------------------------
+
+def conv2d_forward(x, w, b, stride, padding, version=None):
+    # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo)
+    op = "conv2d_forward"
+    v = _version(op, version)
+    dtype = _floats(op, ("x", x), ("w", w), ndim=4)
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w {w.shape} expects {w.shape[1]}")
+    stride, padding = tuple(stride), tuple(padding)
+    Ho, Wo = _conv_out_hw(op, x.shape[2:], w.shape[2:], stride, padding)
+    if v == 1:
+        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), dtype)
+        _conv2d_forward_v1(x, w, _vector(op, "b", b, w.shape[0], dtype, 0), *stride, *padding, y)
+        return y
+    b = None if b is None else _vector(op, "b", b, w.shape[0], dtype)
+    return _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo)
+
+
+def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
+    # gy: (N, K, Ho, Wo), w: (K, C, kh, kw) -> gx: x_shape = (N, C, H, W)
+    op = "conv2d_backward_input"
+    v = _version(op, version)
+    dtype = _floats(op, ("gy", gy), ("w", w), ndim=4)
+    stride, padding, x_shape = tuple(stride), tuple(padding), tuple(x_shape)
+    N, C, H, W = x_shape
+    if C != w.shape[1]:
+        raise ValueError(f"{op}: x_shape {x_shape} has {C} channels but w {w.shape} expects {w.shape[1]}")
+    _same_shape(op, "gy", gy, (N, w.shape[0], *_conv_out_hw(op, (H, W), w.shape[2:], stride, padding)))
+    if v == 1:
+        gx = np.zeros(x_shape, dtype)
+        _conv2d_backward_input_v1(gy, w, *stride, *padding, gx)
+        return gx
+    return _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, np.zeros(C, dtype))
+
+
+def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
+    # x: (N, C, H, W), gy: (N, K, Ho, Wo) -> gw: w_shape = (K, C, kh, kw)
+    op = "conv2d_backward_weight"
+    v = _version(op, version)
+    dtype = _floats(op, ("x", x), ("gy", gy), ndim=4)
+    stride, padding, w_shape = tuple(stride), tuple(padding), tuple(w_shape)
+    K, C, kh, kw = w_shape
+    if x.shape[1] != C:
+        raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w_shape {w_shape} expects {C}")
+    _same_shape(op, "gy", gy, (x.shape[0], K, *_conv_out_hw(op, x.shape[2:], (kh, kw), stride, padding)))
+    if v == 1:
+        gw = np.empty(w_shape, dtype)
+        _conv2d_backward_weight_v1(x, gy, *stride, *padding, gw)
+        return gw
+    return _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding)
+
+
+# ---------------------------------------------------------------------------------------------
+# transposed convolution: conv2d's kernels with x and gy swapped
+# ---------------------------------------------------------------------------------------------
+
+def conv_transpose2d_forward(x, w, b, stride, padding, output_padding, version=None):
+    # x: (N, Cin, H, W), w: (Cin, Cout, kh, kw), b: (Cout,) or None -> y: (N, Cout, Ho, Wo)
+    op = "conv_transpose2d_forward"
+    v = _version(op, version)
+    dtype = _floats(op, ("x", x), ("w", w), ndim=4)
+    N, Cin, H, W = x.shape
+    if w.shape[0] != Cin:
+        raise ValueError(f"{op}: x {x.shape} has {Cin} channels but w {w.shape} expects {w.shape[0]}")
+    _, Cout, kh, kw = w.shape
+    stride, padding, output_padding = tuple(stride), tuple(padding), tuple(output_padding)
+    (sh, sw), (ph, pw), (oph, opw) = stride, padding, output_padding
+    y_shape = (N, Cout, (H - 1) * sh - 2 * ph + kh + oph, (W - 1) * sw - 2 * pw + kw + opw)
+    if y_shape[2] <= 0 or y_shape[3] <= 0:
+        raise ValueError(f"{op}: input {H}x{W} with kernel {kh}x{kw}, stride {stride} and padding "
+                         f"{padding} gives an empty output ({y_shape[2]}x{y_shape[3]})")
+    if not (0 <= oph < sh and 0 <= opw < sw):
+        raise ValueError(f"{op}: output_padding {output_padding} must be smaller than stride {stride}")
+    b = _vector(op, "b", b, Cout, dtype, 0)
+    if v == 1:
+        y = np.zeros(y_shape, dtype)
+        _conv2d_backward_input_v1(x, w, sh, sw, ph, pw, y)
+        y += b[:, None, None]
+        return y
+    if (kh, kw) == stride and padding == (0, 0) and output_padding == (0, 0):
+        # patches that do not overlap: z[n] (Cout*kh*kw, H*W) = W.T @ x[n], then each into place
+        z = _scratch((N, Cout * kh * kw, H * W), dtype)
+        np.matmul(w.reshape(Cin, -1).T, x.reshape(N, Cin, H * W), out=z)
+        y = np.empty(y_shape, dtype)
+        _patches_to_image(z, b, kh, kw, y)
+        return y
+    return _conv2d_backward_input_v2(x, w, y_shape, stride, padding, b)
+
+
+def conv_transpose2d_backward_input(gy, w, stride, padding, version=None):
+    # gy: (N, Cout, Ho, Wo), w: (Cin, Cout, kh, kw) -> gx: (N, Cin, H, W), a plain convolution
+    op = "conv_transpose2d_backward_input"
+    v = _version(op, version)
+    dtype = _floats(op, ("gy", gy), ("w", w), ndim=4)
+    if gy.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: gy {gy.shape} has {gy.shape[1]} channels but w {w.shape} has Cout = {w.shape[1]}")
+    stride, padding = tuple(stride), tuple(padding)
+    Ho, Wo = _conv_out_hw(op, gy.shape[2:], w.shape[2:], stride, padding)
+    if v == 1:
+        gx = np.empty((gy.shape[0], w.shape[0], Ho, Wo), dtype)
+        _conv2d_forward_v1(gy, w, np.zeros(w.shape[0], dtype), *stride, *padding, gx)
+        return gx
+    return _conv2d_forward_v2(gy, w, None, stride, padding, Ho, Wo)
+
+
+def conv_transpose2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
+    # x: (N, Cin, H, W), gy: (N, Cout, Ho, Wo) -> gw: w_shape = (Cin, Cout, kh, kw)
+    op = "conv_transpose2d_backward_weight"
+    v = _version(op, version)
+    dtype = _floats(op, ("x", x), ("gy", gy), ndim=4)
+    stride, padding, w_shape = tuple(stride), tuple(padding), tuple(w_shape)
+    Cin, Cout, kh, kw = w_shape
+    if gy.shape[1] != Cout:
+        raise ValueError(f"{op}: gy {gy.shape} has {gy.shape[1]} channels but w_shape {w_shape} has Cout = {Cout}")
+    # in conv2d's terms gy is the input and x the output gradient
+    _same_shape(op, "x", x, (gy.shape[0], Cin, *_conv_out_hw(op, gy.shape[2:], (kh, kw), stride, padding)))
+    if v == 1:
+        gw = np.empty(w_shape, dtype)
+        _conv2d_backward_weight_v1(gy, x, *stride, *padding, gw)
+        return gw
+    return _conv2d_backward_weight_v2(gy, x, w_shape, stride, padding)
+
+
+# ---------------------------------------------------------------------------------------------
+# max pooling
+# ---------------------------------------------------------------------------------------------
+
+@_jit
+def _max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, y, argmax):
+    # one prange iteration per plane (n, c); the first maximum in row-major window order wins,
+    # a NaN wins over any number (it propagates, as in PyTorch); padded places are never read
+    N, C, H, W = x.shape
+    Ho, Wo = y.shape[2], y.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for i in range(Ho):
+            h0 = i * sh - ph
+            for j in range(Wo):
+                q0 = j * sw - pw
+                best = x[n, c, max(h0, 0), max(q0, 0)]
+                at = max(h0, 0) * W + max(q0, 0)
+                for h in range(max(h0, 0), min(h0 + kh, H)):
+                    for q in range(max(q0, 0), min(q0 + kw, W)):
+                        v = x[n, c, h, q]
+                        if v > best or (v != v and best == best):
+                            best, at = v, h * W + q
+                y[n, c, i, j] = best
+                argmax[n, c, i, j] = at
+
+
+@_jit
+def _max_pool2d_backward(gy, argmax, gx):
+    # gy, argmax: (N*C, Ho*Wo) -> gx: (N*C, H*W), zeroed by the caller; windows may overlap, so
+    # one prange iteration per whole plane, which owns every += into it
+    for nc in prange(gy.shape[0]):
+        for s in range(gy.shape[1]):
+            gx[nc, argmax[nc, s]] += gy[nc, s]
+
+
+def max_pool2d_forward(x, kernel_size, stride, padding):
+    # x: (N, C, H, W) -> y: (N, C, Ho, Wo), argmax: (N, C, Ho, Wo) int64
+    op = "max_pool2d_forward"
+    dtype = _floats(op, ("x", x), ndim=4)
+    kernel_size, stride, padding = tuple(kernel_size), tuple(stride), tuple(padding)
+    if not all(0 <= p <= k // 2 for p, k in zip(padding, kernel_size)):
+        raise ValueError(f"{op}: padding {padding} must be at most half of kernel_size {kernel_size}")
+    Ho, Wo = _conv_out_hw(op, x.shape[2:], kernel_size, stride, padding)
+    y = np.empty((*x.shape[:2], Ho, Wo), dtype)
+    argmax = np.empty(y.shape, np.int64)
+    _max_pool2d_forward(x, *kernel_size, *stride, *padding, y, argmax)
+    return y, argmax
+
+
+def max_pool2d_backward(gy, argmax, x_shape):
+    # gy: (N, C, Ho, Wo), argmax: (N, C, Ho, Wo) -> gx: x_shape = (N, C, H, W)
+    op = "max_pool2d_backward"
+    dtype = _floats(op, ("gy", gy), ndim=4)
+    _int64(op, "argmax", argmax, gy.shape)
+    N, C, H, W = x_shape
+    if gy.shape[:2] != (N, C):
+        raise ValueError(f"{op}: gy {gy.shape} does not match x_shape {tuple(x_shape)} in (N, C)")
+    gx = np.zeros((N * C, H * W), dtype)
+    _max_pool2d_backward(gy.reshape(N * C, -1), argmax.reshape(N * C, -1), gx)
+    return gx.reshape(N, C, H, W)
+
+
+# ---------------------------------------------------------------------------------------------
+# crop-and-concatenate along channels
+# ---------------------------------------------------------------------------------------------
+
+@_jit
+def _crop_into(x, top, left, c0, y):
+    # y[:, c0 + c] = x[:, c, top:top+H, left:left+W] for every channel c of x; one iteration per plane
+    N, C = x.shape[0], x.shape[1]
+    H, W = y.shape[2], y.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        y[n, c0 + c] = x[n, c, top:top + H, left:left + W]
+
+
+@_jit
+def _uncrop_from(gy, top, left, c0, gx):
+    # gx[:, c] = 0 outside the window, gy[:, c0 + c] inside it; one iteration per plane
+    N, C = gx.shape[0], gx.shape[1]
+    H, W = gy.shape[2], gy.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        gx[n, c] = 0
+        gx[n, c, top:top + H, left:left + W] = gy[n, c0 + c]
+
+
+def _check_windows(op, shapes, offsets, out_hw):
+    if len(offsets) != len(shapes):
+        raise ValueError(f"{op}: {len(shapes)} inputs but {len(offsets)} offsets")
+    H, W = out_hw
+    for i, (shape, (top, left)) in enumerate(zip(shapes, offsets)):
+        if len(shape) != 4 or shape[0] != shapes[0][0]:
+            raise ValueError(f"{op}: input {i} has shape {tuple(shape)}; every input must be "
+                             f"(N={shapes[0][0]}, C_i, H_i, W_i)")
+        if not (0 <= top and top + H <= shape[2] and 0 <= left and left + W <= shape[3]):
+            raise ValueError(f"{op}: the {H}x{W} window at offset ({top}, {left}) does not fit "
+                             f"in input {i} of shape {tuple(shape)}")
+
+
+def concat_forward(xs, offsets, out_hw):
+    # xs: list of (N, C_i, H_i, W_i) -> y: (N, sum C_i, H, W), input i cropped at offsets[i]
+    op = "concat_forward"
+    dtype = _floats(op, *((f"xs[{i}]", x) for i, x in enumerate(xs)))
+    H, W = out_hw
+    _check_windows(op, [x.shape for x in xs], offsets, (H, W))
+    y = np.empty((xs[0].shape[0], sum(x.shape[1] for x in xs), H, W), dtype)
+    c0 = 0
+    for x, (top, left) in zip(xs, offsets):
+        _crop_into(x, top, left, c0, y)
+        c0 += x.shape[1]
+    return y
+
+
+def concat_backward(gy, x_shapes, offsets):
+    # gy: (N, sum C_i, H, W) -> gxs: list of x_shapes[i], zero outside each crop window
+    op = "concat_backward"
+    dtype = _floats(op, ("gy", gy), ndim=4)
+    x_shapes = [tuple(shape) for shape in x_shapes]
+    _check_windows(op, x_shapes, offsets, gy.shape[2:])
+    if x_shapes[0][0] != gy.shape[0] or sum(s[1] for s in x_shapes) != gy.shape[1]:
+        raise ValueError(f"{op}: gy {gy.shape} does not match the inputs {x_shapes}")
+    gxs, c0 = [], 0
+    for shape, (top, left) in zip(x_shapes, offsets):
+        gx = np.empty(shape, dtype)
+        _uncrop_from(gy, top, left, c0, gx)
+        gxs.append(gx)
+        c0 += shape[1]
+    return gxs
+
+
+# ---------------------------------------------------------------------------------------------
+# ReLU and bias
+# ---------------------------------------------------------------------------------------------
+
+@_jit
+def _relu(x, y):
+    # x, y: flat; NaN passes through (NaN <= 0 is False), as in PyTorch
+    for i in prange(x.size):
+        y[i] = 0 if x[i] <= 0 else x[i]
+
+
+@_jit
+def _bias_relu(x, b, y):
+    # x, y: (N, C, H*W); one prange iteration per plane (n, c)
+    N, C, L = x.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for s in range(L):
+            t = x[n, c, s] + b[c]
+            y[n, c, s] = 0 if t <= 0 else t
+
+
+@_jit
+def _relu_backward(gy, y, gx):
+    for i in prange(gy.size):
+        gx[i] = gy[i] if y[i] > 0 else 0
+
+
+@_jit
+def _bias_backward(gy, gb):
+    # gy: (N, C, L) -> gb: (C,); one prange iteration per channel, summed in float64
+    N, C, L = gy.shape
+    for c in prange(C):
+        acc = 0.0
+        for n in range(N):
+            for s in range(L):
+                acc += gy[n, c, s]
+        gb[c] = acc
+
+
+def relu_forward(x, b=None):
+    # x: (N, C, H, W), b: (C,) -> y = max(x + b, 0): (N, C, H, W); without b, x of any shape
+    op = "relu_forward"
+    dtype = _floats(op, ("x", x))
+    y = np.empty_like(x)
+    if b is None:
+        _relu(x.reshape(-1), y.reshape(-1))
+        return y
+    if x.ndim != 4:
+        raise ValueError(f"{op}: a bias needs a 4-d x (N, C, H, W), got shape {x.shape}")
+    N, C, H, W = x.shape
+    _bias_relu(x.reshape(N, C, H * W), _vector(op, "b", b, C, dtype), y.reshape(N, C, H * W))
+    return y
+
+
+def relu_backward(gy, y):
+    # gy, y: same shape -> gx = gy * (y > 0)
+    op = "relu_backward"
+    _floats(op, ("gy", gy), ("y", y))
+    _same_shape(op, "y", y, gy.shape)
+    gx = np.empty_like(gy)
+    _relu_backward(gy.reshape(-1), y.reshape(-1), gx.reshape(-1))
+    return gx
+
+
+def bias_backward(gy):
+    # gy: (N, C, H, W) -> gb: (C,)
+    op = "bias_backward"
+    dtype = _floats(op, ("gy", gy))
+    if gy.ndim < 2:
+        raise ValueError(f"{op}: gy must be (N, C, ...), got shape {gy.shape}")
+    gb = np.empty(gy.shape[1], dtype)
+    _bias_backward(gy.reshape(gy.shape[0], gy.shape[1], -1), gb)
+    return gb
+
+
+# ---------------------------------------------------------------------------------------------
+# per-pixel softmax cross-entropy
+# ---------------------------------------------------------------------------------------------
+
+@_jit
+def _softmax_cross_entropy_forward(x, target, weight, ignore_index, loss, p):
+    # x, p: (N, C, L), target, loss: (N, L); one prange iteration per pixel, in float64:
+    # p = exp(x - m) / z and loss = weight[t] * (m + log z - x[t]), m = max_c x, z = sum_c exp(x - m)
+    N, C, L = x.shape
+    for ns in prange(N * L):
+        n, s = ns // L, ns % L
+        m = x[n, 0, s]
+        for c in range(1, C):
+            m = max(m, x[n, c, s])
+        z = 0.0
+        for c in range(C):
+            z += math.exp(x[n, c, s] - m)
+        for c in range(C):
+            p[n, c, s] = math.exp(x[n, c, s] - m) / z
+        t = target[n, s]
+        loss[n, s] = 0 if t == ignore_index else weight[t] * (m - x[n, t, s] + math.log(z))
+
+
+@_jit
+def _softmax_cross_entropy_backward(p, target, weight, ignore_index, gloss, gx):
+    # gx[n, c, s] = gloss[n, s] * weight[t] * (p[n, c, s] - [c == t]); one iteration per pixel
+    N, C, L = p.shape
+    for ns in prange(N * L):
+        n, s = ns // L, ns % L
+        t = target[n, s]
+        if t == ignore_index:
+            for c in range(C):
+                gx[n, c, s] = 0
+        else:
+            g = gloss[n, s] * weight[t]
+            for c in range(C):
+                gx[n, c, s] = g * (p[n, c, s] - (1.0 if c == t else 0.0))
+
+
+def softmax_cross_entropy_forward(x, target, weight, ignore_index):
+    # x: (N, C, H, W) logits, target: (N, H, W) int64 -> loss: (N, H, W), p: (N, C, H, W)
+    op = "softmax_cross_entropy_forward"
+    dtype = _floats(op, ("x", x), ndim=4)
+    N, C, H, W = x.shape
+    _int64(op, "target", target, (N, H, W))
+    loss = np.empty((N, H, W), dtype)
+    p = np.empty_like(x)
+    _softmax_cross_entropy_forward(x.reshape(N, C, H * W), target.reshape(N, H * W),
+                                   _vector(op, "weight", weight, C, dtype, 1), int(ignore_index),
+                                   loss.reshape(N, H * W), p.reshape(N, C, H * W))
+    return loss, p
+
+
+def softmax_cross_entropy_backward(p, target, weight, ignore_index, gloss):
+    # p: (N, C, H, W), target, gloss: (N, H, W) -> gx: (N, C, H, W)
+    op = "softmax_cross_entropy_backward"
+    dtype = _floats(op, ("p", p), ("gloss", gloss))
+    if p.ndim != 4:
+        raise ValueError(f"{op}: p must have 4 dimensions, got shape {p.shape}")
+    N, C, H, W = p.shape
+    _int64(op, "target", target, (N, H, W))
+    _same_shape(op, "gloss", gloss, (N, H, W))
+    gx = np.empty_like(p)
+    _softmax_cross_entropy_backward(p.reshape(N, C, H * W), target.reshape(N, H * W),
+                                    _vector(op, "weight", weight, C, dtype, 1), int(ignore_index),
+                                    gloss.reshape(N, H * W), gx.reshape(N, C, H * W))
+    return gx
+
+
+# ---------------------------------------------------------------------------------------------
+# batch normalisation over (N, H, W), per channel
+# ---------------------------------------------------------------------------------------------
+
+@_jit
+def _channel_mean_var(x, mean, var):
+    # x: (N, C, L) -> the mean and biased variance of each channel, two passes in float64;
+    # one prange iteration per channel
+    N, C, L = x.shape
+    for c in prange(C):
+        s = 0.0
+        for n in range(N):
+            for i in range(L):
+                s += x[n, c, i]
+        mu = s / (N * L)
+        ss = 0.0
+        for n in range(N):
+            for i in range(L):
+                d = x[n, c, i] - mu
+                ss += d * d
+        mean[c] = mu
+        var[c] = ss / (N * L)
+
+
+@_jit
+def _batch_norm_forward(x, gamma, beta, mean, var, eps, y):
+    # y = (x - mean) / sqrt(var + eps) * gamma + beta; x, y: (N, C, L); one iteration per plane
+    N, C, L = x.shape
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        mu, scale = mean[c], gamma[c] / math.sqrt(var[c] + eps)
+        for i in range(L):
+            y[n, c, i] = (x[n, c, i] - mu) * scale + beta[c]
+
+
+@_jit
+def _batch_norm_sums(gy, x, mean, var, eps, gbeta, ggamma):
+    # gbeta = sum gy, ggamma = sum gy * xhat over (N, L), per channel, in float64
+    N, C, L = x.shape
+    for c in prange(C):
+        mu, inv_std = mean[c], 1.0 / math.sqrt(var[c] + eps)
+        sg = sgx = 0.0
+        for n in range(N):
+            for i in range(L):
+                sg += gy[n, c, i]
+                sgx += gy[n, c, i] * (x[n, c, i] - mu) * inv_std
+        gbeta[c] = sg
+        ggamma[c] = sgx
+
+
+@_jit
+def _batch_norm_backward_input(gy, x, gamma, mean, var, eps, gbeta, ggamma, training, gx):
+    # eval:     gx = gy * gamma / sqrt(var + eps)
+    # training: gx = gamma / sqrt(var + eps) * (gy - gbeta / M - xhat * ggamma / M), M = N * L,
+    #           the extra terms being the gradient through the batch mean and variance
+    N, C, L = x.shape
+    M = N * L
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        mu, inv_std = mean[c], 1.0 / math.sqrt(var[c] + eps)
+        k = gamma[c] * inv_std
+        if training:
+            mg, mgx = gbeta[c] / M, ggamma[c] / M
+            for i in range(L):
+                gx[n, c, i] = k * (gy[n, c, i] - mg - (x[n, c, i] - mu) * inv_std * mgx)
+        else:
+            for i in range(L):
+                gx[n, c, i] = k * gy[n, c, i]
+
+
+def _as_ncl(op, x):
+    if x.ndim < 2:
+        raise ValueError(f"{op}: x must be (N, C, ...), got shape {x.shape}")
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def batch_norm_forward(x, gamma, beta, mean, var, eps, training):
+    # x: (N, C, H, W), gamma, beta, mean, var: (C,) -> y: (N, C, H, W), mean, var: (C,) used
+    op = "batch_norm_forward"
+    dtype = _floats(op, ("x", x))
+    x3 = _as_ncl(op, x)
+    C = x3.shape[1]
+    if training:
+        mean, var = np.empty(C, dtype), np.empty(C, dtype)
+        _channel_mean_var(x3, mean, var)
+    else:
+        mean = _vector(op, "mean", mean, C, dtype).copy()
+        var = _vector(op, "var", var, C, dtype).copy()
+    y = np.empty_like(x)
+    _batch_norm_forward(x3, _vector(op, "gamma", gamma, C, dtype, 1), _vector(op, "beta", beta, C, dtype, 0),
+                        mean, var, float(eps), y.reshape(x3.shape))
+    return y, mean, var
+
+
+def batch_norm_backward(gy, x, gamma, mean, var, eps, training):
+    # gy, x: (N, C, H, W), gamma, mean, var: (C,) -> gx: (N, C, H, W), ggamma, gbeta: (C,)
+    op = "batch_norm_backward"
+    dtype = _floats(op, ("gy", gy), ("x", x))
+    _same_shape(op, "gy", gy, x.shape)
+    x3 = _as_ncl(op, x)
+    C = x3.shape[1]
+    mean, var = _vector(op, "mean", mean, C, dtype), _vector(op, "var", var, C, dtype)
+    gy3 = gy.reshape(x3.shape)
+    gbeta, ggamma = np.empty(C, dtype), np.empty(C, dtype)
+    _batch_norm_sums(gy3, x3, mean, var, float(eps), gbeta, ggamma)
+    gx = np.empty_like(x)
+    _batch_norm_backward_input(gy3, x3, _vector(op, "gamma", gamma, C, dtype, 1), mean, var, float(eps),
+                               gbeta, ggamma, bool(training), gx.reshape(x3.shape))
+    return gx, ggamma, gbeta
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer updates, in place, one element per prange iteration
+# ---------------------------------------------------------------------------------------------
+
+@_jit
+def _sgd(p, g, lr, weight_decay):
+    for i in prange(p.size):
+        p[i] -= lr * (g[i] + weight_decay * p[i])
+
+
+@_jit
+def _sgd_momentum(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    for i in prange(p.size):
+        d = g[i] + weight_decay * p[i]
+        b = d if first else momentum * buf[i] + (1.0 - dampening) * d
+        buf[i] = b
+        p[i] -= lr * (d + momentum * b if nesterov else b)
+
+
+@_jit
+def _adam(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step_size, bias_correction2_sqrt):
+    for i in prange(p.size):
+        gi = g[i]
+        if decoupled:
+            p[i] *= 1.0 - lr * weight_decay
+        else:
+            gi += weight_decay * p[i]
+        m[i] = beta1 * m[i] + (1.0 - beta1) * gi
+        v[i] = beta2 * v[i] + (1.0 - beta2) * gi * gi
+        p[i] -= step_size * m[i] / (math.sqrt(v[i]) / bias_correction2_sqrt + eps)
+
+
+def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
+    # p, g, buf: one shape; updates p (and buf) in place
+    op = "sgd_update"
+    if momentum == 0:
+        _floats(op, ("p", p), ("g", g))
+        _same_shape(op, "g", g, p.shape)
+        _sgd(p.reshape(-1), g.reshape(-1), float(lr), float(weight_decay))
+        return None
+    _floats(op, ("p", p), ("g", g), ("buf", buf))
+    _same_shape(op, "g", g, p.shape)
+    _same_shape(op, "buf", buf, p.shape)
+    _sgd_momentum(p.reshape(-1), g.reshape(-1), buf.reshape(-1), float(lr), float(momentum),
+                  float(dampening), float(weight_decay), bool(nesterov), bool(first))
+    return None
+
+
+def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
+    # p, g, m, v: one shape; updates p, m, v in place; step counts from 1
+    op = "adam_update"
+    _floats(op, ("p", p), ("g", g), ("m", m), ("v", v))
+    for name, a in (("g", g), ("m", m), ("v", v)):
+        _same_shape(op, name, a, p.shape)
+    step_size = lr / (1.0 - beta1 ** step)
+    _adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr), float(beta1), float(beta2),
+          float(eps), float(weight_decay), bool(decoupled), float(step_size), math.sqrt(1.0 - beta2 ** step))
+    return None

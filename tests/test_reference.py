@@ -245,8 +245,9 @@ def test_batch_norm(rng, training, shape):
     y, mean, var = ref.batch_norm_forward(x, gamma, beta, rmean, rvar, eps, training)
     close(ty, y)
     if training:
-        close(trm, ref.batch_norm_update_running(rmean, rvar, mean, var, x.size // C, momentum)[0])
-        close(trv, ref.batch_norm_update_running(rmean, rvar, mean, var, x.size // C, momentum)[1])
+        new_mean, new_var = ref.batch_norm_update_running(rmean, rvar, mean, var, x.size // C, momentum)
+        close(trm, new_mean)
+        close(trv, new_var)
     else:
         close(mean, rmean)
         close(var, rvar)

@@ -12,14 +12,14 @@ from minunet.unet import UNet
 
 
 def test_output_sizes():
-    assert UNet(depth=4, padding="valid").output_size(572) == 388  # the paper's tile
-    assert UNet(depth=4, padding="valid").output_size((572, 572 + 16)) == (388, 388 + 16)
-    assert UNet(depth=4, padding="same").output_size((256, 96)) == (256, 96)
-    assert UNet(depth=2, padding="valid").output_size(44) == 4  # the smallest valid tile at depth 2
+    assert UNet(depth=4, padding="valid", base_channels=1).output_size(572) == 388  # the paper's tile
+    assert UNet(depth=4, padding="valid", base_channels=1).output_size((572, 572 + 16)) == (388, 388 + 16)
+    assert UNet(depth=4, padding="same", base_channels=1).output_size((256, 96)) == (256, 96)
+    assert UNet(depth=2, padding="valid", base_channels=1).output_size(44) == 4  # the smallest tile at depth 2
 
 
 def test_sizes_that_do_not_fit_name_the_nearest_that_do():
-    valid = UNet(depth=4, padding="valid")
+    valid = UNet(depth=4, padding="valid", base_channels=1)
     assert valid.check_input_size(572, 572) == (388, 388)
     assert valid.nearest_input_sizes(570) == (556, 572)
     with pytest.raises(ValueError, match="input height 570 .*nearest valid input sizes: 556, 572"):
@@ -27,9 +27,9 @@ def test_sizes_that_do_not_fit_name_the_nearest_that_do():
     with pytest.raises(ValueError, match="input width 573 .*nearest valid input sizes: 572, 588"):
         valid.check_input_size(572, 573)
     with pytest.raises(ValueError, match="nearest valid input sizes: 44$"):  # none below the minimum
-        UNet(depth=2, padding="valid").output_size(20)
+        UNet(depth=2, padding="valid", base_channels=1).output_size(20)
 
-    same = UNet(depth=4, padding="same")
+    same = UNet(depth=4, padding="same", base_channels=1)
     with pytest.raises(ValueError, match="multiple of 2\\^depth = 16.*nearest valid input sizes: 96, 112"):
         same.check_input_size(100, 96)
     with pytest.raises(ValueError, match="nearest valid input sizes: 16$"):
@@ -126,7 +126,6 @@ def test_matches_the_same_unet_in_pytorch(padding, batch_norm, hw, rng):
     """Names, shapes and count of parameters; output and every gradient, in float64."""
     torch = pytest.importorskip("torch")
     config = dict(in_channels=2, num_classes=3, base_channels=2, depth=2, padding=padding, batch_norm=batch_norm)
-    assert count(UNet(**UNet().config)) == sum(p.numel() for p in torch_unet(torch, **UNet().config).parameters())
     nn.manual_seed(0)
     model = UNet(**config).double()
     tmodel = torch_unet(torch, **config).double()

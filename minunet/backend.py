@@ -58,7 +58,8 @@ softmax_cross_entropy_forward  x (N,C,H,W), target int64 (N,H,W), weight (C,) or
                         p (N,C,H,W) = softmax over c (saved for backward)
 softmax_cross_entropy_backward gx = gloss[n,h,w] * weight[t] * (p - onehot(t)), 0 where t == ignore_index
 batch_norm_forward      per channel over (N,H,W): training: mean, var = the batch mean and biased
-                        variance; else the given (running) mean and var are used;
+                        variance (the mean and var arguments are None); else the given (running)
+                        mean and var are used;
                         y = (x - mean) / sqrt(var + eps) * gamma + beta; returns the mean, var used
 batch_norm_backward     gx, ggamma = sum(gy * xhat), gbeta = sum(gy); in training mode gx carries
                         the terms through the batch statistics, in eval mode gx = gy*gamma/sqrt(var+eps)

@@ -331,11 +331,13 @@ def log_softmax(x, dim):
 def dropout(x, p=0.5, training=True):
     """Zero each element with probability p and scale the rest by 1/(1-p), in training only."""
     _check_tensor(x, "dropout", "input x")
-    if not 0 <= p < 1:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not 0 <= p <= 1:
+        raise ValueError(f"dropout: p must be in [0, 1], got {p}")
     if not training or p == 0:
         return x
     xp = backend.array_module(x.data)
+    if p == 1:
+        return x * xp.zeros(x.shape, dtype=x.dtype)
     keep = (xp.random.random_sample(x.shape) >= p).astype(x.dtype) / x.dtype.type(1 - p)
     return x * keep
 

@@ -185,6 +185,7 @@ def test_dropout_scales_in_training_and_is_identity_in_eval():
     np.testing.assert_allclose(y.numpy()[kept], 1 / 0.7)
     y.sum().backward()
     np.testing.assert_allclose(x.grad, kept / 0.7)
+    assert not F.dropout(x, 1.0).numpy().any()
 
 
 # ---- errors for bad input ----------------------------------------------------------------
@@ -225,7 +226,7 @@ def t(*shape, dtype=np.float32):
     (lambda: F.batch_norm(t(2, 3, 4, 4), None, None), ValueError, r"batch_norm: eval mode needs running_mean and running_var"),
     (lambda: F.batch_norm(t(2, 3, 4, 4), np.zeros(2), np.ones(2)), ValueError, r"batch_norm: running_mean must be a \(3,\) array on cpu, got shape \(2,\)"),
     (lambda: F.batch_norm(t(2, 3, 4, 4), np.zeros(3), np.ones(3), weight=t(4)), ValueError, r"batch_norm: weight must have shape \(3,\) for input x \(2, 3, 4, 4\), got \(4,\)"),
-    (lambda: F.dropout(t(2), 1.0), ValueError, r"dropout: p must be in \[0, 1\)"),
+    (lambda: F.dropout(t(2), 1.5), ValueError, r"dropout: p must be in \[0, 1\]"),
 ])
 def test_bad_input_gives_a_clear_error(call, exc, message):
     with pytest.raises(exc, match=message):

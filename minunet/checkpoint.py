@@ -109,6 +109,7 @@ def atomic_write(path, payload):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give it an ordinary file's mode
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -119,6 +120,12 @@ def atomic_write(path, payload):
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder):

@@ -1,0 +1,292 @@
+"""minunet.cli: the `minunet` command (also `python -m minunet`).
+
+    minunet train                      train on the built-in synthetic set (no download)
+    minunet train --data DIR ...       train on DIR/images + DIR/masks
+    minunet train --resume RUN_DIR     continue an interrupted run exactly where it stopped
+    minunet predict --model CKPT --input FILE_OR_DIR --output DIR [--tile N] [--overlay]
+    minunet eval --model CKPT [--data DIR ...] [--json FILE]
+
+Every subcommand turns bad input (a missing path, an impossible option value, a damaged
+image, masks that do not pair with images, a truncated checkpoint, a checkpoint of another
+architecture) into one line on stderr and exit status 2, never a traceback. The error
+checks live where the knowledge is (data, checkpoint, unet, train); this module only parses
+the command line and reports.
+"""
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from minunet import backend
+from minunet.checkpoint import read_checkpoint
+from minunet.data import split_indices
+from minunet.metrics import format_table
+from minunet.predict import load_model, predict_files
+from minunet.train import (RESUMABLE_CHANGES, TrainConfig, build_dataset, evaluate, json_safe, resolve_resume,
+                           train)
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would print the whole usage; one line is clearer
+        raise UsageError(f"{self.prog}: {message}")
+
+
+# ---- option value types -----------------------------------------------------------------------
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _positive_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return v
+
+
+def _non_negative_float(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return v
+
+
+def _fraction(text):
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"expected a number strictly between 0 and 1, got {text!r}")
+    return v
+
+
+def _number_list(kind):
+    def parse(text):
+        try:
+            values = [kind(t) for t in text.replace(",", " ").split()]
+        except ValueError:
+            values = []
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}")
+        return values
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
+def _add_data_options(p, defaults_from):
+    g = p.add_argument_group("data (" + defaults_from + ")")
+    g.add_argument("--data", metavar="DIR", help="folder with images/ and masks/ subfolders")
+    g.add_argument("--images", metavar="DIR", help="image folder (instead of DIR/images)")
+    g.add_argument("--masks", metavar="DIR", help="mask folder (instead of DIR/masks)")
+    g.add_argument("--pairing", choices=["stem", "sorted"], help="pair by file stem (default) or by sorted order")
+    g.add_argument("--mask-mode", choices=["index", "binary", "gray", "palette"],
+                   help="how mask pixels encode classes (default index)")
+    g.add_argument("--gray-levels", type=_number_list(int), metavar="V0,V1,...",
+                   help="mask value of each class (--mask-mode gray)")
+    g.add_argument("--palette", metavar="FILE", help="class colours, JSON or 'r g b [name]' lines (--mask-mode palette)")
+    g.add_argument("--ignore-index", type=int, metavar="L", help="mask label that is not scored (e.g. 255)")
+    g.add_argument("--channels", type=int, choices=[1, 3], help="convert images to 1 or 3 channels")
+    g.add_argument("--classes", type=_positive_int, metavar="K", help="number of classes (index masks; synthetic 2-5)")
+
+
+def build_parser():
+    parser = _Parser(prog="minunet", description="U-Net segmentation from scratch: train, predict, evaluate.")
+    sub = parser.add_subparsers(dest="command", metavar="{train,predict,eval}")
+    sub.required = True
+
+    # Every train option defaults to None, so that "given on the command line" is visible:
+    # the rest comes from TrainConfig's defaults, or from the checkpoint when resuming.
+    t = sub.add_parser("train", help="train a U-Net (synthetic data by default)",
+                       description="Train a U-Net. With no options: the synthetic task, in a few minutes on a CPU.")
+    _add_data_options(t, "default: the synthetic set")
+    g = t.add_argument_group("training")
+    g.add_argument("--samples", type=_positive_int, help="synthetic images (default 384)")
+    g.add_argument("--image-size", type=_positive_int, metavar="N", help="synthetic size / training crop / tile (default 64)")
+    g.add_argument("--val-fraction", type=_fraction, help="share of images held out for validation (default 0.2)")
+    g.add_argument("--val-split", choices=["random", "contiguous"], help="random items or the last block (default random)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, help="flips and 90-degree turns (default on)")
+    g.add_argument("--elastic", action=argparse.BooleanOptionalAction, help="elastic deformation (default off)")
+    g.add_argument("--base-channels", type=_positive_int, help="channels of the first level (default 16)")
+    g.add_argument("--depth", type=_positive_int, help="number of poolings (default 3)")
+    g.add_argument("--padding", choices=["same", "valid"], help="'same' keeps sizes, 'valid' is the paper's (default same)")
+    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each convolution")
+    g.add_argument("--epochs", type=_positive_int, help="default 8")
+    g.add_argument("--batch-size", type=_positive_int, help="default 8")
+    g.add_argument("--lr", type=_positive_float, help="peak learning rate (default 0.003)")
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default adam")
+    g.add_argument("--momentum", type=_non_negative_float, help="SGD momentum (default 0.9)")
+    g.add_argument("--weight-decay", type=_non_negative_float, help="default 0")
+    g.add_argument("--schedule", choices=["cosine", "constant"], help="learning-rate schedule (default cosine)")
+    g.add_argument("--class-weights", type=_number_list(float), metavar="W0,W1,...", help="cross-entropy class weights")
+    g.add_argument("--dice-weight", type=_non_negative_float, help="add this times the soft Dice loss (default 0)")
+    g.add_argument("--border-weights", action=argparse.BooleanOptionalAction,
+                   help="the U-Net paper's border weight map on the cross-entropy")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: the GPU when usable")
+    g.add_argument("--seed", type=int, help="default 0")
+    g.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>)")
+    g.add_argument("--resume", metavar="CKPT_OR_DIR", help="continue from a checkpoint or a run folder's last.safetensors")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default on)")
+
+    p = sub.add_parser("predict", help="segment an image file or a folder of images",
+                       description="Write <name>_mask.png (class indices), <name>_color.png and, with --overlay, "
+                                   "<name>_overlay.png for each image. Large images are predicted tile by tile.")
+    p.add_argument("--model", required=True, metavar="CKPT", help="a checkpoint (best.safetensors, ...)")
+    p.add_argument("--input", required=True, metavar="FILE_OR_DIR")
+    p.add_argument("--output", required=True, metavar="DIR")
+    p.add_argument("--tile", type=_positive_int, metavar="N", help="input tile size (default: the training crop)")
+    p.add_argument("--overlay", action="store_true", help="also write the mask blended over the image")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+    e = sub.add_parser("eval", help="score a checkpoint: per-class Dice and IoU, mIoU, pixel accuracy",
+                       description="Score a checkpoint on a labelled folder, or by default on the validation "
+                                   "split of the data it was trained on.")
+    e.add_argument("--model", required=True, metavar="CKPT")
+    _add_data_options(e, "default: the checkpoint's validation split")
+    e.add_argument("--tile", type=_positive_int, metavar="N", help="input tile size (default: the training crop)")
+    e.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass (default 4)")
+    e.add_argument("--json", metavar="FILE", help="also write the scores as JSON to FILE ('-' prints them)")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser
+
+
+# ---- the subcommands --------------------------------------------------------------------------
+
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def _given(args, fields):
+    """The options given on the command line, as TrainConfig field -> value."""
+    return {k: v for k, v in vars(args).items() if k in fields and v is not None}
+
+
+def _device(name):
+    try:
+        return backend.normalize_device(name)
+    except (RuntimeError, ValueError) as e:
+        raise UsageError(f"--device {name}: {e}") from None
+
+
+def cmd_train(args):
+    given = _given(args, TRAIN_FIELDS)
+    if "device" in given:
+        _device(given["device"])
+    resume = None
+    if args.resume:
+        resume = resolve_resume(args.resume)
+        saved = read_checkpoint(resume).train_config
+        if not saved:
+            raise UsageError(f"--resume {resume}: the checkpoint holds no training configuration")
+        cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
+        for key, value in given.items():
+            old = getattr(cfg, key)
+            if key not in RESUMABLE_CHANGES and json.dumps(value) != json.dumps(old):
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"{flag} {value} differs from the resumed run's {old}; a resumed run keeps its "
+                                 f"settings (only {', '.join('--' + k for k in RESUMABLE_CHANGES)} may change)")
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in RESUMABLE_CHANGES})
+        if "out" not in given:
+            cfg = dataclasses.replace(cfg, out=str(resume.parent))
+    else:
+        cfg = TrainConfig(**given)
+    result = train(cfg, resume=resume)
+    final = result["final"]
+    if result["interrupted"]:
+        print(f"interrupted after {result['epochs']} complete epochs; run folder {result['run_dir']}")
+        return 130
+    best = result["best_mean_dice"]
+    print(f"done: {result['epochs']} epochs in {result['seconds']:.1f} s; validation mean Dice "
+          f"{final['mean_dice']:.4f} (best {best:.4f} at epoch {result['best_epoch']}), mIoU {final['mean_iou']:.4f}, "
+          f"pixel accuracy {final['pixel_accuracy']:.4f}; run folder {result['run_dir']}")
+    return 0
+
+
+def cmd_predict(args):
+    device = _device(args.device)
+
+    def report(path, labels):
+        present = [int(k) for k in np.unique(labels)]
+        print(f"{path} -> {pathlib.Path(args.output) / (path.stem + '_mask.png')} "
+              f"({labels.shape[0]}x{labels.shape[1]}, classes {present})")
+    stems = predict_files(args.model, args.input, args.output, tile=args.tile, overlay_images=args.overlay,
+                          device=device, batch_size=args.batch_size, progress=report)
+    print(f"{len(stems)} image(s) predicted into {args.output}")
+    return 0
+
+
+def cmd_eval(args):
+    device = _device(args.device)
+    model, ckpt = load_model(args.model, device)
+    given = _given(args, {"data", "images", "masks", "pairing", "mask_mode", "gray_levels", "palette",
+                          "ignore_index", "channels", "classes"})
+    saved = {k: v for k, v in (ckpt.train_config or {}).items() if k in TRAIN_FIELDS}
+    cfg = TrainConfig(**saved)
+    own_data = bool({"data", "images", "masks"} & set(given))
+    if own_data:  # a labelled folder: all of it is scored, with the given format options
+        source = {k: None for k in ("data", "images", "masks")}
+        cfg = dataclasses.replace(cfg, **{**source, **given, "channels": model.config["in_channels"]})
+    elif given:
+        raise UsageError(f"eval: {', '.join('--' + k.replace('_', '-') for k in given)} need --data "
+                         f"(or --images and --masks)")
+    elif not saved:
+        raise UsageError(f"eval: checkpoint {ckpt.path} records no training data; give --data")
+    cfg = dataclasses.replace(cfg, batch_size=args.batch_size, border_weights=False)
+    dataset = build_dataset(cfg)
+    if dataset.num_classes != model.config["num_classes"]:
+        raise UsageError(f"eval: the data has {dataset.num_classes} classes, the model {model.config['num_classes']}")
+    if own_data:
+        indices = list(range(len(dataset)))
+    else:
+        indices = split_indices(len(dataset), cfg.val_fraction, cfg.val_split, seed=cfg.seed)[1]
+    tile = args.tile or model.nearest_input_sizes(cfg.image_size)[-1]
+    summary, _ = evaluate(model, dataset, indices, cfg, tile)
+    names = list(dataset.class_names) if dataset.class_names else None
+    where = cfg.data or cfg.images or "the synthetic validation split"
+    print(f"{len(indices)} images from {where}")
+    print(format_table(summary, names))
+    if args.json:
+        doc = dict(model=str(args.model), images=len(indices), class_names=names, **summary)
+        text = json.dumps({k: json_safe(v) for k, v in doc.items()}, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            pathlib.Path(args.json).write_text(text + "\n")
+            print(f"scores written to {args.json}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "predict": cmd_predict, "eval": cmd_eval}
+
+
+def main(argv=None):
+    """Entry point of the `minunet` console script; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except (UsageError, ValueError, OSError) as e:  # bad input: data, paths, checkpoints, options
+        message = str(e) if isinstance(e, UsageError) else f"minunet: error: {e}"
+        print(message.splitlines()[0] if message else "minunet: error", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minunet: interrupted", file=sys.stderr)
+        return 130

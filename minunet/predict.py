@@ -1,0 +1,261 @@
+"""minunet.predict: segment images of any size, tile by tile, in bounded memory.
+
+The network never sees a whole large image. The image is cut into tiles that the network
+accepts, the tiles go through it a few at a time (`batch_size`), and the label map of each
+tile is written into one preallocated (H, W) array. Memory is therefore that array, the
+image, and one batch of tiles, whatever the image size (a 4096 x 4096 image is about 500
+tiles of 256 x 256).
+
+The tiling is the overlap-tile strategy of the U-Net paper (Ronneberger et al. 2015, Fig. 2),
+one axis at a time (the two axes are independent):
+
+    tin   the input tile size (the --tile option), a size the network accepts
+    tout  = model.output_size(tin): tin itself for padding='same'; tin - 2b for 'valid',
+          whose convolutions eat a border of b pixels on each side
+    m     a margin of each output tile that is thrown away: the pixels near a tile's edge
+          saw less context (zero padding, for 'same' models), so each output pixel is taken
+          from the tile where it lies farthest from the edge. 'valid' models need no
+          margin (m = 0): every output pixel saw its whole receptive field.
+
+Output tiles start at 0, c, 2c, ... with stride c = tout - 2m (the last one moved back to
+end at the image's edge), and each keeps its centre: [start + m, start + tout - m), or out
+to the image's edge for the first and last tiles. The input tile for the output tile at
+`start` is the image over [start - b, start - b + tin); wherever that runs off the image the
+image is mirrored (reflected about its edge pixels), which is how the paper extrapolates
+the missing context, so the output covers the whole image, border included. An image
+smaller than a tile is mirrored out to the tile size.
+
+Predicted masks are written as PNGs: <name>_mask.png holds the class indices (8-bit, or
+16-bit beyond 256 classes), <name>_color.png the same drawn with a fixed palette, and with
+`overlay` <name>_overlay.png the palette blended over the image.
+"""
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+from minunet import backend, data
+from minunet.autograd import no_grad, tensor
+from minunet.checkpoint import check_architecture, read_checkpoint
+from minunet.unet import UNet
+
+# The first colours are the 10 of matplotlib's "tab10" cycle, with black for class 0 (the
+# usual background); further classes get colours spread by the bit-reversal trick of the
+# PASCAL VOC palette, so any class index up to 65535 has a fixed colour.
+_FIRST = [(0, 0, 0), (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def palette(num_classes):
+    """A (num_classes, 3) uint8 colour table, the same for every run."""
+    colours = list(_FIRST[:num_classes])
+    for k in range(len(colours), num_classes):
+        r = g = b = 0
+        c = k
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        colours.append((r, g, b))
+    return np.asarray(colours, dtype=np.uint8)
+
+
+def colorize(labels, num_classes, ignore_index=None):
+    """(H, W) class indices -> (H, W, 3) uint8 RGB; the ignore label (or anything out of range) white."""
+    labels = np.asarray(labels)
+    table = palette(num_classes)
+    inside = (labels >= 0) & (labels < num_classes)
+    rgb = np.full(labels.shape + (3,), 255, dtype=np.uint8)
+    rgb[inside] = table[labels[inside]]
+    return rgb
+
+
+def to_display(image):
+    """A float (C, H, W) network input -> (H, W, 3) uint8 for viewing, stretched to its own range."""
+    image = np.asarray(image, dtype=np.float32)
+    x = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
+    lo, hi = float(x.min()), float(x.max())
+    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
+    return (x.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+
+
+def overlay(image, labels, num_classes, alpha=0.45):
+    """The palette colours of `labels` blended over the image (class 0 left clear)."""
+    base = to_display(image).astype(np.float32)
+    colour = colorize(labels, num_classes).astype(np.float32)
+    a = np.where(np.asarray(labels)[..., None] > 0, alpha, 0.0)
+    return (base * (1 - a) + colour * a + 0.5).astype(np.uint8)
+
+
+# ---- reading images as the network saw them in training --------------------------------
+
+def read_image(path, channels=None, normalize="image"):
+    """An image file -> float32 (C, H, W), preprocessed as FolderDataset does: pixels scaled to
+    [0, 1] by their bit depth, converted to `channels`, then normalised ('image' = per image and
+    channel to zero mean and unit variance; (mean, std); or None)."""
+    pixels, scale = data._decode_image(path)
+    # pixels: (H, W) or (H, W, 3) -> x: (C, H, W) in [0, 1]
+    x = pixels.astype(np.float32) * np.float32(1.0 / scale)
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    if channels == 1 and x.shape[0] == 3:
+        x = np.tensordot(np.asarray([0.299, 0.587, 0.114], np.float32), x, axes=1)[None]
+    elif channels == 3 and x.shape[0] == 1:
+        x = np.repeat(x, 3, axis=0)
+    if normalize == "image":
+        x = (x - x.mean(axis=(1, 2), keepdims=True)) / (x.std(axis=(1, 2), keepdims=True) + 1e-6)
+    elif normalize is not None:
+        mean, std = (np.asarray(v, np.float32).reshape(-1, 1, 1) for v in normalize)
+        x = (x - mean) / std
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+# ---- the tiling ---------------------------------------------------------------------------
+
+def _reflect(i, n):
+    """Mirror indices into [0, n): ... 2 1 | 0 1 2 ... n-2 n-1 | n-2 ..."""
+    if n == 1:
+        return np.zeros_like(i)
+    period = 2 * (n - 1)
+    i = np.mod(i, period)
+    return np.where(i > n - 1, period - i, i)
+
+
+def _axis_tiles(length, tout, margin):
+    """[(start, keep_from, keep_to)] along one axis: output tiles of size tout and the part of
+    each (in image coordinates) that is kept; the kept parts cover [0, length) exactly once."""
+    if length <= tout:
+        return [(0, 0, length)]
+    stride = tout - 2 * margin
+    starts = list(range(0, length - tout, stride)) + [length - tout]
+    tiles, kept = [], 0
+    for k, s in enumerate(starts):
+        end = length if k == len(starts) - 1 else s + tout - margin
+        tiles.append((s, kept, end))
+        kept = end
+    return tiles
+
+
+class Tiler:
+    """Runs `model` over images of any size tile by tile (see the module docstring).
+
+    tile: the input tile size (int or (h, w)), checked against the model; margin: pixels
+    dropped at each edge of an output tile (default: tout // 8 for 'same' models, 0 for
+    'valid'); batch_size: tiles per forward pass.
+    """
+
+    def __init__(self, model, tile, margin=None, batch_size=4):
+        self.model = model
+        self.tin = (int(tile), int(tile)) if np.isscalar(tile) else tuple(int(t) for t in tile)
+        self.tout = model.check_input_size(*self.tin)
+        self.border = tuple((i - o) // 2 for i, o in zip(self.tin, self.tout))
+        if margin is None:
+            margin = 0 if model.config["padding"] == "valid" else min(self.tout) // 8
+        if not 0 <= 2 * int(margin) < min(self.tout):
+            raise ValueError(f"predict: margin {margin} leaves nothing of a {self.tout} output tile")
+        self.margin = int(margin)
+        self.batch_size = int(batch_size)
+        self.device = next(iter(model.parameters())).device
+
+    def _tiles(self, H, W):
+        """Every (top, left, (rows kept), (cols kept)) of an H x W image, row by row."""
+        rows = _axis_tiles(H, self.tout[0], self.margin)
+        cols = _axis_tiles(W, self.tout[1], self.margin)
+        return [(r, c) for r in rows for c in cols]
+
+    def _input_tile(self, image, top, left):
+        # image: (C, H, W) -> (C, tin_h, tin_w), mirrored where the window leaves the image
+        _, H, W = image.shape
+        ys = _reflect(np.arange(top - self.border[0], top - self.border[0] + self.tin[0]), H)
+        xs = _reflect(np.arange(left - self.border[1], left - self.border[1] + self.tin[1]), W)
+        return image[:, ys[:, None], xs[None, :]]
+
+    def run(self, images, out=None, logits=False):
+        """images: float32 (N, C, H, W) on the host -> labels (N, H, W) (uint8 up to 256 classes,
+        else int32), or with logits=True the class scores float32 (N, K, H, W)."""
+        images = np.asarray(images, dtype=np.float32)
+        N, _, H, W = images.shape
+        K = self.model.config["num_classes"]
+        if out is None:
+            shape, dtype = ((N, K, H, W), np.float32) if logits else ((N, H, W), np.uint8 if K <= 256 else np.int32)
+            out = np.empty(shape, dtype=dtype)
+        jobs = [(n, r, c) for n in range(N) for r, c in self._tiles(H, W)]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with no_grad():
+                for k in range(0, len(jobs), self.batch_size):
+                    chunk = jobs[k:k + self.batch_size]
+                    x = np.stack([self._input_tile(images[n], r[0], c[0]) for n, r, c in chunk])
+                    # x: (B, C, tin_h, tin_w) -> y: (B, K, tout_h, tout_w)
+                    y = self.model(tensor(x, device=self.device)).data
+                    y = y if logits else y.argmax(axis=1)  # labels cross the bus, not scores
+                    y = backend.to_numpy(y)
+                    for b, (n, (top, r0, r1), (left, c0, c1)) in enumerate(chunk):
+                        out[n, ..., r0:r1, c0:c1] = y[b, ..., r0 - top:r1 - top, c0 - left:c1 - left]
+        finally:
+            self.model.train(was_training)
+        return out
+
+
+# ---- models from checkpoints, and the predict command ---------------------------------------
+
+def load_model(path, device="cpu"):
+    """(model in eval mode on `device`, Checkpoint) from a checkpoint file."""
+    ckpt = read_checkpoint(path)
+    model = UNet(**ckpt.model_config)
+    check_architecture(ckpt, model)
+    model.load_state_dict(ckpt.model_state)
+    return model.to(device).eval(), ckpt
+
+
+def default_tile(model, ckpt):
+    """The tile size a model was trained on (its crop size), else 256, made to fit the model."""
+    size = (ckpt.train_config or {}).get("image_size") or 256
+    return model.nearest_input_sizes(int(size))[-1]
+
+
+def list_inputs(path):
+    """The image files to predict: `path` itself, or the images in the folder `path`."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        files = [p for p in sorted(path.iterdir(), key=lambda p: data._natural_key(p.name))
+                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in data.IMAGE_EXTENSIONS]
+        if not files:
+            raise ValueError(f"predict: no image files in {path}")
+        return files
+    if not path.exists():
+        raise ValueError(f"predict: input {path} does not exist")
+    return [path]
+
+
+def save_mask(labels, num_classes, out_dir, stem, image=None):
+    """Write <stem>_mask.png (indices), <stem>_color.png and, given the image, <stem>_overlay.png."""
+    out_dir = pathlib.Path(out_dir)
+    index = labels.astype(np.uint8 if num_classes <= 256 else np.uint16)
+    Image.fromarray(index).save(out_dir / f"{stem}_mask.png")
+    Image.fromarray(colorize(labels, num_classes)).save(out_dir / f"{stem}_color.png")
+    if image is not None:
+        Image.fromarray(overlay(image, labels, num_classes)).save(out_dir / f"{stem}_overlay.png")
+
+
+def predict_files(model_path, inputs, out_dir, tile=None, overlay_images=False, device="cpu", batch_size=4,
+                  progress=None):
+    """Predict every image of `inputs` (a file or a folder) into `out_dir`; returns the written stems."""
+    model, ckpt = load_model(model_path, device)
+    tiler = Tiler(model, tile if tile is not None else default_tile(model, ckpt), batch_size=batch_size)
+    tc = ckpt.train_config or {}
+    channels = model.config["in_channels"]
+    normalize = tc.get("normalize", "image")
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = list_inputs(inputs)
+    for path in files:
+        image = read_image(path, channels=channels, normalize=normalize)
+        if image.shape[0] != channels:
+            raise ValueError(f"predict: image {path} has {image.shape[0]} channels, the model takes {channels}")
+        labels = tiler.run(image[None])[0]
+        save_mask(labels, model.config["num_classes"], out_dir, path.stem, image if overlay_images else None)
+        if progress is not None:
+            progress(path, labels)
+    return [p.stem for p in files]

@@ -1,0 +1,491 @@
+"""minunet.train: the training loop behind `minunet train`.
+
+`train(TrainConfig(...))` builds everything from one flat configuration and runs it:
+
+    data        SyntheticDataset (the default: no download) or FolderDataset (images + masks)
+    split       split_indices: a random or a contiguous validation block
+    batches     DataLoader with Augment (flips, 90-degree turns, crops for folder images)
+    model       UNet(in_channels, classes, base_channels, depth, padding, batch_norm)
+    optimizer   SGD (momentum) / Adam / AdamW, and a cosine learning-rate schedule stepped
+                every batch (T_max = epochs x batches per epoch)
+    loss        cross-entropy (class weights, ignore label), times the U-Net paper's border
+                weight map if asked, plus dice_weight x soft Dice loss if asked
+
+Each epoch trains, then evaluates on the validation split: the network runs over each
+validation image with the overlap-tile Tiler of minunet.predict (so images of any size
+work, and 'valid' models are scored on the whole image), and the scores come from a
+ConfusionMatrix. The run folder then gets, every epoch:
+
+    last.safetensors   everything needed to continue (model, optimizer, schedule, position,
+                       history), written atomically: a crash never leaves a broken file
+    best.safetensors   the same, at the best validation mean Dice so far
+    metrics.jsonl      one JSON object per epoch: epoch, train_loss, val_loss, per-class
+                       dice/iou, mean_iou, mean_dice, pixel_accuracy, lr, seconds
+    curves.png         loss and scores per epoch
+    predictions.png    a few validation images: image | ground truth | prediction
+
+Exact resume. Every random choice is keyed by numbers, never by a generator's history:
+the weights by `seed` (nn.manual_seed), the split by `seed`, the order of epoch e by
+(seed, e), the augmentation of item i in epoch e by (seed, e, i). So a checkpoint needs
+only the position, (epoch, batches done in it), besides the model, optimizer and schedule
+state; resuming replays the data loader up to that batch without training on it and goes
+on. The result equals the uninterrupted run's, bit for bit on the CPU.
+
+Ctrl-C. The first Ctrl-C asks the loop to stop: it finishes the step in flight, writes
+last.safetensors at that exact position and returns (`interrupted`); `--resume` goes on from
+there. A second Ctrl-C stops at once, keeping the last checkpoint written.
+"""
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import signal
+import threading
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from minunet import backend, nn, optim
+from minunet import functional as F
+from minunet.autograd import tensor
+from minunet.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, split_indices,
+                          unet_weight_map)
+from minunet.metrics import ConfusionMatrix
+from minunet.predict import Tiler, colorize, overlay, to_display
+from minunet.unet import UNet
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run. The defaults train the synthetic task to a validation
+    mean Dice above 0.9 in a few minutes on two CPU cores."""
+    # data: the synthetic set unless `data` (a folder with images/ and masks/) or images+masks
+    data: str = None
+    images: str = None
+    masks: str = None
+    pairing: str = "stem"                 # 'stem' | 'sorted'
+    mask_mode: str = "index"              # 'index' | 'binary' | 'gray' | 'palette'
+    gray_levels: tuple = None
+    palette: str = None                   # file or None
+    ignore_index: int = None
+    channels: int = None                  # input channels (folder: as stored; synthetic: 1)
+    normalize: str = "image"              # per-image standardisation, as the synthetic set
+    classes: int = None                   # folder 'index' masks need it; synthetic default 3
+    samples: int = 384                    # synthetic images
+    image_size: int = 64                  # synthetic size / folder training crop / tile size
+    val_fraction: float = 0.2
+    val_split: str = "random"             # 'random' | 'contiguous'
+    augment: bool = True                  # flips and 90-degree rotations
+    elastic: bool = False                 # the U-Net paper's elastic deformation
+    # model
+    base_channels: int = 16
+    depth: int = 3
+    padding: str = "same"
+    batch_norm: bool = False
+    # optimisation
+    epochs: int = 8
+    batch_size: int = 8
+    lr: float = 3e-3
+    optimizer: str = "adam"               # 'sgd' | 'adam' | 'adamw'
+    momentum: float = 0.9                 # SGD only
+    weight_decay: float = 0.0
+    schedule: str = "cosine"              # 'cosine' | 'constant'
+    class_weights: tuple = None
+    dice_weight: float = 0.0
+    border_weights: bool = False          # U-Net paper's weight map (w0, sigma below)
+    border_w0: float = 10.0
+    border_sigma: float = 5.0
+    # run
+    device: str = "auto"
+    seed: int = 0
+    out: str = None                       # run folder; default runs/<timestamp>
+    previews: int = 4                     # validation images drawn in predictions.png
+    progress: bool = True                 # tqdm bar
+
+    def num_classes(self):
+        return self.classes if self.classes is not None else (3 if self.is_synthetic() else None)
+
+    def is_synthetic(self):
+        return self.data is None and self.images is None and self.masks is None
+
+
+# Options that may differ between a run and its resumption; everything else must match.
+RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "previews")
+
+
+# ---- building the pieces ---------------------------------------------------------------
+
+class BorderWeights:
+    """A dataset wrapper adding the U-Net paper's weight map to each (image, mask) item; the
+    "cells" are the connected regions of non-background (label != 0) pixels."""
+
+    def __init__(self, dataset, w0, sigma, ignore_index=None):
+        self.dataset, self.w0, self.sigma, self.ignore_index = dataset, w0, sigma, ignore_index
+        self.num_classes, self.in_channels = dataset.num_classes, dataset.in_channels
+        self.class_names = dataset.class_names
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        x, y = self.dataset[i]
+        cells = (y != 0).astype(np.int64)
+        if self.ignore_index is not None:
+            cells[y == self.ignore_index] = self.ignore_index
+        return x, y, unet_weight_map(cells, self.w0, self.sigma, ignore_index=self.ignore_index)
+
+
+def build_dataset(cfg):
+    """The dataset a config names (synthetic or folder), with weight maps if asked."""
+    if cfg.is_synthetic():
+        ds = SyntheticDataset(num_samples=cfg.samples, image_size=cfg.image_size, num_classes=cfg.num_classes(),
+                              in_channels=cfg.channels or 1, seed=cfg.seed)
+        if cfg.border_weights:
+            ds = BorderWeights(ds, cfg.border_w0, cfg.border_sigma)
+        return ds
+    images, masks = cfg.images, cfg.masks
+    if cfg.data is not None:
+        root = pathlib.Path(cfg.data)
+        if not root.is_dir():
+            raise ValueError(f"--data {root}: not a folder")
+        images = images or root / "images"
+        masks = masks or root / "masks"
+    if images is None or masks is None:
+        raise ValueError("give --data DIR (with DIR/images and DIR/masks) or both --images and --masks")
+    for what, path in (("images", images), ("masks", masks)):
+        if not pathlib.Path(path).is_dir():
+            raise ValueError(f"{what} folder {path} does not exist")
+    weight_map = None
+    if cfg.border_weights:
+        weight_map = dict(w0=cfg.border_w0, sigma=cfg.border_sigma, ignore_index=cfg.ignore_index)
+    return FolderDataset(images, masks, pairing=cfg.pairing, mask_mode=cfg.mask_mode, num_classes=cfg.classes,
+                         gray_levels=cfg.gray_levels, palette=cfg.palette, ignore_index=cfg.ignore_index,
+                         channels=cfg.channels, normalize=cfg.normalize, weight_map=weight_map)
+
+
+def build_model(cfg, dataset):
+    nn.manual_seed(cfg.seed)
+    return UNet(in_channels=dataset.in_channels, num_classes=dataset.num_classes, base_channels=cfg.base_channels,
+                depth=cfg.depth, padding=cfg.padding, batch_norm=cfg.batch_norm)
+
+
+def build_optimizer(cfg, model):
+    params = list(model.parameters())
+    if cfg.optimizer == "sgd":
+        return optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer {cfg.optimizer!r}: expected 'sgd', 'adam' or 'adamw'")
+
+
+def build_scheduler(cfg, optimizer, steps_per_epoch):
+    if cfg.schedule == "cosine":
+        return optim.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "constant":
+        return None
+    raise ValueError(f"schedule {cfg.schedule!r}: expected 'cosine' or 'constant'")
+
+
+def check_config(cfg):
+    """Reject impossible settings with one clear message before anything is built."""
+    positive = ("epochs", "batch_size", "image_size", "samples", "base_channels", "depth")
+    for name in positive:
+        if getattr(cfg, name) is None or int(getattr(cfg, name)) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)!r}")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise ValueError(f"--lr must be a positive number, got {cfg.lr!r}")
+    if not 0 < cfg.val_fraction < 1:
+        raise ValueError(f"--val-fraction must lie strictly between 0 and 1, got {cfg.val_fraction!r}")
+    if cfg.dice_weight < 0:
+        raise ValueError(f"--dice-weight must be >= 0, got {cfg.dice_weight!r}")
+    choices = {"padding": ("same", "valid"), "val_split": ("random", "contiguous"),
+               "optimizer": ("sgd", "adam", "adamw"), "schedule": ("cosine", "constant")}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")
+
+
+def _valid_crop(y, out_hw):
+    """Centre-crop labels (or weights) (N, H, W) to the model's output size ('valid' models)."""
+    H, W = y.shape[-2:]
+    top, left = (H - out_hw[0]) // 2, (W - out_hw[1]) // 2
+    return y[..., top:top + out_hw[0], left:left + out_hw[1]]
+
+
+def segmentation_loss(logits, y, cfg, class_weights, pixel_weights=None):
+    """Cross-entropy (class weights, ignore label, optional per-pixel weights) + dice_weight x Dice."""
+    ignore = -100 if cfg.ignore_index is None else cfg.ignore_index
+    if pixel_weights is None:
+        loss = F.cross_entropy(logits, y, weight=class_weights, ignore_index=ignore)
+    else:
+        xp = backend.array_module(logits.data)
+        per_pixel = F.cross_entropy(logits, y, weight=class_weights, ignore_index=ignore, reduction="none")
+        counted = max(int((y != ignore).sum()), 1)
+        loss = (per_pixel * xp.asarray(pixel_weights, dtype=logits.dtype)).sum() / counted
+    if cfg.dice_weight:
+        loss = loss + cfg.dice_weight * F.dice_loss(logits, y, ignore_index=cfg.ignore_index)
+    return loss
+
+
+# ---- evaluation ------------------------------------------------------------------------
+
+def evaluate(model, dataset, indices, cfg, tile, keep=0, should_stop=None):
+    """Score `model` on the items `indices` of `dataset`; returns (summary dict with 'loss',
+    the first `keep` (image, target, prediction) triples)."""
+    num_classes = model.config["num_classes"]
+    tiler = Tiler(model, tile, batch_size=cfg.batch_size)
+    cm = ConfusionMatrix(num_classes, ignore_index=cfg.ignore_index)
+    class_weights = None if cfg.class_weights is None else np.asarray(cfg.class_weights, np.float32)
+    batch = cfg.batch_size if cfg.is_synthetic() else 1  # folder images may differ in size
+    loader = DataLoader(dataset, batch_size=batch, shuffle=False, indices=indices, prefetch=1)
+    loss_sum, count, samples = 0.0, 0, []
+    batches = iter(loader)
+    try:
+        for x, y, *w in batches:
+            logits = tiler.run(x, logits=True)  # (N, K, H, W) on the host, the whole image
+            loss = segmentation_loss(tensor(logits), y, cfg, class_weights, w[0] if w else None)
+            loss_sum, count = loss_sum + loss.item() * len(x), count + len(x)
+            pred = logits.argmax(axis=1)
+            cm.update(pred, y)
+            for i in range(min(keep - len(samples), len(x))):
+                samples.append((x[i], y[i], pred[i]))
+            if should_stop is not None and should_stop():
+                raise _Stop
+    finally:
+        batches.close()
+    summary = cm.summary()
+    summary["loss"] = loss_sum / max(count, 1)
+    return summary, samples
+
+
+# ---- what the run folder gets ------------------------------------------------------------
+
+def json_safe(v):
+    """NaN (a class absent from the validation split) -> null, so metrics.jsonl is strict JSON."""
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, list):
+        return [json_safe(u) for u in v]
+    return v
+
+
+def write_metrics(path, history):
+    lines = "".join(json.dumps({k: json_safe(v) for k, v in rec.items()}) + "\n" for rec in history)
+    atomic_write(path, lines.encode())
+
+
+def plot_curves(path, history):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [r["epoch"] for r in history]
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_loss.legend()
+    for key, label in (("mean_dice", "mean Dice"), ("mean_iou", "mean IoU"), ("pixel_accuracy", "pixel accuracy")):
+        ax_score.plot(epochs, [r[key] for r in history], "o-", label=label)
+    ax_score.set(xlabel="epoch", title="validation", ylim=(0, 1))
+    ax_score.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_predictions(path, samples, num_classes, ignore_index=None):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(samples), 3, figsize=(9, 3 * len(samples)), squeeze=False)
+    for row, (x, y, pred) in zip(axes, samples):
+        shown_y = np.where(y == ignore_index, 0, y) if ignore_index is not None else y
+        panels = (to_display(x), overlay(x, shown_y, num_classes), overlay(x, pred, num_classes))
+        for ax, img, title in zip(row, panels, ("image", "ground truth", "prediction")):
+            ax.imshow(img)
+            ax.set_title(title)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def default_run_dir():
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path, n = pathlib.Path("runs") / stamp, 1
+    while path.exists():
+        n += 1
+        path = pathlib.Path("runs") / f"{stamp}-{n}"
+    return path
+
+
+# ---- Ctrl-C ----------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    """Raised inside the loop when a stop was asked for, at a point where the state is whole."""
+
+
+class StopRequest:
+    """While active, the first SIGINT (Ctrl-C) only sets `requested`; a second one raises
+    KeyboardInterrupt as usual. Outside the main thread signals cannot be caught: inactive."""
+
+    def __init__(self, log):
+        self.requested, self.log, self._previous = False, log, None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.log("\nCtrl-C: stopping after this step and saving last.safetensors (Ctrl-C again to abort)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+# ---- the loop ------------------------------------------------------------------------------
+
+def resolve_resume(path):
+    """--resume takes a checkpoint file or a run folder (its last.safetensors)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / "last.safetensors"
+    if not path.is_file():
+        raise ValueError(f"--resume {path}: no such checkpoint")
+    return path
+
+
+def train(cfg, log=print, resume=None):
+    """Run training as `cfg` says; `resume` is a checkpoint (or run folder) to continue from.
+    Returns a dict: run_dir, epochs, interrupted, final (last epoch's record), best_mean_dice,
+    best_epoch, seconds."""
+    check_config(cfg)
+    device = backend.normalize_device(cfg.device)
+    if cfg.device == "auto" and device == "cpu":
+        log(f"device: cpu ({backend.cuda_status()[1]})")
+    else:
+        log(f"device: {device}")
+    dataset = build_dataset(cfg)
+    train_idx, val_idx = split_indices(len(dataset), cfg.val_fraction, cfg.val_split, seed=cfg.seed)
+    model = build_model(cfg, dataset)
+    tile = cfg.image_size  # the training crop, and the validation tile: it must fit the model
+    out_hw = model.check_input_size(tile, tile)
+    model.to(device)
+    optimizer = build_optimizer(cfg, model)
+    crop = None if cfg.is_synthetic() else cfg.image_size
+    augment = Augment(flip=cfg.augment, rot90=cfg.augment, crop=crop, elastic=cfg.elastic, seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment,
+                        drop_last=len(train_idx) >= cfg.batch_size, indices=train_idx)
+    scheduler = build_scheduler(cfg, optimizer, len(loader))
+    class_weights = None
+    if cfg.class_weights is not None:
+        if len(cfg.class_weights) != dataset.num_classes:
+            raise ValueError(f"--class-weights has {len(cfg.class_weights)} values for {dataset.num_classes} classes")
+        class_weights = backend.to_device(np.asarray(cfg.class_weights, np.float32), device)
+
+    # where we are: epoch index, batches done in it, and the running train loss of that epoch
+    epoch, done, loss_sum, loss_count, history = 0, 0, 0.0, 0, []
+    best, best_epoch = -math.inf, None
+    if resume is not None:
+        ckpt = load_checkpoint(resolve_resume(resume), model, optimizer, scheduler)
+        state = ckpt.train_state
+        epoch, done = state["epoch"], state["batch"]
+        loss_sum, loss_count, history = state["loss_sum"], state["loss_count"], state["history"]
+        best = ckpt.best_metric if ckpt.best_metric is not None else -math.inf
+        best_epoch = state["best_epoch"]
+        log(f"resuming from {ckpt.path}: epoch {epoch + 1}, batch {done}")
+    run_dir = pathlib.Path(cfg.out) if cfg.out else default_run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, out=str(run_dir))  # so the checkpoints name their folder
+    log(f"run folder: {run_dir}")
+    arch = ", ".join(f"{k}={v!r}" for k, v in model.config.items())
+    log(f"data: {'synthetic' if cfg.is_synthetic() else 'folder'}, {len(train_idx)} train / {len(val_idx)} "
+        f"validation images, {dataset.num_classes} classes; model: UNet({arch})")
+
+    def checkpoint(path, best_metric):
+        state = dict(epoch=epoch, batch=done, loss_sum=loss_sum, loss_count=loss_count, history=history,
+                     best_epoch=best_epoch)
+        save_checkpoint(path, model, optimizer, scheduler, epoch=epoch, best_metric=best_metric,
+                        train_config=dataclasses.asdict(cfg), train_state=state)
+
+    start = time.perf_counter()
+    interrupted = False
+    with StopRequest(log) as stop:
+        try:
+            while epoch < cfg.epochs:
+                t0, seen = time.perf_counter(), 0
+                model.train()
+                loader.set_epoch(epoch)
+                bar = tqdm(total=len(loader), initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                           unit="batch", disable=not cfg.progress, leave=False, dynamic_ncols=True)
+                batches = iter(loader)
+                try:
+                    for b, (x, y, *w) in enumerate(batches):
+                        if b < done:
+                            continue  # replaying a resumed epoch up to where it stopped
+                        if cfg.padding == "valid":
+                            y, w = _valid_crop(y, out_hw), [_valid_crop(w[0], out_hw)] if w else w
+                        x, y = tensor(x, device=device), backend.to_device(y, device)
+                        weights = backend.to_device(w[0], device) if w else None
+                        optimizer.zero_grad()
+                        loss = segmentation_loss(model(x), y, cfg, class_weights, weights)
+                        loss.backward()
+                        optimizer.step()
+                        if scheduler is not None:
+                            scheduler.step()
+                        loss_sum, loss_count, done = loss_sum + loss.item(), loss_count + 1, done + 1
+                        seen += x.shape[0]
+                        rate = seen / (time.perf_counter() - t0)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", img_s=f"{rate:.1f}")
+                        if stop.requested:
+                            raise _Stop
+                finally:
+                    batches.close()
+                    bar.close()
+                train_seconds = time.perf_counter() - t0
+                val, samples = evaluate(model, dataset, val_idx, cfg, tile, keep=cfg.previews,
+                                        should_stop=lambda: stop.requested)
+                record = dict(epoch=epoch + 1, train_loss=loss_sum / max(loss_count, 1), val_loss=val["loss"],
+                              dice=val["dice"], iou=val["iou"], mean_iou=val["mean_iou"],
+                              mean_dice=val["mean_dice"], pixel_accuracy=val["pixel_accuracy"],
+                              lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0,
+                              images_per_s=seen / train_seconds if seen else None)
+                history.append(record)
+                improved = not math.isnan(val["mean_dice"]) and val["mean_dice"] > best
+                if improved:
+                    best, best_epoch = val["mean_dice"], epoch + 1
+                epoch, done, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
+                checkpoint(run_dir / "last.safetensors", best)
+                if improved:
+                    checkpoint(run_dir / "best.safetensors", best)
+                write_metrics(run_dir / "metrics.jsonl", history)
+                plot_curves(run_dir / "curves.png", history)
+                if samples:
+                    plot_predictions(run_dir / "predictions.png", samples, dataset.num_classes, cfg.ignore_index)
+                log(f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "
+                    f"val loss {record['val_loss']:.4f}, mean Dice {record['mean_dice']:.4f}, "
+                    f"mIoU {record['mean_iou']:.4f}, pixel acc {record['pixel_accuracy']:.4f}, "
+                    f"{record['seconds']:.1f} s")
+                if stop.requested:
+                    raise _Stop
+        except _Stop:
+            interrupted = True
+            checkpoint(run_dir / "last.safetensors", best if best > -math.inf else None)
+            log(f"stopped at epoch {epoch + 1}, batch {done}: saved {run_dir / 'last.safetensors'}; "
+                f"continue with: minunet train --resume {run_dir}")
+    return dict(run_dir=str(run_dir), epochs=epoch, interrupted=interrupted, final=history[-1] if history else None,
+                best_mean_dice=best if best > -math.inf else None, best_epoch=best_epoch,
+                seconds=time.perf_counter() - start)

@@ -86,7 +86,8 @@ Augment flips, rotates by multiples of 90 degrees, crops and elastically deforms
 together with its mask (and weight map); `unet_weight_map` computes the U-Net paper's
 border-emphasising loss weights; `split_indices` makes train/validation splits; and
 `DataLoader` shuffles by (seed, epoch), augments each item with its own generator and
-assembles (N, C, H, W) batches in a background thread.
+assembles (N, C, H, W) batches in a background thread. `read_image` and `list_images` read
+single files and folders the way FolderDataset does, for prediction.
 """
 import collections
 import json
@@ -262,7 +263,8 @@ def _natural_key(name):
     return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", name) if t]
 
 
-def _list_images(folder, who):
+def list_images(folder, who="list_images"):
+    """The PNG/TIFF/GIF/JPEG files of a folder (not hidden ones), in natural name order."""
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{who}: {folder} is not a folder")
@@ -329,6 +331,30 @@ def _decode_image(path):
     if mode == "F":
         return a.astype(np.float32), 1.0
     return a, 255.0  # L, RGB: uint8
+
+
+def _to_float(pixels, scale, channels, normalize):
+    # pixels: (H, W) or (H, W, 3) as stored -> x: (C, H, W) float32, [0, 1] before `normalize`
+    x = pixels.astype(np.float32) * np.float32(1.0 / scale)
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    if channels == 1 and x.shape[0] == 3:
+        x = np.tensordot(np.asarray([0.299, 0.587, 0.114], np.float32), x, axes=1)[None]
+    elif channels == 3 and x.shape[0] == 1:
+        x = np.repeat(x, 3, axis=0)
+    if normalize == "image":
+        x = (x - x.mean(axis=(1, 2), keepdims=True)) / (x.std(axis=(1, 2), keepdims=True) + 1e-6)
+    elif normalize is not None:
+        mean, std = (np.asarray(v, np.float32).reshape(-1, 1, 1) for v in normalize)
+        x = (x - mean) / std
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def read_image(path, channels=None, normalize=None):
+    """One image file -> float32 (C, H, W), preprocessed exactly as FolderDataset does it
+    (scaled by bit depth, `channels` 1/3/None, `normalize` None/'image'/(mean, std)): the
+    function to prepare images for a trained model."""
+    pixels, scale = _decode_image(path)
+    return _to_float(pixels, scale, channels, normalize)
 
 
 def _decode_mask(path, rgb):
@@ -490,7 +516,7 @@ class FolderDataset:
 
     @staticmethod
     def _pair(image_dir, mask_dir, pairing, prefix, suffix, who):
-        images, masks = _list_images(image_dir, who), _list_images(mask_dir, who)
+        images, masks = list_images(image_dir, who), list_images(mask_dir, who)
         if pairing == "sorted":
             if len(images) != len(masks):
                 raise ValueError(f"{who}: pairing='sorted' needs as many masks as images, but {image_dir} "
@@ -549,19 +575,7 @@ class FolderDataset:
     def __getitem__(self, i):
         i = _check_index(i, len(self.pairs), "FolderDataset")
         pixels, scale, y, weight = self._load(i)
-        # x: (H, W) or (H, W, 3) stored pixels -> (C, H, W) float32 in [0, 1]
-        x = pixels.astype(np.float32) * np.float32(1.0 / scale)
-        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-        if self.channels == 1 and x.shape[0] == 3:
-            x = np.tensordot(np.asarray([0.299, 0.587, 0.114], np.float32), x, axes=1)[None]
-        elif self.channels == 3 and x.shape[0] == 1:
-            x = np.repeat(x, 3, axis=0)
-        if self.normalize == "image":
-            x = (x - x.mean(axis=(1, 2), keepdims=True)) / (x.std(axis=(1, 2), keepdims=True) + 1e-6)
-        elif self.normalize is not None:
-            mean, std = (np.asarray(v, np.float32).reshape(-1, 1, 1) for v in self.normalize)
-            x = (x - mean) / std
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        x = _to_float(pixels, scale, self.channels, self.normalize)
         y = y.astype(np.int64)
         return (x, y) if weight is None else (x, y, weight.copy())
 
@@ -952,7 +966,8 @@ class DataLoader:
     of epoch e is augmented with its own generator `default_rng([seed, e, i])`. So a run that
     resumes at epoch e sees exactly the batches it would have seen, whatever the thread
     timing. Each pass uses the loader's current epoch and then advances it by one, so plain
-    `for epoch ...: for batch in loader` reshuffles too; `set_epoch(e)` picks the next pass's.
+    `for epoch ...: for batch in loader` reshuffles too; `set_epoch(e)` picks the next pass's,
+    and `set_epoch(e, start_batch=b)` makes it begin at batch b (for resuming mid-epoch).
 
     Threading: with prefetch > 0 one thread loads up to `prefetch` batches ahead into a
     bounded queue (image decoding and NumPy release the GIL, so this overlaps with the
@@ -976,11 +991,15 @@ class DataLoader:
             raise ValueError(f"DataLoader: indices must be a 1-D list of item numbers in 0..{n - 1}")
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, int(batch_size), shuffle, int(seed)
         self.augment, self.drop_last, self.prefetch = augment, drop_last, int(prefetch)
-        self.epoch = 0
+        self.epoch, self.start_batch = 0, 0
 
-    def set_epoch(self, epoch):
-        """Make the next pass the one of epoch `epoch` (its shuffle and its augmentations)."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch, start_batch=0):
+        """Make the next pass the one of epoch `epoch` (its shuffle and its augmentations),
+        beginning at batch `start_batch`: a resumed run skips the batches it has trained on
+        without loading them (the batches after it are the same, as nothing depends on them)."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"DataLoader.set_epoch: start_batch={start_batch} outside 0..{len(self)}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
 
     def __len__(self):
         n = len(self.indices)
@@ -992,9 +1011,9 @@ class DataLoader:
         return [order[k:k + self.batch_size] for k in range(0, len(self) * self.batch_size, self.batch_size)]
 
     def __iter__(self):
-        epoch = self.epoch
-        self.epoch += 1
-        batches = self.batches(epoch)
+        epoch, start = self.epoch, self.start_batch
+        self.epoch, self.start_batch = epoch + 1, 0
+        batches = self.batches(epoch)[start:]
         if self.prefetch == 0:
             for items in batches:
                 yield self._assemble(items, epoch)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, connected_components,
-                          split_indices, unet_weight_map)
+                          read_image, split_indices, unet_weight_map)
 
 
 def save(path, a):
@@ -102,6 +102,7 @@ def test_16bit_rgb_channels_and_normalize(tmp_path):
     np.testing.assert_allclose(ds[0][0], rgb.transpose(2, 0, 1) / 255.0, rtol=1e-6)
     gray, _ = FolderDataset(tmp_path / "rgb", tmp_path / "m", num_classes=2, channels=1)[0]
     np.testing.assert_allclose(gray[0], rgb @ np.array([0.299, 0.587, 0.114]) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(read_image(tmp_path / "rgb" / "a.png", channels=1), gray)
     z, _ = FolderDataset(tmp_path / "rgb", tmp_path / "m", num_classes=2, normalize="image")[0]
     np.testing.assert_allclose(z.mean(axis=(1, 2)), 0, atol=1e-5)
     np.testing.assert_allclose(z.std(axis=(1, 2)), 1, atol=1e-3)
@@ -307,6 +308,8 @@ def test_loader_batches_and_shuffle_determinism():
     again = DataLoader(Numbered(10), batch_size=4, seed=7, prefetch=0)
     again.set_epoch(2)  # a run resumed at epoch 2 sees epoch 2's order
     assert firsts(again) == epochs[2]
+    again.set_epoch(1, start_batch=2)  # resuming mid-epoch: the batches not yet trained on
+    assert firsts(again) == epochs[1][2:]
     x, y = next(iter(DataLoader(Numbered(10), 3, shuffle=False, indices=[5, 1, 8])))
     assert x.dtype == np.float32 and y.dtype == np.int64 and x.shape == (3, 1, 4, 4) and y.shape == (3, 4, 4)
     assert x[:, 0, 0, 0].tolist() == [5, 1, 8] and y[:, 0, 0].tolist() == [2, 1, 2]

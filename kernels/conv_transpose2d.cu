@@ -1,0 +1,297 @@
+/* conv_transpose2d.cu: transposed 2-D convolution (the adjoint of conv2d in x) and its gradients.
+
+What it computes
+----------------
+Each input pixel scatters a weighted copy of the kernel into the output:
+    forward          y[n, o, i*sh-ph+u, j*sw-pw+v] += x[n,c,i,j] * w[c,o,u,v]   (+ b[o] everywhere)
+    backward_input   gx[n,c,i,j] = sum_{o,u,v} gy[n, o, i*sh-ph+u, j*sw-pw+v] * w[c,o,u,v]
+    backward_weight  gw[c,o,u,v] = sum_{n,i,j} x[n,c,i,j] * gy[n, o, i*sh-ph+u, j*sw-pw+v]
+with output positions outside y dropped; Ho = (H-1)*sh - 2ph + kh + output_padding_h. The
+forward is conv2d's backward_input with x in the role of gy, backward_input is a plain
+conv2d forward of gy, and backward_weight is conv2d's backward_weight with x and gy swapped.
+
+Memory layout
+-------------
+NCHW, C-contiguous: x and gx (N,Cin,H,W), w and gw (Cin,Cout,kh,kw) (PyTorch's layout for a
+transposed convolution: input channels first), y and gy (N,Cout,Ho,Wo). Flat tensor offsets
+are int64; GEMM dimensions are int (the launcher checks they fit).
+
+The kernels (every one a `template <typename T>`, instantiated for float and double)
+------------------------------------------------------------------------------------
+_v1: naive and general (any kernel, stride, padding, output_padding), one thread per output
+     element, a transcription of the formulas above written as gathers: the forward thread
+     for y[n,o,oh,ow] finds, for each tap (u, v), the input pixel i = (oh + ph - u) / sh that
+     scatters there (if the division is exact and i is in range), so no two threads ever
+     write the same place and no atomics are needed.
+
+_v2: the U-Net's up-convolution, where the kernel equals the stride and there is no padding
+     (2x2, stride 2). Then every output pixel receives exactly one input pixel: output
+     (i*kh + u, j*kw + v) comes from input (i, j) through tap (u, v), the patches tile the
+     output without overlap, and each pass is a plain matrix product over the channels,
+     with p = (n, i, j) an input pixel and q = (o, u, v) an output channel and tap:
+         forward          Y[q, p]  = sum_c  w[c, q] * x[c, p]           (M=Cout*kh*kw, N=N*H*W, red=Cin)
+         backward_input   gx[c, p] = sum_q  w[c, q] * gy[q, p]          (M=Cin, N=N*H*W, red=Cout*kh*kw)
+         backward_weight  gw[c, q] = sum_p  x[c, p] * gy[q, p]          (M=Cin, N=Cout*kh*kw, red=N*H*W)
+     where gy[q, p] = gy[n, o, i*kh+u, j*kw+v] and Y is written back the same way. They use
+     the 64 x 64 x 16 shared-memory tiles of common.cuh; the forward adds the bias in its
+     epilogue and backward_weight splits its long reduction over blockIdx.z (split-K, as in
+     conv2d.cu). The forward requires output_padding 0; the two gradients read gy with its
+     real row length, so rows and columns added by output_padding (which no input pixel
+     reaches) are simply never read.
+     For every other configuration, version 2 of these three functions runs conv2d.cu's
+     _v2 kernels in the adjoint roles listed above (minunet/cuda.py makes that choice).
+*/
+
+// ---------------------------------------------------------------------------------- _v1
+
+template <typename T>
+__global__ void conv_transpose2d_forward_v1(const T* __restrict__ x, const T* __restrict__ w,
+                                            const T* __restrict__ b, T* __restrict__ y,
+                                            int N, int Cin, int H, int W, int Cout, int kh, int kw,
+                                            int sh, int sw, int ph, int pw, int Ho, int Wo) {
+    const int64 total = (int64)N * Cout * Ho * Wo;
+    for (int64 idx = thread_index(); idx < total; idx += thread_count()) {
+        const int ow = (int)(idx % Wo);
+        const int oh = (int)((idx / Wo) % Ho);
+        const int o = (int)((idx / ((int64)Wo * Ho)) % Cout);
+        const int n = (int)(idx / ((int64)Wo * Ho * Cout));
+        T acc = b ? b[o] : T(0);
+        for (int u = 0; u < kh; ++u) {
+            const int ti = oh + ph - u;  // = i * sh for the input row i whose tap u lands on oh
+            if (ti < 0 || ti % sh != 0 || ti / sh >= H) continue;
+            const int i = ti / sh;
+            for (int v = 0; v < kw; ++v) {
+                const int tj = ow + pw - v;
+                if (tj < 0 || tj % sw != 0 || tj / sw >= W) continue;
+                const int j = tj / sw;
+                for (int c = 0; c < Cin; ++c)
+                    acc += x[(((int64)n * Cin + c) * H + i) * W + j] * w[(((int64)c * Cout + o) * kh + u) * kw + v];
+            }
+        }
+        y[idx] = acc;
+    }
+}
+
+template <typename T>
+__global__ void conv_transpose2d_backward_input_v1(const T* __restrict__ gy, const T* __restrict__ w,
+                                                   T* __restrict__ gx,
+                                                   int N, int Cin, int H, int W, int Cout, int kh, int kw,
+                                                   int sh, int sw, int ph, int pw, int Ho, int Wo) {
+    const int64 total = (int64)N * Cin * H * W;
+    for (int64 idx = thread_index(); idx < total; idx += thread_count()) {
+        const int j = (int)(idx % W);
+        const int i = (int)((idx / W) % H);
+        const int c = (int)((idx / ((int64)W * H)) % Cin);
+        const int n = (int)(idx / ((int64)W * H * Cin));
+        T acc = T(0);
+        for (int o = 0; o < Cout; ++o) {
+            const T* gyo = gy + ((int64)n * Cout + o) * Ho * Wo;
+            const T* wo = w + ((int64)c * Cout + o) * kh * kw;
+            for (int u = 0; u < kh; ++u) {
+                const int oh = i * sh - ph + u;
+                if (oh < 0 || oh >= Ho) continue;
+                for (int v = 0; v < kw; ++v) {
+                    const int ow = j * sw - pw + v;
+                    if (ow < 0 || ow >= Wo) continue;
+                    acc += gyo[(int64)oh * Wo + ow] * wo[u * kw + v];
+                }
+            }
+        }
+        gx[idx] = acc;
+    }
+}
+
+template <typename T>
+__global__ void conv_transpose2d_backward_weight_v1(const T* __restrict__ x, const T* __restrict__ gy,
+                                                    T* __restrict__ gw,
+                                                    int N, int Cin, int H, int W, int Cout, int kh, int kw,
+                                                    int sh, int sw, int ph, int pw, int Ho, int Wo) {
+    const int64 total = (int64)Cin * Cout * kh * kw;
+    for (int64 idx = thread_index(); idx < total; idx += thread_count()) {
+        const int v = (int)(idx % kw);
+        const int u = (int)((idx / kw) % kh);
+        const int o = (int)((idx / ((int64)kw * kh)) % Cout);
+        const int c = (int)(idx / ((int64)kw * kh * Cout));
+        T acc = T(0);
+        for (int n = 0; n < N; ++n) {
+            const T* xc = x + ((int64)n * Cin + c) * H * W;
+            const T* gyo = gy + ((int64)n * Cout + o) * Ho * Wo;
+            for (int i = 0; i < H; ++i) {
+                const int oh = i * sh - ph + u;
+                if (oh < 0 || oh >= Ho) continue;
+                for (int j = 0; j < W; ++j) {
+                    const int ow = j * sw - pw + v;
+                    if (ow < 0 || ow >= Wo) continue;
+                    acc += xc[(int64)i * W + j] * gyo[(int64)oh * Wo + ow];
+                }
+            }
+        }
+        gw[idx] = acc;
+    }
+}
+
+// ---------------------------------------------------------------------------------- _v2
+// kernel == stride, padding 0: no overlap, one GEMM per pass (see the header).
+
+template <typename T>
+__global__ void __launch_bounds__(GEMM_THREADS)
+conv_transpose2d_forward_v2(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                            T* __restrict__ y, int N, int Cin, int H, int W, int Cout, int kh, int kw) {
+    // Y[q, p] = b[o] + sum_c w[c, q] * x[n, c, i, j]; this block: q in [m0, m0+64), p in [p0, p0+64)
+    __shared__ T As[GEMM_TILE_K][GEMM_TILE_M + 1];  // As[kk][m] = w[c0 + kk, m0 + m]
+    __shared__ T Bs[GEMM_TILE_K][GEMM_TILE_N + 1];  // Bs[kk][q] = x[n, c0 + kk, i, j], (n,i,j) = p0 + q
+    const int khw = kh * kw, Q = Cout * khw, HW = H * W, P = N * HW;
+    const int Ho = H * kh, Wo = W * kw;
+    const int m0 = blockIdx.y * GEMM_TILE_M, p0 = blockIdx.x * GEMM_TILE_N;
+    const int t = threadIdx.x, tx = t % GEMM_STRIDE, ty = t / GEMM_STRIDE;
+
+    // both tiles along their columns (w rows are contiguous in q, x rows in p)
+    const int l_col = t % GEMM_TILE_N, l_k = t / GEMM_TILE_N;
+    const int p = p0 + l_col;
+    const bool p_in = p < P;
+    const int n = p_in ? p / HW : 0;
+    const T* xp = x + (int64)n * Cin * HW + (p_in ? p - n * HW : 0);  // x[n, 0, i, j]
+
+    T acc[GEMM_MICRO][GEMM_MICRO] = {};
+    for (int c0 = 0; c0 < Cin; c0 += GEMM_TILE_K) {
+#pragma unroll
+        for (int s = 0; s < GEMM_LOADS; ++s) {
+            const int kk = l_k + ALONG_PIX_ROWS * s, c = c0 + kk, q = m0 + l_col;
+            As[kk][l_col] = (c < Cin && q < Q) ? w[(int64)c * Q + q] : T(0);
+            Bs[kk][l_col] = (c < Cin && p_in) ? xp[(int64)c * HW] : T(0);
+        }
+        __syncthreads();
+        tile_mma(As, Bs, acc, tx, ty);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int ii = 0; ii < GEMM_MICRO; ++ii) {
+        const int q = m0 + ty + GEMM_STRIDE * ii;
+        if (q >= Q) continue;
+        const int o = q / khw, u = (q - o * khw) / kw, v = q - o * khw - u * kw;
+        const T bias = b ? b[o] : T(0);
+#pragma unroll
+        for (int jj = 0; jj < GEMM_MICRO; ++jj) {
+            const int pp = p0 + tx + GEMM_STRIDE * jj;
+            if (pp >= P) continue;
+            const int np = pp / HW, i = (pp - np * HW) / W, j = pp - np * HW - i * W;
+            y[(((int64)np * Cout + o) * Ho + i * kh + u) * Wo + j * kw + v] = acc[ii][jj] + bias;
+        }
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(GEMM_THREADS)
+conv_transpose2d_backward_input_v2(const T* __restrict__ gy, const T* __restrict__ w, T* __restrict__ gx,
+                                   int N, int Cin, int H, int W, int Cout, int kh, int kw, int Ho, int Wo) {
+    // gx[c, p] = sum_q w[c, q] * gy[n, o, i*kh+u, j*kw+v]; this block: c in [m0, m0+64), p in [p0, p0+64).
+    // Ho, Wo are gy's real sizes (>= H*kh, W*kw when output_padding added rows no input reaches).
+    __shared__ T As[GEMM_TILE_K][GEMM_TILE_M + 1];  // As[kk][m] = w[m0 + m, q0 + kk]
+    __shared__ T Bs[GEMM_TILE_K][GEMM_TILE_N + 1];  // Bs[kk][q] = gy[q0 + kk, p0 + q]
+    const int khw = kh * kw, Q = Cout * khw, HW = H * W, P = N * HW;
+    const int m0 = blockIdx.y * GEMM_TILE_M, p0 = blockIdx.x * GEMM_TILE_N;
+    const int t = threadIdx.x, tx = t % GEMM_STRIDE, ty = t / GEMM_STRIDE;
+
+    const int a_k = t % GEMM_TILE_K, a_m = t / GEMM_TILE_K;  // w: along the reduction
+    const int b_p = t % GEMM_TILE_N, b_k = t / GEMM_TILE_N;  // gy: along the pixels
+    const int p = p0 + b_p;
+    const bool p_in = p < P;
+    int n = 0, i = 0, j = 0;
+    if (p_in) {
+        n = p / HW;
+        i = (p - n * HW) / W;
+        j = p - n * HW - i * W;
+    }
+    const T* gyp = gy + (int64)n * Cout * Ho * Wo + (int64)i * kh * Wo + j * kw;  // gy[n, 0, i*kh, j*kw]
+
+    T acc[GEMM_MICRO][GEMM_MICRO] = {};
+    for (int q0 = 0; q0 < Q; q0 += GEMM_TILE_K) {
+#pragma unroll
+        for (int s = 0; s < GEMM_LOADS; ++s) {
+            const int c = m0 + a_m + ALONG_RED_ROWS * s, q = q0 + a_k;
+            As[a_k][a_m + ALONG_RED_ROWS * s] = (c < Cin && q < Q) ? w[(int64)c * Q + q] : T(0);
+        }
+#pragma unroll
+        for (int s = 0; s < GEMM_LOADS; ++s) {
+            const int kk = b_k + ALONG_PIX_ROWS * s, q = q0 + kk;
+            T val = T(0);
+            if (p_in && q < Q) {
+                const int o = q / khw, u = (q - o * khw) / kw, v = q - o * khw - u * kw;
+                val = gyp[((int64)o * Ho + u) * Wo + v];
+            }
+            Bs[kk][b_p] = val;
+        }
+        __syncthreads();
+        tile_mma(As, Bs, acc, tx, ty);
+        __syncthreads();
+    }
+#pragma unroll
+    for (int jj = 0; jj < GEMM_MICRO; ++jj) {
+        const int pp = p0 + tx + GEMM_STRIDE * jj;
+        if (pp >= P) continue;
+        const int np = pp / HW, ij = pp - np * HW;
+#pragma unroll
+        for (int ii = 0; ii < GEMM_MICRO; ++ii) {
+            const int c = m0 + ty + GEMM_STRIDE * ii;
+            if (c < Cin) gx[((int64)np * Cin + c) * HW + ij] = acc[ii][jj];
+        }
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(GEMM_THREADS)
+conv_transpose2d_backward_weight_v2(const T* __restrict__ x, const T* __restrict__ gy, T* __restrict__ gw_parts,
+                                    int N, int Cin, int H, int W, int Cout, int kh, int kw, int Ho, int Wo,
+                                    int chunk) {
+    // gw[c, q] = sum_p x[n, c, i, j] * gy[n, o, i*kh+u, j*kw+v] over this block's pixels p in
+    // [p_begin, p_end); this block: c in [m0, m0+64), q in [q0, q0+64); writes slice blockIdx.z
+    // of gw_parts (Z, Cin, Cout*kh*kw)
+    __shared__ T As[GEMM_TILE_K][GEMM_TILE_M + 1];  // As[kk][m] = x[n, m0 + m, i, j], (n,i,j) = pk + kk
+    __shared__ T Bs[GEMM_TILE_K][GEMM_TILE_N + 1];  // Bs[kk][q] = gy[n, o, i*kh+u, j*kw+v], (o,u,v) = q0 + q
+    const int khw = kh * kw, Q = Cout * khw, HW = H * W, P = N * HW;
+    const int m0 = blockIdx.y * GEMM_TILE_M, q0 = blockIdx.x * GEMM_TILE_N;
+    const int p_begin = blockIdx.z * chunk, p_end = min(P, p_begin + chunk);
+    const int t = threadIdx.x, tx = t % GEMM_STRIDE, ty = t / GEMM_STRIDE;
+
+    // both tiles along the reduction: thread t takes pixel pk + t % 16 for rows t / 16 + 16 s
+    const int l_k = t % GEMM_TILE_K, l_row = t / GEMM_TILE_K;
+    int64 tap_offset[GEMM_LOADS];  // gy offset of this thread's (o, u, v) from gy[n, 0, i*kh, j*kw]; -1: past Q
+#pragma unroll
+    for (int s = 0; s < GEMM_LOADS; ++s) {
+        const int q = q0 + l_row + ALONG_RED_ROWS * s, o = q / khw, u = (q - o * khw) / kw, v = q - o * khw - u * kw;
+        tap_offset[s] = q < Q ? ((int64)o * Ho + u) * Wo + v : -1;
+    }
+
+    T acc[GEMM_MICRO][GEMM_MICRO] = {};
+    for (int pk = p_begin; pk < p_end; pk += GEMM_TILE_K) {
+        const int p = pk + l_k;
+        const bool p_in = p < p_end;
+        int n = 0, i = 0, j = 0;
+        if (p_in) {
+            n = p / HW;
+            i = (p - n * HW) / W;
+            j = p - n * HW - i * W;
+        }
+        const T* xp = x + (int64)n * Cin * HW + i * W + j;                                  // x[n, 0, i, j]
+        const T* gyp = gy + (int64)n * Cout * Ho * Wo + (int64)i * kh * Wo + j * kw;      // gy[n, 0, i*kh, j*kw]
+#pragma unroll
+        for (int s = 0; s < GEMM_LOADS; ++s) {
+            const int c = m0 + l_row + ALONG_RED_ROWS * s;
+            As[l_k][l_row + ALONG_RED_ROWS * s] = (p_in && c < Cin) ? xp[(int64)c * HW] : T(0);
+            Bs[l_k][l_row + ALONG_RED_ROWS * s] = (p_in && tap_offset[s] >= 0) ? gyp[tap_offset[s]] : T(0);
+        }
+        __syncthreads();
+        tile_mma(As, Bs, acc, tx, ty);
+        __syncthreads();
+    }
+    T* gw = gw_parts + (int64)blockIdx.z * Cin * Q;
+#pragma unroll
+    for (int ii = 0; ii < GEMM_MICRO; ++ii) {
+        const int c = m0 + ty + GEMM_STRIDE * ii;
+#pragma unroll
+        for (int jj = 0; jj < GEMM_MICRO; ++jj) {
+            const int q = q0 + tx + GEMM_STRIDE * jj;
+            if (c < Cin && q < Q) gw[(int64)c * Q + q] = acc[ii][jj];
+        }
+    }
+}

@@ -8,7 +8,7 @@ only sgd_update and adam_update write into their arguments.
 
 How a kernel gets from a .cu file to the GPU
 --------------------------------------------
-kernels/ holds one .cu file per op family plus common.cuh. For a family, `family_source`
+kernels/ holds one .cu file per op family plus common.cuh. For a family, `_family_source`
 builds the source as the TEXT of common.cuh followed by the TEXT of the family's .cu (not an
 #include, so an edit to the header changes the source, hence CuPy's cache key, and a stale
 binary is never loaded); `#line` markers keep compiler messages pointing at the right file
@@ -19,7 +19,8 @@ process, on first use; CuPy also keeps the binary in its on-disk cache, so later
 skip NVRTC. The sources are found next to this file (minunet/kernels, where the wheel puts
 them) or in the repository (kernels/ beside minunet/).
 
-`compile_table()` lists (family, source, name expressions, NVRTC options) for every family:
+`_compile_table()` lists (family, source, name expressions, NVRTC options) for every family (the
+one entry point for tools; it is private only because the public names here are the kernels):
 tests/test_cuda_compile.py compiles exactly that for sm_80 and sm_90 on machines without a GPU.
 
 Launchers
@@ -96,7 +97,7 @@ THREADS = 256            # block size of the elementwise and per-channel kernels
 _INT32_MAX = 2**31 - 1
 
 
-def kernel_dir():
+def _kernel_dir():
     """The folder holding common.cuh and the .cu files: minunet/kernels in an installed wheel,
     kernels/ at the repository root in a source checkout."""
     here = pathlib.Path(__file__).resolve().parent
@@ -107,25 +108,25 @@ def kernel_dir():
                             f"or {here.parent / 'kernels'}")
 
 
-def family_source(family):
+def _family_source(family):
     """The CUDA source of one family: common.cuh's text, then the family's .cu text."""
-    d = kernel_dir()
+    d = _kernel_dir()
     return (f'#line 1 "common.cuh"\n{(d / "common.cuh").read_text()}\n'
             f'#line 1 "{family}.cu"\n{(d / f"{family}.cu").read_text()}')
 
 
-def name_expressions(family):
+def _name_expressions(family):
     return [f"{name}<{ctype}>" for name in FAMILIES[family] for ctype in ("float", "double")]
 
 
-def compile_table():
+def _compile_table():
     """[(family, source, name_expressions, nvrtc_options)]: what `_module` compiles, family by family."""
-    return [(family, family_source(family), name_expressions(family), NVRTC_OPTIONS) for family in FAMILIES]
+    return [(family, _family_source(family), _name_expressions(family), NVRTC_OPTIONS) for family in FAMILIES]
 
 
 @functools.cache
 def _module(family):
-    return cupy.RawModule(code=family_source(family), options=OPTIONS, name_expressions=name_expressions(family))
+    return cupy.RawModule(code=_family_source(family), options=OPTIONS, name_expressions=_name_expressions(family))
 
 
 @functools.cache

@@ -3,7 +3,7 @@
 NVRTC, CUDA's runtime compiler, is a plain library: CuPy's binding to it
 (cupy_backends.cuda.libs.nvrtc) and the `nvidia-cuda-nvrtc-cu12` wheel need no driver and no
 device. Each kernel family is compiled exactly as minunet.cuda compiles it at run time (the
-same source text, name expressions and options, from `minunet.cuda.compile_table()`), plus
+same source text, name expressions and options, from `minunet.cuda._compile_table()`), plus
 `-arch=sm_XX`, which makes NVRTC emit a CUBIN, so ptxas (the assembler that allocates
 registers) runs too, and `-Xptxas=-v`, which makes ptxas report each kernel's resources.
 A kernel that does not compile fails here with NVRTC's log; the registers, spills and shared
@@ -28,12 +28,12 @@ except Exception as e:  # no cupy, or no libnvrtc: an ImportError or a CUDA erro
                 f"pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12", allow_module_level=True)
 
 ARCHS = ["sm_80", "sm_90"]
-FAMILIES = [family for family, *_ in cuda.compile_table()]
+FAMILIES = [family for family, *_ in cuda._compile_table()]
 
 
 def compile_family(family, arch):
     """Compile one family to a CUBIN for `arch`; return {name expression: resources}."""
-    _, source, names, options = next(entry for entry in cuda.compile_table() if entry[0] == family)
+    _, source, names, options = next(entry for entry in cuda._compile_table() if entry[0] == family)
     prog = nvrtc.createProgram(source, f"{family}.cu", [], [])
     try:
         for name in names:
@@ -89,13 +89,13 @@ def test_family_compiles(family, arch, record_property, capsys):
 
 def test_every_kernel_source_is_a_family():
     """Each kernels/*.cu is compiled by the loader (and so by this test), none is forgotten."""
-    on_disk = sorted(p.stem for p in cuda.kernel_dir().glob("*.cu"))
+    on_disk = sorted(p.stem for p in cuda._kernel_dir().glob("*.cu"))
     assert on_disk == sorted(FAMILIES), f"kernels/*.cu {on_disk} vs minunet.cuda.FAMILIES {sorted(FAMILIES)}"
 
 
 def test_sources_include_no_headers_and_open_with_a_teaching_comment():
     """NVRTC ships no standard headers, and the loader pastes common.cuh in as text: no #include."""
-    for path in sorted(cuda.kernel_dir().glob("*.cu*")):
+    for path in sorted(cuda._kernel_dir().glob("*.cu*")):
         text = path.read_text()
         assert not re.search(r"^\s*#\s*include", text, re.M), f"{path.name} has an #include"
         assert text.startswith("/*"), f"{path.name} must open with a block comment that teaches"
@@ -103,7 +103,7 @@ def test_sources_include_no_headers_and_open_with_a_teaching_comment():
 
 def test_tile_constants_mirror_common_cuh():
     """cuda.py sizes the GEMM grids with its copy of the tile constants; they must match the kernels'."""
-    text = (cuda.kernel_dir() / "common.cuh").read_text()
+    text = (cuda._kernel_dir() / "common.cuh").read_text()
     for name in ("GEMM_TILE_M", "GEMM_TILE_N", "GEMM_TILE_K", "GEMM_THREADS"):
         m = re.search(rf"^#define {name} (\d+)", text, re.M)
         assert m, f"common.cuh does not #define {name}"

@@ -143,8 +143,8 @@ def _fsync_folder(folder):
 
 
 def _host(a):
-    a = backend.to_numpy(a)
-    return np.ascontiguousarray(a)
+    """A C-contiguous host copy (np.ascontiguousarray would turn a 0-d array into 1-d)."""
+    return np.require(backend.to_numpy(a), requirements="C")
 
 
 def _json_default(o):

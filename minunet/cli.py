@@ -129,7 +129,7 @@ def build_parser():
     g.add_argument("--base-channels", type=_positive_int, help="channels of the first level (default 16)")
     g.add_argument("--depth", type=_positive_int, help="number of poolings (default 3)")
     g.add_argument("--padding", choices=["same", "valid"], help="'same' keeps sizes, 'valid' is the paper's (default same)")
-    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each convolution")
+    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each convolution (default on)")
     g.add_argument("--epochs", type=_positive_int, help="default 8")
     g.add_argument("--batch-size", type=_positive_int, help="default 8")
     g.add_argument("--lr", type=_positive_float, help="peak learning rate (default 0.003)")

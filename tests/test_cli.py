@@ -78,6 +78,18 @@ def test_train_prints_the_final_mean_dice(tmp_path, capsys):
     assert "validation mean Dice" in out.splitlines()[-1]
 
 
+@pytest.mark.slow
+def test_a_short_default_run_learns_the_synthetic_task(tmp_path, capsys):
+    """The default recipe (BatchNorm U-Net, Adam, cosine schedule), cut down to two classes
+    and 32x32 images so that it runs in well under a minute, must really segment."""
+    args = ["--classes", "2", "--image-size", "32", "--samples", "100", "--epochs", "4", "--batch-size", "4",
+            "--device", "cpu", "--no-progress", "--out", str(tmp_path / "short")]
+    assert main(["train", *args]) == 0
+    final = json.loads((tmp_path / "short" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["mean_dice"] >= 0.8, final
+    assert f"validation mean Dice {final['mean_dice']:.4f}" in capsys.readouterr().out
+
+
 def _interrupt_when(monkeypatch, module_attr, call):
     """Send ourselves SIGINT (a Ctrl-C) during the `call`-th call of train.<module_attr>."""
     original, calls = getattr(train_module, module_attr), []

@@ -261,8 +261,9 @@ def cmd_eval(args):
     tile = args.tile or model.nearest_input_sizes(cfg.image_size)[-1]
     summary, _ = evaluate(model, dataset, indices, cfg, tile)
     names = list(dataset.class_names) if dataset.class_names else None
-    where = cfg.data or cfg.images or "the synthetic validation split"
-    print(f"{len(indices)} images from {where}")
+    source = cfg.data or cfg.images or "the synthetic set"
+    print(f"{len(indices)} images from {source}" if own_data else
+          f"{len(indices)} images: the validation split of {source}")
     print(format_table(summary, names))
     if args.json:
         doc = dict(model=str(args.model), images=len(indices), class_names=names, **summary)

@@ -61,31 +61,41 @@ def palette(num_classes):
     return np.asarray(colours, dtype=np.uint8)
 
 
-def colorize(labels, num_classes, ignore_index=None):
-    """(H, W) class indices -> (H, W, 3) uint8 RGB; the ignore label (or anything out of range) white."""
+def colorize(labels, num_classes):
+    """(H, W) class indices -> (H, W, 3) uint8 RGB; a label outside the classes (e.g. the
+    ignore label) is drawn white."""
     labels = np.asarray(labels)
-    table = palette(num_classes)
-    inside = (labels >= 0) & (labels < num_classes)
-    rgb = np.full(labels.shape + (3,), 255, dtype=np.uint8)
-    rgb[inside] = table[labels[inside]]
-    return rgb
+    if labels.dtype == np.uint8:  # one lookup in a 256-entry table, no temporaries
+        table = np.full((256, 3), 255, dtype=np.uint8)
+        table[:min(num_classes, 256)] = palette(min(num_classes, 256))
+        return table[labels]
+    table = np.concatenate([palette(num_classes), np.full((1, 3), 255, dtype=np.uint8)])
+    return table[np.where((labels >= 0) & (labels < num_classes), labels, num_classes)]
 
 
-def to_display(image):
-    """A float (C, H, W) network input -> (H, W, 3) uint8 for viewing, stretched to its own range."""
+def to_display(image, value_range=None):
+    """A float (C, H, W) network input -> (H, W, 3) uint8 for viewing, its value range (by
+    default its own min and max) stretched to 0..255."""
     image = np.asarray(image, dtype=np.float32)
     x = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
-    lo, hi = float(x.min()), float(x.max())
-    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    return (x.transpose(1, 2, 0) * 255 + 0.5).astype(np.uint8)
+    lo, hi = value_range if value_range is not None else (float(x.min()), float(x.max()))
+    x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
+    return (x.transpose(1, 2, 0) + 0.5).astype(np.uint8)
 
 
-def overlay(image, labels, num_classes, alpha=0.45):
-    """The palette colours of `labels` blended over the image (class 0 left clear)."""
-    base = to_display(image).astype(np.float32)
-    colour = colorize(labels, num_classes).astype(np.float32)
-    a = np.where(np.asarray(labels)[..., None] > 0, alpha, 0.0)
-    return (base * (1 - a) + colour * a + 0.5).astype(np.uint8)
+def overlay(image, labels, num_classes, alpha=0.45, rows=256):
+    """The palette colours of `labels` blended over the image (class 0 left clear), drawn
+    `rows` rows at a time so that a huge image needs no full-size float temporaries."""
+    image, labels = np.asarray(image), np.asarray(labels)
+    shown = image[:3] if image.shape[0] >= 3 else image[:1]
+    value_range = (float(shown.min()), float(shown.max()))
+    out = np.empty(labels.shape + (3,), dtype=np.uint8)
+    for r in range(0, labels.shape[0], rows):
+        base = to_display(image[:, r:r + rows], value_range).astype(np.float32)
+        colour = colorize(labels[r:r + rows], num_classes).astype(np.float32)
+        a = np.where(labels[r:r + rows, :, None] > 0, np.float32(alpha), np.float32(0))
+        out[r:r + rows] = (base * (1 - a) + colour * a + 0.5).astype(np.uint8)
+    return out
 
 
 # ---- reading images as the network saw them in training --------------------------------
@@ -95,19 +105,23 @@ def read_image(path, channels=None, normalize="image"):
     [0, 1] by their bit depth, converted to `channels`, then normalised ('image' = per image and
     channel to zero mean and unit variance; (mean, std); or None)."""
     pixels, scale = data._decode_image(path)
-    # pixels: (H, W) or (H, W, 3) -> x: (C, H, W) in [0, 1]
-    x = pixels.astype(np.float32) * np.float32(1.0 / scale)
+    # pixels: (H, W) or (H, W, 3) -> x: (C, H, W) in [0, 1]; in place where we can, for big images
+    x = pixels.astype(np.float32)
+    x *= np.float32(1.0 / scale)
     x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
     if channels == 1 and x.shape[0] == 3:
         x = np.tensordot(np.asarray([0.299, 0.587, 0.114], np.float32), x, axes=1)[None]
     elif channels == 3 and x.shape[0] == 1:
         x = np.repeat(x, 3, axis=0)
+    x = np.ascontiguousarray(x)
     if normalize == "image":
-        x = (x - x.mean(axis=(1, 2), keepdims=True)) / (x.std(axis=(1, 2), keepdims=True) + 1e-6)
+        mean, std = x.mean(axis=(1, 2), keepdims=True), x.std(axis=(1, 2), keepdims=True) + 1e-6
     elif normalize is not None:
         mean, std = (np.asarray(v, np.float32).reshape(-1, 1, 1) for v in normalize)
-        x = (x - mean) / std
-    return np.ascontiguousarray(x, dtype=np.float32)
+    if normalize is not None:
+        x -= mean.astype(np.float32)
+        x /= std.astype(np.float32)
+    return x
 
 
 # ---- the tiling ---------------------------------------------------------------------------
@@ -163,12 +177,12 @@ class Tiler:
         cols = _axis_tiles(W, self.tout[1], self.margin)
         return [(r, c) for r in rows for c in cols]
 
-    def _input_tile(self, image, top, left):
-        # image: (C, H, W) -> (C, tin_h, tin_w), mirrored where the window leaves the image
+    def _input_tile(self, image, top, left, out):
+        # image: (C, H, W) -> out: (C, tin_h, tin_w), mirrored where the window leaves the image
         _, H, W = image.shape
         ys = _reflect(np.arange(top - self.border[0], top - self.border[0] + self.tin[0]), H)
         xs = _reflect(np.arange(left - self.border[1], left - self.border[1] + self.tin[1]), W)
-        return image[:, ys[:, None], xs[None, :]]
+        out[...] = image[:, ys[:, None], xs[None, :]]
 
     def run(self, images, out=None, logits=False):
         """images: float32 (N, C, H, W) on the host -> labels (N, H, W) (uint8 up to 256 classes,
@@ -186,7 +200,9 @@ class Tiler:
             with no_grad():
                 for k in range(0, len(jobs), self.batch_size):
                     chunk = jobs[k:k + self.batch_size]
-                    x = np.stack([self._input_tile(images[n], r[0], c[0]) for n, r, c in chunk])
+                    x = np.empty((len(chunk), images.shape[1]) + self.tin, dtype=np.float32)  # C-contiguous
+                    for b, (n, r, c) in enumerate(chunk):
+                        self._input_tile(images[n], r[0], c[0], out=x[b])
                     # x: (B, C, tin_h, tin_w) -> y: (B, K, tout_h, tout_w)
                     y = self.model(tensor(x, device=self.device)).data
                     y = y if logits else y.argmax(axis=1)  # labels cross the bus, not scores

@@ -39,7 +39,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import pathlib
 import signal
 import threading
@@ -55,7 +54,7 @@ from minunet.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, split_indices,
                           unet_weight_map)
 from minunet.metrics import ConfusionMatrix
-from minunet.predict import Tiler, colorize, overlay, to_display
+from minunet.predict import Tiler, overlay, to_display
 from minunet.unet import UNet
 
 
@@ -299,14 +298,14 @@ def plot_curves(path, history):
     plt.close(fig)
 
 
-def plot_predictions(path, samples, num_classes, ignore_index=None):
+def plot_predictions(path, samples, num_classes):
+    """Rows of image | ground truth | prediction (ignored pixels of the ground truth in white)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(len(samples), 3, figsize=(9, 3 * len(samples)), squeeze=False)
     for row, (x, y, pred) in zip(axes, samples):
-        shown_y = np.where(y == ignore_index, 0, y) if ignore_index is not None else y
-        panels = (to_display(x), overlay(x, shown_y, num_classes), overlay(x, pred, num_classes))
+        panels = (to_display(x), overlay(x, y, num_classes), overlay(x, pred, num_classes))
         for ax, img, title in zip(row, panels, ("image", "ground truth", "prediction")):
             ax.imshow(img)
             ax.set_title(title)
@@ -474,7 +473,7 @@ def train(cfg, log=print, resume=None):
                 write_metrics(run_dir / "metrics.jsonl", history)
                 plot_curves(run_dir / "curves.png", history)
                 if samples:
-                    plot_predictions(run_dir / "predictions.png", samples, dataset.num_classes, cfg.ignore_index)
+                    plot_predictions(run_dir / "predictions.png", samples, dataset.num_classes)
                 log(f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "
                     f"val loss {record['val_loss']:.4f}, mean Dice {record['mean_dice']:.4f}, "
                     f"mIoU {record['mean_iou']:.4f}, pixel acc {record['pixel_accuracy']:.4f}, "

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from minunet import nn, train as train_module
+from minunet.autograd import tensor
 from minunet.checkpoint import read_checkpoint, save_checkpoint
 from minunet.cli import main
 from minunet.data import SyntheticDataset
@@ -78,6 +79,15 @@ def test_train_prints_the_final_mean_dice(tmp_path, capsys):
     assert "validation mean Dice" in out.splitlines()[-1]
 
 
+def test_train_a_valid_padding_model(tmp_path):
+    """The paper's unpadded U-Net: targets are cropped to the output in training, and the
+    validation images are scored whole (mirrored overlap-tiles), drawn at full size."""
+    out = _train(tmp_path, "valid", "--padding", "valid", "--image-size", "60", "--epochs", "1", "--samples", "12")
+    assert read_checkpoint(out / "last.safetensors").model_config["padding"] == "valid"
+    assert json.loads((out / "metrics.jsonl").read_text())["epoch"] == 1
+    assert (out / "predictions.png").exists()
+
+
 @pytest.mark.slow
 def test_a_short_default_run_learns_the_synthetic_task(tmp_path, capsys):
     """The default recipe (BatchNorm U-Net, Adam, cosine schedule), cut down to two classes
@@ -138,8 +148,7 @@ class _CropModel:
 
     def __init__(self, channels, border):
         self.config = {"num_classes": channels, "padding": "valid" if border else "same"}
-        self.border, self.training = border, False
-        from minunet.autograd import tensor
+        self.border, self.training, self.seen = border, False, set()
         self._p = tensor(np.zeros(1, np.float32))
 
     def parameters(self):
@@ -155,6 +164,7 @@ class _CropModel:
         return self
 
     def __call__(self, x):
+        self.seen.add(x.shape + (x.data.flags.c_contiguous,))
         b = self.border
         return x[:, :, b:x.shape[2] - b, b:x.shape[3] - b] if b else x
 
@@ -162,9 +172,12 @@ class _CropModel:
 @pytest.mark.parametrize("border, tile, margin", [(0, 16, 3), (0, 32, 0), (6, 20, 0), (6, 24, 2)])
 def test_tiling_covers_every_pixel_exactly_once(border, tile, margin):
     image = np.random.default_rng(0).standard_normal((2, 3, 37, 50)).astype(np.float32)
-    tiler = Tiler(_CropModel(3, border), tile, margin=margin, batch_size=3)
+    model = _CropModel(3, border)
+    tiler = Tiler(model, tile, margin=margin, batch_size=3)
     np.testing.assert_array_equal(tiler.run(image, logits=True), image)
     np.testing.assert_array_equal(tiler.run(image), image.argmax(axis=1))
+    # the network only ever sees batches of at most 3 tiles, never the whole image
+    assert {s[1:] for s in model.seen} == {(3, tile, tile, True)} and max(s[0] for s in model.seen) == 3
 
 
 def test_predict_folder_with_tiles_of_a_non_multiple_size(run, folder, tmp_path, capsys):
@@ -206,7 +219,7 @@ def test_eval_prints_a_table_and_writes_json(run, folder, tmp_path, capsys):
 def test_eval_defaults_to_the_validation_split(run, capsys):
     assert main(["eval", "--model", str(run / "last.safetensors"), "--json", "-", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "5 images from the synthetic validation split" in out and "rectangle" in out
+    assert "5 images: the validation split of the synthetic set" in out and "rectangle" in out
     final = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     scores = json.loads(out[out.index("{"):])
     assert scores["mean_dice"] == pytest.approx(final["mean_dice"], abs=2e-3)

@@ -1,0 +1,181 @@
+"""One U-Net training step (forward, cross-entropy, backward, optimizer step) in images/s:
+minunet against the same network and optimizer in PyTorch, on the same device, in one run.
+
+The PyTorch model is built layer for layer like minunet.unet.UNet (3x3 convolutions with
+ReLU, 2x2 max-pool, 2x2 stride-2 transposed convolutions, skip concatenation in front of the
+upsampled features, 1x1 head) and trained with the same optimizer (SGD, momentum 0.9) on the
+same batch. PyTorch's TF32 switches are pinned off, so on an Ampere or later GPU both sides do
+true float32 arithmetic, and on the CPU PyTorch gets as many threads as numba. The ratio
+reported (`torch_ratio` in extra_info, as in bench_cpu.py) is minunet images/s divided by
+PyTorch images/s, i.e. PyTorch's step time over minunet's (1.0 = as fast as PyTorch).
+
+    PYTHONPATH=. python -m pytest benchmarks/bench_train_step.py --benchmark-only
+    PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --base-channels 16 --size 128 --batch 4
+"""
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+import pytest
+
+if __name__ == "__main__":  # run as a script from a source checkout: find the package beside us
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from minunet import backend, nn, optim
+from minunet import functional as F
+from minunet.autograd import tensor
+from minunet.unet import UNet
+
+try:
+    import torch
+except ImportError:
+    torch = None
+
+CONFIG = dict(base_channels=16, size=128, batch=4, depth=4, padding="same", in_channels=1, num_classes=2,
+              lr=0.01, momentum=0.9)
+
+
+def _synchronize(device):
+    if device == "cuda":
+        backend.xp_for("cuda").cuda.Device().synchronize()
+
+
+def _batch(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((cfg["batch"], cfg["in_channels"], cfg["size"], cfg["size"])).astype(np.float32)
+    y = rng.integers(0, cfg["num_classes"], size=(cfg["batch"], cfg["size"], cfg["size"]))
+    return x, y
+
+
+def minunet_step(cfg, device):
+    """A closure running one minunet training step on `device`."""
+    nn.manual_seed(0)
+    model = UNet(cfg["in_channels"], cfg["num_classes"], cfg["base_channels"], cfg["depth"], cfg["padding"]).to(device)
+    opt = optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
+    x, y = _batch(cfg)
+    x, y = tensor(x, device=device), backend.to_device(y, device)
+
+    def step():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        _synchronize(device)
+    return step
+
+
+def _torch_unet(cfg):
+    tnn = torch.nn
+
+    def block(c_in, c_out):
+        return tnn.Sequential(tnn.Conv2d(c_in, c_out, 3, padding=1), tnn.ReLU(),
+                              tnn.Conv2d(c_out, c_out, 3, padding=1), tnn.ReLU())
+
+    class TorchUNet(tnn.Module):
+        def __init__(self):
+            super().__init__()
+            widths = [cfg["base_channels"] * 2 ** level for level in range(cfg["depth"] + 1)]
+            self.encoder = tnn.ModuleList(block(a, b) for a, b in zip([cfg["in_channels"]] + widths[:-2], widths[:-1]))
+            self.bottleneck = block(widths[-2], widths[-1])
+            levels = list(reversed(range(cfg["depth"])))
+            self.up = tnn.ModuleList(tnn.ConvTranspose2d(widths[l + 1], widths[l], 2, stride=2) for l in levels)
+            self.decoder = tnn.ModuleList(block(2 * widths[l], widths[l]) for l in levels)
+            self.head = tnn.Conv2d(widths[0], cfg["num_classes"], 1)
+
+        def forward(self, x):
+            skips = []
+            for enc in self.encoder:
+                x = enc(x)
+                skips.append(x)
+                x = torch.nn.functional.max_pool2d(x, 2)
+            x = self.bottleneck(x)
+            for up, dec, skip in zip(self.up, self.decoder, reversed(skips)):
+                x = dec(torch.cat([skip, up(x)], 1))
+            return self.head(x)
+    return TorchUNet()
+
+
+def torch_step(cfg, device):
+    """A closure running one PyTorch training step of the same network on `device`."""
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    if device == "cpu":
+        import numba
+        torch.set_num_threads(numba.get_num_threads())
+    torch.manual_seed(0)
+    model = _torch_unet(cfg).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
+    x, y = _batch(cfg)
+    x, y = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+
+    def step():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return step
+
+
+def images_per_second(step, batch, rounds, warmup=2):
+    """Median-of-rounds throughput of `step` (warm-up rounds compile kernels and are not timed)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return batch / float(np.median(times))
+
+
+def _torch_usable(device):
+    return torch is not None and (device == "cpu" or torch.cuda.is_available())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_train_step(benchmark, device):
+    if device == "cuda" and not backend.cuda_available():
+        pytest.skip(f"no usable GPU: {backend.cuda_status()[1]}")
+    cfg = dict(CONFIG)
+    rounds = 5 if device == "cpu" else 20
+    step = minunet_step(cfg, device)
+    for _ in range(2):  # warm-up: numba / NVRTC compilation is not a training step
+        step()
+    benchmark.pedantic(step, rounds=rounds, iterations=1)
+    ours = cfg["batch"] / benchmark.stats.stats.median
+    benchmark.extra_info.update(device=device, config=cfg, minunet_images_per_s=ours)
+    if _torch_usable(device):
+        theirs = images_per_second(torch_step(cfg, device), cfg["batch"], rounds)
+        benchmark.extra_info.update(torch_version=torch.__version__, torch_images_per_s=theirs,
+                                    torch_ratio=ours / theirs)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--base-channels", type=int, default=CONFIG["base_channels"])
+    p.add_argument("--size", type=int, default=CONFIG["size"])
+    p.add_argument("--batch", type=int, default=CONFIG["batch"])
+    p.add_argument("--depth", type=int, default=CONFIG["depth"])
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    device = backend.normalize_device(args.device)
+    cfg = dict(CONFIG, base_channels=args.base_channels, size=args.size, batch=args.batch, depth=args.depth)
+    print(f"U-Net train step, {device}: base_channels={cfg['base_channels']} depth={cfg['depth']} "
+          f"{cfg['size']}x{cfg['size']} batch {cfg['batch']}, SGD momentum {cfg['momentum']}")
+    ours = images_per_second(minunet_step(cfg, device), cfg["batch"], args.rounds)
+    print(f"minunet  {ours:9.2f} images/s")
+    if _torch_usable(device):
+        theirs = images_per_second(torch_step(cfg, device), cfg["batch"], args.rounds)
+        print(f"pytorch  {theirs:9.2f} images/s  (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+        print(f"ratio    {ours / theirs:9.3f}  (minunet / pytorch)")
+    else:
+        print("pytorch  not installed or no GPU for it: no ratio")
+
+
+if __name__ == "__main__":
+    main()

@@ -176,19 +176,15 @@ def build_optimizer(cfg, model):
     params = list(model.parameters())
     if cfg.optimizer == "sgd":
         return optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer {cfg.optimizer!r}: expected 'sgd', 'adam' or 'adamw'")
+    adam = optim.Adam if cfg.optimizer == "adam" else optim.AdamW
+    return adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def build_scheduler(cfg, optimizer, steps_per_epoch):
-    if cfg.schedule == "cosine":
-        return optim.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
+    """Cosine annealing stepped every batch, or None for a constant learning rate."""
     if cfg.schedule == "constant":
         return None
-    raise ValueError(f"schedule {cfg.schedule!r}: expected 'cosine' or 'constant'")
+    return optim.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
 
 
 def check_config(cfg):
@@ -400,6 +396,8 @@ def train(cfg, log=print, resume=None):
     if resume is not None:
         ckpt = load_checkpoint(resolve_resume(resume), model, optimizer, scheduler)
         state = ckpt.train_state
+        if state is None:
+            raise ValueError(f"--resume {ckpt.path}: the checkpoint holds a model but no training progress")
         epoch, done = state["epoch"], state["batch"]
         loss_sum, loss_count, history = state["loss_sum"], state["loss_count"], state["history"]
         best = ckpt.best_metric if ckpt.best_metric is not None else -math.inf

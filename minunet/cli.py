@@ -99,18 +99,29 @@ def _add_data_options(p, defaults_from):
     g.add_argument("--images", metavar="DIR", help="image folder (instead of DIR/images)")
     g.add_argument("--masks", metavar="DIR", help="mask folder (instead of DIR/masks)")
     g.add_argument("--pairing", choices=["stem", "sorted"], help="pair by file stem (default) or by sorted order")
+    g.add_argument("--mask-prefix", metavar="P", help="mask name = P + image stem + suffix (stem pairing)")
+    g.add_argument("--mask-suffix", metavar="S", help="mask name = prefix + image stem + S (stem pairing)")
     g.add_argument("--mask-mode", choices=["index", "binary", "gray", "palette"],
                    help="how mask pixels encode classes (default index)")
     g.add_argument("--gray-levels", type=_number_list(int), metavar="V0,V1,...",
                    help="mask value of each class (--mask-mode gray)")
-    g.add_argument("--palette", metavar="FILE", help="class colours, JSON or 'r g b [name]' lines (--mask-mode palette)")
+    g.add_argument("--palette", metavar="FILE",
+                   help="class colours, JSON or 'r g b [name]' lines (--mask-mode palette)")
     g.add_argument("--ignore-index", type=int, metavar="L", help="mask label that is not scored (e.g. 255)")
     g.add_argument("--channels", type=int, choices=[1, 3], help="convert images to 1 or 3 channels")
-    g.add_argument("--classes", type=_positive_int, metavar="K", help="number of classes (index masks; synthetic 2-5)")
+    g.add_argument("--classes", type=_positive_int, metavar="K",
+                   help="number of classes (index masks; synthetic 2-5, default 3)")
+
+
+def _on(flag):
+    return "on" if flag else "off"
+
+
+TILE_HELP = "input tile size (default: at least the training crop and 256, at most the image)"
 
 
 def build_parser():
-    parser = _Parser(prog="minunet", description="U-Net segmentation from scratch: train, predict, evaluate.")
+    parser = _Parser(prog="minunet", description="U-Net segmentation from scratch: train, predict, evaluate")
     sub = parser.add_subparsers(dest="command", metavar="{train,predict,eval}")
     sub.required = True
 
@@ -119,32 +130,45 @@ def build_parser():
     t = sub.add_parser("train", help="train a U-Net (synthetic data by default)",
                        description="Train a U-Net. With no options: the synthetic task, in a few minutes on a CPU.")
     _add_data_options(t, "default: the synthetic set")
+    d = TrainConfig()  # the defaults shown in --help are TrainConfig's
     g = t.add_argument_group("training")
-    g.add_argument("--samples", type=_positive_int, help="synthetic images (default 384)")
-    g.add_argument("--image-size", type=_positive_int, metavar="N", help="synthetic size / training crop / tile (default 64)")
-    g.add_argument("--val-fraction", type=_fraction, help="share of images held out for validation (default 0.2)")
-    g.add_argument("--val-split", choices=["random", "contiguous"], help="random items or the last block (default random)")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, help="flips and 90-degree turns (default on)")
-    g.add_argument("--elastic", action=argparse.BooleanOptionalAction, help="elastic deformation (default off)")
-    g.add_argument("--base-channels", type=_positive_int, help="channels of the first level (default 16)")
-    g.add_argument("--depth", type=_positive_int, help="number of poolings (default 3)")
-    g.add_argument("--padding", choices=["same", "valid"], help="'same' keeps sizes, 'valid' is the paper's (default same)")
-    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, help="BatchNorm after each convolution (default on)")
-    g.add_argument("--epochs", type=_positive_int, help="default 8")
-    g.add_argument("--batch-size", type=_positive_int, help="default 8")
-    g.add_argument("--lr", type=_positive_float, help="peak learning rate (default 0.003)")
-    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help="default adam")
-    g.add_argument("--momentum", type=_non_negative_float, help="SGD momentum (default 0.9)")
-    g.add_argument("--weight-decay", type=_non_negative_float, help="default 0")
-    g.add_argument("--schedule", choices=["cosine", "constant"], help="learning-rate schedule (default cosine)")
+    g.add_argument("--samples", type=_positive_int, help=f"synthetic images (default {d.samples})")
+    g.add_argument("--image-size", type=_positive_int, metavar="N",
+                   help=f"synthetic image size / training crop (default {d.image_size})")
+    g.add_argument("--val-fraction", type=_fraction,
+                   help=f"share of images held out for validation (default {d.val_fraction})")
+    g.add_argument("--val-split", choices=["random", "contiguous"],
+                   help=f"random items or the last block (default {d.val_split})")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help=f"flips and 90-degree turns (default {_on(d.augment)})")
+    g.add_argument("--elastic", action=argparse.BooleanOptionalAction,
+                   help=f"elastic deformation (default {_on(d.elastic)})")
+    g.add_argument("--base-channels", type=_positive_int,
+                   help=f"channels of the first level (default {d.base_channels})")
+    g.add_argument("--depth", type=_positive_int, help=f"number of poolings (default {d.depth})")
+    g.add_argument("--padding", choices=["same", "valid"],
+                   help=f"'same' keeps sizes, 'valid' is the paper's (default {d.padding})")
+    g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction,
+                   help=f"BatchNorm after each convolution (default {_on(d.batch_norm)})")
+    g.add_argument("--epochs", type=_positive_int, help=f"default {d.epochs}")
+    g.add_argument("--batch-size", type=_positive_int, help=f"default {d.batch_size}")
+    g.add_argument("--lr", type=_positive_float, help=f"peak learning rate (default {d.lr})")
+    g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help=f"default {d.optimizer}")
+    g.add_argument("--momentum", type=_non_negative_float, help=f"SGD momentum (default {d.momentum})")
+    g.add_argument("--weight-decay", type=_non_negative_float, help=f"default {d.weight_decay}")
+    g.add_argument("--schedule", choices=["cosine", "constant"],
+                   help=f"learning-rate schedule, stepped every batch (default {d.schedule})")
     g.add_argument("--class-weights", type=_number_list(float), metavar="W0,W1,...", help="cross-entropy class weights")
-    g.add_argument("--dice-weight", type=_non_negative_float, help="add this times the soft Dice loss (default 0)")
+    g.add_argument("--dice-weight", type=_non_negative_float,
+                   help=f"add this times the soft Dice loss (default {d.dice_weight})")
     g.add_argument("--border-weights", action=argparse.BooleanOptionalAction,
-                   help="the U-Net paper's border weight map on the cross-entropy")
+                   help=f"the U-Net paper's border weight map on the cross-entropy (w0 {d.border_w0}, "
+                        f"sigma {d.border_sigma}; default {_on(d.border_weights)})")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: the GPU when usable")
-    g.add_argument("--seed", type=int, help="default 0")
+    g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>)")
-    g.add_argument("--resume", metavar="CKPT_OR_DIR", help="continue from a checkpoint or a run folder's last.safetensors")
+    g.add_argument("--resume", metavar="CKPT_OR_DIR",
+                   help="continue from a checkpoint or a run folder's last.safetensors")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default on)")
 
     p = sub.add_parser("predict", help="segment an image file or a folder of images",
@@ -153,7 +177,7 @@ def build_parser():
     p.add_argument("--model", required=True, metavar="CKPT", help="a checkpoint (best.safetensors, ...)")
     p.add_argument("--input", required=True, metavar="FILE_OR_DIR")
     p.add_argument("--output", required=True, metavar="DIR")
-    p.add_argument("--tile", type=_positive_int, metavar="N", help="input tile size (default: the training crop)")
+    p.add_argument("--tile", type=_positive_int, metavar="N", help=TILE_HELP)
     p.add_argument("--overlay", action="store_true", help="also write the mask blended over the image")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -163,7 +187,7 @@ def build_parser():
                                    "split of the data it was trained on.")
     e.add_argument("--model", required=True, metavar="CKPT")
     _add_data_options(e, "default: the checkpoint's validation split")
-    e.add_argument("--tile", type=_positive_int, metavar="N", help="input tile size (default: the training crop)")
+    e.add_argument("--tile", type=_positive_int, metavar="N", help=TILE_HELP)
     e.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass (default 4)")
     e.add_argument("--json", metavar="FILE", help="also write the scores as JSON to FILE ('-' prints them)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -237,8 +261,8 @@ def cmd_predict(args):
 def cmd_eval(args):
     device = _device(args.device)
     model, ckpt = load_model(args.model, device)
-    given = _given(args, {"data", "images", "masks", "pairing", "mask_mode", "gray_levels", "palette",
-                          "ignore_index", "channels", "classes"})
+    given = _given(args, {"data", "images", "masks", "pairing", "mask_prefix", "mask_suffix", "mask_mode",
+                          "gray_levels", "palette", "ignore_index", "channels", "classes"})
     saved = {k: v for k, v in (ckpt.train_config or {}).items() if k in TRAIN_FIELDS}
     cfg = TrainConfig(**saved)
     own_data = bool({"data", "images", "masks"} & set(given))
@@ -258,8 +282,7 @@ def cmd_eval(args):
         indices = list(range(len(dataset)))
     else:
         indices = split_indices(len(dataset), cfg.val_fraction, cfg.val_split, seed=cfg.seed)[1]
-    tile = args.tile or model.nearest_input_sizes(cfg.image_size)[-1]
-    summary, _ = evaluate(model, dataset, indices, cfg, tile)
+    summary, _ = evaluate(model, dataset, indices, cfg, args.tile)
     names = list(dataset.class_names) if dataset.class_names else None
     source = cfg.data or cfg.images or "the synthetic set"
     print(f"{len(indices)} images from {source}" if own_data else

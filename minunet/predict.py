@@ -225,10 +225,12 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
-def default_tile(model, ckpt):
-    """The tile size a model was trained on (its crop size), else 256, made to fit the model."""
-    size = (ckpt.train_config or {}).get("image_size") or 256
-    return model.nearest_input_sizes(int(size))[-1]
+def auto_tile(model, image_hw, at_least):
+    """The input tile for an image of size image_hw: at least `at_least` (the training crop)
+    and 256 pixels, since fewer, larger tiles waste less on overlap, but no larger than the
+    image needs; rounded up to a size the model accepts."""
+    want = min(max(int(at_least), 256), max(image_hw))
+    return model.nearest_input_sizes(want)[-1]
 
 
 def list_inputs(path):
@@ -257,9 +259,9 @@ def save_mask(labels, num_classes, out_dir, stem, image=None):
 
 def predict_files(model_path, inputs, out_dir, tile=None, overlay_images=False, device="cpu", batch_size=4,
                   progress=None):
-    """Predict every image of `inputs` (a file or a folder) into `out_dir`; returns the written stems."""
+    """Predict every image of `inputs` (a file or a folder) into `out_dir`; returns the written
+    stems. tile: the input tile size, by default auto_tile's choice for each image."""
     model, ckpt = load_model(model_path, device)
-    tiler = Tiler(model, tile if tile is not None else default_tile(model, ckpt), batch_size=batch_size)
     tc = ckpt.train_config or {}
     channels = model.config["in_channels"]
     normalize = tc.get("normalize", "image")
@@ -270,7 +272,8 @@ def predict_files(model_path, inputs, out_dir, tile=None, overlay_images=False, 
         image = read_image(path, channels=channels, normalize=normalize)
         if image.shape[0] != channels:
             raise ValueError(f"predict: image {path} has {image.shape[0]} channels, the model takes {channels}")
-        labels = tiler.run(image[None])[0]
+        size = tile if tile is not None else auto_tile(model, image.shape[1:], tc.get("image_size") or 0)
+        labels = Tiler(model, size, batch_size=batch_size).run(image[None])[0]
         save_mask(labels, model.config["num_classes"], out_dir, path.stem, image if overlay_images else None)
         if progress is not None:
             progress(path, labels)

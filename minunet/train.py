@@ -54,7 +54,7 @@ from minunet.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, split_indices,
                           unet_weight_map)
 from minunet.metrics import ConfusionMatrix
-from minunet.predict import Tiler, overlay, to_display
+from minunet.predict import Tiler, auto_tile, overlay, to_display
 from minunet.unet import UNet
 
 
@@ -67,6 +67,8 @@ class TrainConfig:
     images: str = None
     masks: str = None
     pairing: str = "stem"                 # 'stem' | 'sorted'
+    mask_prefix: str = ""                 # 'stem' pairing: mask name = prefix + image stem + suffix
+    mask_suffix: str = ""
     mask_mode: str = "index"              # 'index' | 'binary' | 'gray' | 'palette'
     gray_levels: tuple = None
     palette: str = None                   # file or None
@@ -161,7 +163,8 @@ def build_dataset(cfg):
     weight_map = None
     if cfg.border_weights:
         weight_map = dict(w0=cfg.border_w0, sigma=cfg.border_sigma, ignore_index=cfg.ignore_index)
-    return FolderDataset(images, masks, pairing=cfg.pairing, mask_mode=cfg.mask_mode, num_classes=cfg.classes,
+    return FolderDataset(images, masks, pairing=cfg.pairing, mask_prefix=cfg.mask_prefix,
+                         mask_suffix=cfg.mask_suffix, mask_mode=cfg.mask_mode, num_classes=cfg.classes,
                          gray_levels=cfg.gray_levels, palette=cfg.palette, ignore_index=cfg.ignore_index,
                          channels=cfg.channels, normalize=cfg.normalize, weight_map=weight_map)
 
@@ -230,11 +233,12 @@ def segmentation_loss(logits, y, cfg, class_weights, pixel_weights=None):
 
 # ---- evaluation ------------------------------------------------------------------------
 
-def evaluate(model, dataset, indices, cfg, tile, keep=0, should_stop=None):
+def evaluate(model, dataset, indices, cfg, tile=None, keep=0, should_stop=None):
     """Score `model` on the items `indices` of `dataset`; returns (summary dict with 'loss',
-    the first `keep` (image, target, prediction) triples)."""
+    the first `keep` (image, target, prediction) triples). tile: the input tile size, by
+    default auto_tile's choice for each image size."""
     num_classes = model.config["num_classes"]
-    tiler = Tiler(model, tile, batch_size=cfg.batch_size)
+    tilers = {}  # one per image size
     cm = ConfusionMatrix(num_classes, ignore_index=cfg.ignore_index)
     class_weights = None if cfg.class_weights is None else np.asarray(cfg.class_weights, np.float32)
     batch = cfg.batch_size if cfg.is_synthetic() else 1  # folder images may differ in size
@@ -243,7 +247,11 @@ def evaluate(model, dataset, indices, cfg, tile, keep=0, should_stop=None):
     batches = iter(loader)
     try:
         for x, y, *w in batches:
-            logits = tiler.run(x, logits=True)  # (N, K, H, W) on the host, the whole image
+            hw = x.shape[2:]
+            if hw not in tilers:
+                size = tile or auto_tile(model, hw, cfg.image_size)
+                tilers[hw] = Tiler(model, size, batch_size=cfg.batch_size)
+            logits = tilers[hw].run(x, logits=True)  # (N, K, H, W) on the host, the whole image
             loss = segmentation_loss(tensor(logits), y, cfg, class_weights, w[0] if w else None)
             loss_sum, count = loss_sum + loss.item() * len(x), count + len(x)
             pred = logits.argmax(axis=1)
@@ -375,8 +383,7 @@ def train(cfg, log=print, resume=None):
     dataset = build_dataset(cfg)
     train_idx, val_idx = split_indices(len(dataset), cfg.val_fraction, cfg.val_split, seed=cfg.seed)
     model = build_model(cfg, dataset)
-    tile = cfg.image_size  # the training crop, and the validation tile: it must fit the model
-    out_hw = model.check_input_size(tile, tile)
+    out_hw = model.check_input_size(cfg.image_size, cfg.image_size)  # the training crop must fit
     model.to(device)
     optimizer = build_optimizer(cfg, model)
     crop = None if cfg.is_synthetic() else cfg.image_size
@@ -453,7 +460,7 @@ def train(cfg, log=print, resume=None):
                     batches.close()
                     bar.close()
                 train_seconds = time.perf_counter() - t0
-                val, samples = evaluate(model, dataset, val_idx, cfg, tile, keep=cfg.previews,
+                val, samples = evaluate(model, dataset, val_idx, cfg, keep=cfg.previews,
                                         should_stop=lambda: stop.requested)
                 record = dict(epoch=epoch + 1, train_loss=loss_sum / max(loss_count, 1), val_loss=val["loss"],
                               dice=val["dice"], iou=val["iou"], mean_iou=val["mean_iou"],

@@ -198,8 +198,8 @@ def test_predict_with_a_valid_padding_model_gives_full_size_masks(folder, tmp_pa
     model = UNet(in_channels=1, num_classes=3, base_channels=4, depth=2, padding="valid")
     save_checkpoint(tmp_path / "valid.safetensors", model)
     assert model.output_size(60) == 20  # each tile gives 20x20 of the 50x70 image
-    rc = main(["predict", "--model", str(tmp_path / "valid.safetensors"), "--input", str(folder / "images" / "img1.png"),
-               "--output", str(tmp_path / "pred"), "--tile", "60", "--device", "cpu"])
+    rc = main(["predict", "--model", str(tmp_path / "valid.safetensors"), "--output", str(tmp_path / "pred"),
+               "--input", str(folder / "images" / "img1.png"), "--tile", "60", "--device", "cpu"])
     assert rc == 0
     assert np.asarray(Image.open(tmp_path / "pred" / "img1_mask.png")).shape == (50, 70)
 

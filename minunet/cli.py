@@ -236,7 +236,7 @@ def cmd_train(args):
     result = train(cfg, resume=resume)
     final = result["final"]
     if result["interrupted"]:
-        print(f"interrupted after {result['epochs']} complete epochs; run folder {result['run_dir']}")
+        print(f"interrupted with {result['epochs']} epoch(s) complete; run folder {result['run_dir']}")
         return 130
     best = result["best_mean_dice"]
     print(f"done: {result['epochs']} epochs in {result['seconds']:.1f} s; validation mean Dice "

@@ -13,8 +13,8 @@ or an out-of-bounds read: numba does not check bounds), allocates the outputs wi
 hands everything to a `_jit` loop, exactly as cuda.py checks, allocates and launches. Only
 `sgd_update` and `adam_update` write into their arguments.
 
-The loops are numba `@njit(parallel=True, cache=True)` functions whose outer loop is a
-`prange`; every iteration owns what it writes (one (n, c) image plane, one channel, one pixel,
+The loops are numba `@njit(parallel=True, cache=True)` functions (see `_jit`) whose outer
+loop is a `prange`; every iteration owns what it writes (one (n, c) image plane, one channel, one pixel,
 one element), so no two threads write the same place and no atomics are needed. `cache=True`
 keeps the machine code in __pycache__: each (kernel, dtype) pair is compiled once per machine.
 Reductions (bias and batch-norm sums, v1 weight gradients) accumulate in float64.
@@ -45,6 +45,7 @@ up-convolution (kernel == stride, no padding) has patches that do not overlap, s
 as one GEMM per image, z[n] (Cout*kh*kw, H*W) = W.T @ x[n], and a reshuffle of each pixel's
 (Cout, kh, kw) patch into place, with the bias added on the way.
 """
+import functools
 import math
 import threading
 
@@ -63,7 +64,28 @@ VERSIONS = {
 DEFAULT_VERSION = {name: 2 for name in VERSIONS}
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-_jit = numba.njit(parallel=True, cache=True)
+
+# numba runs prange loops on a thread pool, by default OpenMP's, whose idle workers keep
+# spinning for a while after every parallel loop: on the very cores that OpenBLAS's GEMM
+# threads want next, and on those of every other busy process. Measured on 2 cores, that made
+# the v2 convolutions 2x (idle machine) to 6x (loaded machine) slower than with numba's own
+# 'workqueue' pool, whose workers sleep when idle, so minunet picks workqueue unless the user
+# chose a layer (NUMBA_THREADING_LAYER). workqueue aborts the process if two threads enter it
+# at once (a running kernel does not hold the GIL), hence the lock around every launch.
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
+_launch_lock = threading.Lock()
+
+
+def _jit(fn):
+    """fn compiled as a numba parallel kernel (machine code cached on disk), launched one at a time."""
+    kernel = numba.njit(parallel=True, cache=True)(fn)
+
+    @functools.wraps(fn)
+    def launch(*args):
+        with _launch_lock:
+            return kernel(*args)
+    return launch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,28 +343,39 @@ def _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo):
     return y.reshape(N, K, Ho, Wo)
 
 
-def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, b):
-    # gx = col2im(W.T @ gy), each plane starting at b[c] (b is conv_transpose2d's bias, else 0)
+def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, b=None):
+    # gx, plus b[c] on every plane where b is given (conv_transpose2d's bias)
     N, K, Ho, Wo = gy.shape
     C = x_shape[1]
     kh, kw = w.shape[2:]
+    (ph, pw) = padding
+    if stride == (1, 1) and ph < kh and pw < kw and K <= C:
+        # With stride 1, gx is itself a convolution: of gy, with the kernel flipped in space and
+        # its channel axes swapped, and padding k-1-p. Its im2col (of gy: K*kh*kw rows) is no
+        # larger than col2im's columns (C*kh*kw rows) here, and its GEMM has the long inner
+        # dimension K*kh*kw rather than K, which BLAS runs faster.
+        w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        return _conv2d_forward_v2(gy, w_flip, b, (1, 1), (kh - 1 - ph, kw - 1 - pw), *x_shape[2:])
     gy = gy.reshape(N, K, Ho * Wo)
     if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
         gx = np.matmul(w.reshape(K, C).T, gy)                   # col2im of a 1x1 kernel: the identity
-        gx += b[:, None]
+        if b is not None:
+            gx += b[:, None]
         return gx.reshape(x_shape)
     gcol = _scratch((N, C * kh * kw, Ho * Wo), gy.dtype)
     np.matmul(w.reshape(K, -1).T, gy, out=gcol)                 # (R, K) @ (N, K, P) -> (N, R, P)
     gx = np.empty(x_shape, gy.dtype)
-    _col2im(gcol, b, kh, kw, *stride, *padding, gx)
+    _col2im(gcol, np.zeros(C, gy.dtype) if b is None else b, kh, kw, *stride, *padding, gx)
     return gx
 
 
 def _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding):
     N, K, Ho, Wo = gy.shape
     col = _cols(x, w_shape[2:], stride, padding, Ho, Wo)        # (N, R, P)
-    gw = np.matmul(gy.reshape(N, K, Ho * Wo), col.transpose(0, 2, 1))  # (N, K, P) @ (N, P, R)
-    return gw.sum(axis=0).reshape(w_shape)
+    # gW.T = sum_n col[n] (R, P) @ gy[n].T (P, K): this orientation of the product is the faster
+    # one in OpenBLAS at U-Net shapes (K small, R = C*kh*kw large)
+    gw_t = np.matmul(col, gy.reshape(N, K, Ho * Wo).transpose(0, 2, 1)).sum(axis=0)  # (R, K)
+    return np.ascontiguousarray(gw_t.T).reshape(w_shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +413,7 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
         gx = np.zeros(x_shape, dtype)
         _conv2d_backward_input_v1(gy, w, *stride, *padding, gx)
         return gx
-    return _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, np.zeros(C, dtype))
+    return _conv2d_backward_input_v2(gy, w, x_shape, stride, padding)
 
 
 def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
@@ -421,18 +454,19 @@ def conv_transpose2d_forward(x, w, b, stride, padding, output_padding, version=N
                          f"{padding} gives an empty output ({y_shape[2]}x{y_shape[3]})")
     if not (0 <= oph < sh and 0 <= opw < sw):
         raise ValueError(f"{op}: output_padding {output_padding} must be smaller than stride {stride}")
-    b = _vector(op, "b", b, Cout, dtype, 0)
+    b = None if b is None else _vector(op, "b", b, Cout, dtype)
     if v == 1:
         y = np.zeros(y_shape, dtype)
         _conv2d_backward_input_v1(x, w, sh, sw, ph, pw, y)
-        y += b[:, None, None]
+        if b is not None:
+            y += b[:, None, None]
         return y
     if (kh, kw) == stride and padding == (0, 0) and output_padding == (0, 0):
         # patches that do not overlap: z[n] (Cout*kh*kw, H*W) = W.T @ x[n], then each into place
         z = _scratch((N, Cout * kh * kw, H * W), dtype)
         np.matmul(w.reshape(Cin, -1).T, x.reshape(N, Cin, H * W), out=z)
         y = np.empty(y_shape, dtype)
-        _patches_to_image(z, b, kh, kw, y)
+        _patches_to_image(z, np.zeros(Cout, dtype) if b is None else b, kh, kw, y)
         return y
     return _conv2d_backward_input_v2(x, w, y_shape, stride, padding, b)
 
@@ -685,37 +719,44 @@ def bias_backward(gy):
 
 @_jit
 def _softmax_cross_entropy_forward(x, target, weight, ignore_index, loss, p):
-    # x, p: (N, C, L), target, loss: (N, L); one prange iteration per pixel, in float64:
-    # p = exp(x - m) / z and loss = weight[t] * (m + log z - x[t]), m = max_c x, z = sum_c exp(x - m)
-    N, C, L = x.shape
-    for ns in prange(N * L):
-        n, s = ns // L, ns % L
-        m = x[n, 0, s]
+    # x, p: (N, C, H, W), target, loss: (N, H, W). One prange iteration per image row (n, h),
+    # its inner loops running along the row so they vectorise: m = max_c x, p = exp(x - m) / z
+    # with z = sum_c exp(x - m), and loss = weight[t] * (m + log z - x[t]).
+    N, C, H, W = x.shape
+    for nh in prange(N * H):
+        n, h = nh // H, nh % H
+        m = x[n, 0, h].copy()
         for c in range(1, C):
-            m = max(m, x[n, c, s])
-        z = 0.0
+            for j in range(W):
+                m[j] = max(m[j], x[n, c, h, j])
+        z = np.zeros(W)
         for c in range(C):
-            z += math.exp(x[n, c, s] - m)
+            for j in range(W):
+                e = math.exp(x[n, c, h, j] - m[j])
+                p[n, c, h, j] = e
+                z[j] += e
         for c in range(C):
-            p[n, c, s] = math.exp(x[n, c, s] - m) / z
-        t = target[n, s]
-        loss[n, s] = 0 if t == ignore_index else weight[t] * (m - x[n, t, s] + math.log(z))
+            for j in range(W):
+                p[n, c, h, j] /= z[j]
+        for j in range(W):
+            t = target[n, h, j]
+            loss[n, h, j] = 0 if t == ignore_index else weight[t] * (m[j] - x[n, t, h, j] + math.log(z[j]))
 
 
 @_jit
 def _softmax_cross_entropy_backward(p, target, weight, ignore_index, gloss, gx):
-    # gx[n, c, s] = gloss[n, s] * weight[t] * (p[n, c, s] - [c == t]); one iteration per pixel
-    N, C, L = p.shape
-    for ns in prange(N * L):
-        n, s = ns // L, ns % L
-        t = target[n, s]
-        if t == ignore_index:
-            for c in range(C):
-                gx[n, c, s] = 0
-        else:
-            g = gloss[n, s] * weight[t]
-            for c in range(C):
-                gx[n, c, s] = g * (p[n, c, s] - (1.0 if c == t else 0.0))
+    # gx[n, c, h, w] = gloss[n, h, w] * weight[t] * (p[n, c, h, w] - [c == t]), 0 where t is ignored;
+    # one prange iteration per image row (n, h)
+    N, C, H, W = p.shape
+    for nh in prange(N * H):
+        n, h = nh // H, nh % H
+        g = np.empty(W)
+        for j in range(W):
+            t = target[n, h, j]
+            g[j] = 0 if t == ignore_index else gloss[n, h, j] * weight[t]
+        for c in range(C):
+            for j in range(W):
+                gx[n, c, h, j] = g[j] * (p[n, c, h, j] - (1.0 if c == target[n, h, j] else 0.0))
 
 
 def softmax_cross_entropy_forward(x, target, weight, ignore_index):
@@ -726,9 +767,7 @@ def softmax_cross_entropy_forward(x, target, weight, ignore_index):
     _int64(op, "target", target, (N, H, W))
     loss = np.empty((N, H, W), dtype)
     p = np.empty_like(x)
-    _softmax_cross_entropy_forward(x.reshape(N, C, H * W), target.reshape(N, H * W),
-                                   _vector(op, "weight", weight, C, dtype, 1), int(ignore_index),
-                                   loss.reshape(N, H * W), p.reshape(N, C, H * W))
+    _softmax_cross_entropy_forward(x, target, _vector(op, "weight", weight, C, dtype, 1), int(ignore_index), loss, p)
     return loss, p
 
 
@@ -742,9 +781,8 @@ def softmax_cross_entropy_backward(p, target, weight, ignore_index, gloss):
     _int64(op, "target", target, (N, H, W))
     _same_shape(op, "gloss", gloss, (N, H, W))
     gx = np.empty_like(p)
-    _softmax_cross_entropy_backward(p.reshape(N, C, H * W), target.reshape(N, H * W),
-                                    _vector(op, "weight", weight, C, dtype, 1), int(ignore_index),
-                                    gloss.reshape(N, H * W), gx.reshape(N, C, H * W))
+    _softmax_cross_entropy_backward(p, target, _vector(op, "weight", weight, C, dtype, 1), int(ignore_index),
+                                    gloss, gx)
     return gx
 
 

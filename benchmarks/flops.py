@@ -1,0 +1,64 @@
+"""Work counts and shared layer shapes for the kernel benchmarks.
+
+A convolution's cost is counted as 2 floating-point operations (a multiply and an add) per
+term of its defining sum: conv2d computes N*K*Ho*Wo outputs of C*kh*kw terms each, and
+conv_transpose2d scatters every one of the N*Cin*H*W inputs into Cout*kh*kw outputs. Both of a
+convolution's backward passes (gradient of the input, gradient of the weight) do the same
+number of multiply-adds as its forward, so they use the same count; the bias is not counted.
+
+UNET_CONV_SHAPES holds the convolution layers of a U-Net (batch 4, 'same' padding) at sizes
+a CPU can time in seconds; UNET_CONV_TRANSPOSE_SHAPES its 2x2 stride-2 up-convolutions. The
+CPU and GPU benches both draw their shapes from here, so their figures compare.
+"""
+from typing import NamedTuple
+
+
+def conv2d_flops(x_shape, w_shape, y_shape):
+    """2*N*K*Ho*Wo*C*kh*kw for x (N, C, H, W), w (K, C, kh, kw), y (N, K, Ho, Wo)."""
+    N, K, Ho, Wo = y_shape
+    _, C, kh, kw = w_shape
+    return 2 * N * K * Ho * Wo * C * kh * kw
+
+
+def conv_transpose2d_flops(x_shape, w_shape):
+    """2*N*Cin*H*W*Cout*kh*kw for x (N, Cin, H, W), w (Cin, Cout, kh, kw)."""
+    N, Cin, H, W = x_shape
+    _, Cout, kh, kw = w_shape
+    return 2 * N * Cin * H * W * Cout * kh * kw
+
+
+class ConvShape(NamedTuple):
+    """One convolution layer: x (N, C, H, W), w (K, C, kh, kw) for conv2d or
+    (Cin, Cout, kh, kw) for conv_transpose2d, stride and padding as (h, w) pairs."""
+    name: str
+    x_shape: tuple
+    w_shape: tuple
+    stride: tuple = (1, 1)
+    padding: tuple = (1, 1)
+
+    @property
+    def conv2d_y_shape(self):
+        (N, _, H, W), (K, _, kh, kw) = self.x_shape, self.w_shape
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        return (N, K, (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1)
+
+    @property
+    def conv_transpose2d_y_shape(self):
+        (N, _, H, W), (_, Cout, kh, kw) = self.x_shape, self.w_shape
+        (sh, sw), (ph, pw) = self.stride, self.padding
+        return (N, Cout, (H - 1) * sh - 2 * ph + kh, (W - 1) * sw - 2 * pw + kw)
+
+
+UNET_CONV_SHAPES = [
+    ConvShape("in_3to64_128px", (4, 3, 128, 128), (64, 3, 3, 3)),          # the first layer
+    ConvShape("enc1_64to64_64px", (4, 64, 64, 64), (64, 64, 3, 3)),
+    ConvShape("enc2_128to128_32px", (4, 128, 32, 32), (128, 128, 3, 3)),
+    ConvShape("dec_256to128_16px", (4, 256, 16, 16), (128, 256, 3, 3)),    # after a skip concatenation
+    ConvShape("bottleneck_512to512_8px", (4, 512, 8, 8), (512, 512, 3, 3)),
+    ConvShape("head_64to2_1x1_128px", (4, 64, 128, 128), (2, 64, 1, 1), padding=(0, 0)),  # the classifier
+]
+
+UNET_CONV_TRANSPOSE_SHAPES = [
+    ConvShape("up_256to128_16px", (4, 256, 16, 16), (256, 128, 2, 2), stride=(2, 2), padding=(0, 0)),
+    ConvShape("up_128to64_32px", (4, 128, 32, 32), (128, 64, 2, 2), stride=(2, 2), padding=(0, 0)),
+]

@@ -5,8 +5,9 @@ Benchmarks live outside pytest's testpaths, so a plain `pytest` never runs them;
     PYTHONPATH=. python -m pytest benchmarks/<file>.py --benchmark-only
 
 `torch` is PyTorch, for the benches that also time the same operation in PyTorch as a
-yardstick, or None where PyTorch is not installed (the bench then times minunet alone). `rng` is a seeded generator, so every run times the
-same data. pytest puts this folder on sys.path, so a bench can `import flops`.
+yardstick, or None where PyTorch is not installed (the bench then times minunet alone).
+`rng` is a seeded generator, so every run times the same data. pytest puts this folder on
+sys.path, so a bench can `import flops`.
 """
 import numpy as np
 import pytest

@@ -14,10 +14,10 @@ hands everything to a `_jit` loop, exactly as cuda.py checks, allocates and laun
 `sgd_update` and `adam_update` write into their arguments.
 
 The loops are numba `@njit(parallel=True, cache=True)` functions (see `_jit`) whose outer
-loop is a `prange`; every iteration owns what it writes (one (n, c) image plane, one channel, one pixel,
-one element), so no two threads write the same place and no atomics are needed. `cache=True`
-keeps the machine code in __pycache__: each (kernel, dtype) pair is compiled once per machine.
-Reductions (bias and batch-norm sums, v1 weight gradients) accumulate in float64.
+loop is a `prange`; every iteration owns what it writes (one (n, c) image plane, one channel,
+one pixel, one element), so no two threads write the same place and no atomics are needed.
+`cache=True` keeps the machine code in __pycache__: each (kernel, dtype) pair is compiled once
+per machine. Reductions (bias and batch-norm sums, v1 weight gradients) accumulate in float64.
 
 Convolution versions (`version=`, see VERSIONS)
 -----------------------------------------------
@@ -26,17 +26,21 @@ Convolution versions (`version=`, see VERSIONS)
       naive and obviously right, and slow.
   v2  im2col + GEMM (the Caffe/Chainer lowering). im2col copies every receptive field of x
       into a column, col[n, (c,u,v), (i,j)] = x[n, c, i*sh-ph+u, j*sw-pw+v] (0 in the padding),
-      which turns the convolution into one matrix product per image that BLAS runs near peak:
-          forward          y[n]    (K, P) = W (K, R)   @ col[n] (R, P)     R = C*kh*kw, P = Ho*Wo
-          backward_input   gcol[n] (R, P) = W.T (R, K) @ gy[n] (K, P),  gx = col2im(gcol)
-          backward_weight  gW      (K, R) = sum_n gy[n] (K, P) @ col[n].T (P, R)
+      which turns the convolution into one matrix product per image that BLAS runs near peak
+      (R = C*kh*kw, P = Ho*Wo):
+          forward          y[n]    (K, P) = W (K, R) @ col[n] (R, P)
+          backward_weight  gW.T    (R, K) = sum_n col[n] (R, P) @ gy[n].T (P, K)
+          backward_input   gcol[n] (R, P) = W.T (R, K) @ gy[n] (K, P), then gx = col2im(gcol)
       col2im is im2col's adjoint: it adds every entry of a column back onto the pixel it was
-      copied from. im2col and col2im are numba loops over (n, c) planes; the GEMMs are
-      numpy.matmul over the stacked (N, ., .) arrays (one BLAS call per image, transposes passed
-      to BLAS as flags, not copied). col is R/C = kh*kw times the size of x, so it lives in a
-      reusable per-thread scratch buffer: a fresh array that size would cost more in page faults
-      than the copy itself. A 1x1 kernel with stride 1 and no padding needs no im2col: x viewed
-      as (N, C, H*W) already is col.
+      copied from. With stride 1, backward_input is itself a convolution, of gy with W flipped
+      in space and its two channel axes swapped (padding k-1-p); where that im2col is no larger
+      than col2im's columns (K <= C) v2 runs it so, as its GEMM has the long inner dimension
+      K*kh*kw instead of K. im2col and col2im are numba loops over (n, c) planes; the GEMMs are
+      numpy.matmul over the stacked (N, ., .) arrays (one BLAS call per image, which measured
+      faster than one wide GEMM over all images; transposes go to BLAS as flags, not copies).
+      col is kh*kw times the size of x, so it lives in a reusable per-thread scratch buffer: a
+      fresh array that size costs more in page faults than the copy itself. A 1x1 kernel with
+      stride 1 and no padding needs no im2col: x viewed as (N, C, H*W) already is col.
 
 Transposed convolution is the adjoint of convolution in x (as in Chainer): its forward is
 conv2d's backward_input with the roles of x and gy swapped, its backward_input is conv2d's
@@ -151,6 +155,9 @@ def _conv_out_hw(op, hw, khw, stride, padding):
         raise ValueError(f"{op}: input {H}x{W} with kernel {kh}x{kw}, stride {stride} and "
                          f"padding {padding} gives an empty output ({Ho}x{Wo})")
     return Ho, Wo
+
+
+_SCRATCH_BYTES = 64 << 20  # v2 builds im2col columns for this many bytes' worth of images at a time
 
 
 class _Scratch(threading.local):
@@ -322,8 +329,16 @@ def _patches_to_image(z, b, kh, kw, y):
                         dst[j * kw + v] = src[i * W + j] + b[o]
 
 
+def _batches(N, sample_nbytes):
+    """Slices of the batch whose temporaries (sample_nbytes per image) fit in _SCRATCH_BYTES, one
+    image at least: the scratch buffer stays bounded however large the images or the batch."""
+    step = max(1, _SCRATCH_BYTES // sample_nbytes)
+    return [slice(n, min(n + step, N)) for n in range(0, N, step)]
+
+
 def _cols(x, khw, stride, padding, Ho, Wo):
-    """im2col of x into the scratch buffer; for a 1x1 kernel, stride 1, no padding, x itself."""
+    """im2col of x (a slice of the batch) into the scratch buffer; for a 1x1 kernel with stride 1
+    and no padding, x itself."""
     N, C, H, W = x.shape
     if khw == (1, 1) and stride == (1, 1) and padding == (0, 0):
         return x.reshape(N, C, H * W)
@@ -333,11 +348,12 @@ def _cols(x, khw, stride, padding, Ho, Wo):
 
 
 def _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo):
-    N = x.shape[0]
-    K = w.shape[0]
-    col = _cols(x, w.shape[2:], stride, padding, Ho, Wo)        # (N, R, P)
+    N, C = x.shape[:2]
+    K, _, kh, kw = w.shape
     y = np.empty((N, K, Ho * Wo), x.dtype)
-    np.matmul(w.reshape(K, -1), col, out=y)                     # (K, R) @ (N, R, P) -> (N, K, P)
+    for s in _batches(N, C * kh * kw * Ho * Wo * x.itemsize):
+        col = _cols(x[s], (kh, kw), stride, padding, Ho, Wo)  # (n, R, P)
+        np.matmul(w.reshape(K, -1), col, out=y[s])             # (K, R) @ (n, R, P) -> (n, K, P)
     if b is not None:
         y += b[:, None]
     return y.reshape(N, K, Ho, Wo)
@@ -357,24 +373,31 @@ def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, b=None):
         w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         return _conv2d_forward_v2(gy, w_flip, b, (1, 1), (kh - 1 - ph, kw - 1 - pw), *x_shape[2:])
     gy = gy.reshape(N, K, Ho * Wo)
+    w_t = w.reshape(K, -1).T                                    # (R, K)
     if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
-        gx = np.matmul(w.reshape(K, C).T, gy)                   # col2im of a 1x1 kernel: the identity
+        gx = np.matmul(w_t, gy)                                 # col2im of a 1x1 kernel: the identity
         if b is not None:
             gx += b[:, None]
         return gx.reshape(x_shape)
-    gcol = _scratch((N, C * kh * kw, Ho * Wo), gy.dtype)
-    np.matmul(w.reshape(K, -1).T, gy, out=gcol)                 # (R, K) @ (N, K, P) -> (N, R, P)
+    b = np.zeros(C, gy.dtype) if b is None else b
     gx = np.empty(x_shape, gy.dtype)
-    _col2im(gcol, np.zeros(C, gy.dtype) if b is None else b, kh, kw, *stride, *padding, gx)
+    for s in _batches(N, C * kh * kw * Ho * Wo * gy.itemsize):
+        gcol = _scratch((s.stop - s.start, C * kh * kw, Ho * Wo), gy.dtype)
+        np.matmul(w_t, gy[s], out=gcol)                         # (R, K) @ (n, K, P) -> (n, R, P)
+        _col2im(gcol, b, kh, kw, *stride, *padding, gx[s])
     return gx
 
 
 def _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding):
     N, K, Ho, Wo = gy.shape
-    col = _cols(x, w_shape[2:], stride, padding, Ho, Wo)        # (N, R, P)
+    C, kh, kw = w_shape[1:]
+    gy = gy.reshape(N, K, Ho * Wo)
     # gW.T = sum_n col[n] (R, P) @ gy[n].T (P, K): this orientation of the product is the faster
     # one in OpenBLAS at U-Net shapes (K small, R = C*kh*kw large)
-    gw_t = np.matmul(col, gy.reshape(N, K, Ho * Wo).transpose(0, 2, 1)).sum(axis=0)  # (R, K)
+    gw_t = np.zeros((C * kh * kw, K), x.dtype)
+    for s in _batches(N, C * kh * kw * Ho * Wo * x.itemsize):
+        col = _cols(x[s], (kh, kw), stride, padding, Ho, Wo)   # (n, R, P)
+        gw_t += np.matmul(col, gy[s].transpose(0, 2, 1)).sum(axis=0)
     return np.ascontiguousarray(gw_t.T).reshape(w_shape)
 
 
@@ -463,10 +486,12 @@ def conv_transpose2d_forward(x, w, b, stride, padding, output_padding, version=N
         return y
     if (kh, kw) == stride and padding == (0, 0) and output_padding == (0, 0):
         # patches that do not overlap: z[n] (Cout*kh*kw, H*W) = W.T @ x[n], then each into place
-        z = _scratch((N, Cout * kh * kw, H * W), dtype)
-        np.matmul(w.reshape(Cin, -1).T, x.reshape(N, Cin, H * W), out=z)
+        b = np.zeros(Cout, dtype) if b is None else b
         y = np.empty(y_shape, dtype)
-        _patches_to_image(z, np.zeros(Cout, dtype) if b is None else b, kh, kw, y)
+        for s in _batches(N, Cout * kh * kw * H * W * x.itemsize):
+            z = _scratch((s.stop - s.start, Cout * kh * kw, H * W), dtype)
+            np.matmul(w.reshape(Cin, -1).T, x[s].reshape(-1, Cin, H * W), out=z)
+            _patches_to_image(z, b, kh, kw, y[s])
         return y
     return _conv2d_backward_input_v2(x, w, y_shape, stride, padding, b)
 

@@ -172,7 +172,8 @@ class Tiler:
         self.device = next(iter(model.parameters())).device
 
     def _tiles(self, H, W):
-        """Every (top, left, (rows kept), (cols kept)) of an H x W image, row by row."""
+        """Every tile of an H x W image, row by row, as a pair of _axis_tiles entries:
+        ((top, rows kept from, to), (left, columns kept from, to))."""
         rows = _axis_tiles(H, self.tout[0], self.margin)
         cols = _axis_tiles(W, self.tout[1], self.margin)
         return [(r, c) for r in rows for c in cols]
@@ -184,15 +185,14 @@ class Tiler:
         xs = _reflect(np.arange(left - self.border[1], left - self.border[1] + self.tin[1]), W)
         out[...] = image[:, ys[:, None], xs[None, :]]
 
-    def run(self, images, out=None, logits=False):
+    def run(self, images, logits=False):
         """images: float32 (N, C, H, W) on the host -> labels (N, H, W) (uint8 up to 256 classes,
         else int32), or with logits=True the class scores float32 (N, K, H, W)."""
         images = np.asarray(images, dtype=np.float32)
         N, _, H, W = images.shape
         K = self.model.config["num_classes"]
-        if out is None:
-            shape, dtype = ((N, K, H, W), np.float32) if logits else ((N, H, W), np.uint8 if K <= 256 else np.int32)
-            out = np.empty(shape, dtype=dtype)
+        shape, dtype = ((N, K, H, W), np.float32) if logits else ((N, H, W), np.uint8 if K <= 256 else np.int32)
+        out = np.empty(shape, dtype=dtype)  # every tile writes its kept part straight into place
         jobs = [(n, r, c) for n in range(N) for r, c in self._tiles(H, W)]
         was_training = self.model.training
         self.model.eval()

@@ -158,6 +158,7 @@ def _conv_out_hw(op, hw, khw, stride, padding):
 
 
 _SCRATCH_BYTES = 64 << 20  # v2 builds im2col columns for this many bytes' worth of images at a time
+_THIN = 256  # below this many output pixels per image, v2 runs one GEMM over the images side by side
 
 
 class _Scratch(threading.local):
@@ -347,13 +348,22 @@ def _cols(x, khw, stride, padding, Ho, Wo):
     return col
 
 
+def _gathered(a):
+    """(n, R, P) -> (R, n*P): one image after another along the columns (a copy)."""
+    return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+
+
 def _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo):
     N, C = x.shape[:2]
     K, _, kh, kw = w.shape
-    y = np.empty((N, K, Ho * Wo), x.dtype)
-    for s in _batches(N, C * kh * kw * Ho * Wo * x.itemsize):
+    P = Ho * Wo
+    y = np.empty((N, K, P), x.dtype)
+    for s in _batches(N, C * kh * kw * P * x.itemsize):
         col = _cols(x[s], (kh, kw), stride, padding, Ho, Wo)  # (n, R, P)
-        np.matmul(w.reshape(K, -1), col, out=y[s])             # (K, R) @ (n, R, P) -> (n, K, P)
+        if P < _THIN:  # one GEMM over the images side by side
+            y[s] = (w.reshape(K, -1) @ _gathered(col)).reshape(K, -1, P).transpose(1, 0, 2)
+        else:
+            np.matmul(w.reshape(K, -1), col, out=y[s])          # (K, R) @ (n, R, P) -> (n, K, P)
     if b is not None:
         y += b[:, None]
     return y.reshape(N, K, Ho, Wo)
@@ -391,14 +401,17 @@ def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, b=None):
 def _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding):
     N, K, Ho, Wo = gy.shape
     C, kh, kw = w_shape[1:]
-    gy = gy.reshape(N, K, Ho * Wo)
-    # gW.T = sum_n col[n] (R, P) @ gy[n].T (P, K): this orientation of the product is the faster
-    # one in OpenBLAS at U-Net shapes (K small, R = C*kh*kw large)
-    gw_t = np.zeros((C * kh * kw, K), x.dtype)
-    for s in _batches(N, C * kh * kw * Ho * Wo * x.itemsize):
+    P = Ho * Wo
+    gy = gy.reshape(N, K, P)
+    gw = np.zeros((K, C * kh * kw), x.dtype)
+    for s in _batches(N, C * kh * kw * P * x.itemsize):
         col = _cols(x[s], (kh, kw), stride, padding, Ho, Wo)   # (n, R, P)
-        gw_t += np.matmul(col, gy[s].transpose(0, 2, 1)).sum(axis=0)
-    return np.ascontiguousarray(gw_t.T).reshape(w_shape)
+        if P < _THIN:  # one GEMM over the images side by side: (K, n*P) @ (n*P, R)
+            gw += _gathered(gy[s]) @ _gathered(col).T
+        else:
+            # sum_n col[n] (R, P) @ gy[n].T (P, K), in the orientation OpenBLAS runs faster here
+            gw += np.matmul(col, gy[s].transpose(0, 2, 1)).sum(axis=0).T
+    return gw.reshape(w_shape)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 # numba runs prange loops on a thread pool, by default OpenMP's, whose idle workers keep
 # spinning for a while after every parallel loop: on the very cores that OpenBLAS's GEMM
 # threads want next, and on those of every other busy process. Measured on 2 cores, that made
-# the v2 convolutions 2x (idle machine) to 6x (loaded machine) slower than with numba's own
+# the v2 convolutions 2-3x (idle machine) to 6x (loaded machine) slower than with numba's own
 # 'workqueue' pool, whose workers sleep when idle, so minunet picks workqueue unless the user
 # chose a layer (NUMBA_THREADING_LAYER). workqueue aborts the process if two threads enter it
 # at once (a running kernel does not hold the GIL), hence the lock around every launch.

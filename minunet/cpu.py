@@ -36,8 +36,10 @@ Convolution versions (`version=`, see VERSIONS)
       in space and its two channel axes swapped (padding k-1-p); where that im2col is no larger
       than col2im's columns (K <= C) v2 runs it so, as its GEMM has the long inner dimension
       K*kh*kw instead of K. im2col and col2im are numba loops over (n, c) planes; the GEMMs are
-      numpy.matmul over the stacked (N, ., .) arrays (one BLAS call per image, which measured
-      faster than one wide GEMM over all images; transposes go to BLAS as flags, not copies).
+      numpy.matmul over the stacked (N, ., .) arrays: one BLAS call per image, which measured
+      faster than one wide GEMM over all images, except where an image has fewer than _THIN
+      output pixels: products that thin run below BLAS speed, so there the images go side by
+      side into one product. Transposes go to BLAS as flags, not copies.
       col is kh*kw times the size of x, so it lives in a reusable per-thread scratch buffer: a
       fresh array that size costs more in page faults than the copy itself. A 1x1 kernel with
       stride 1 and no padding needs no im2col: x viewed as (N, C, H*W) already is col.

@@ -18,11 +18,14 @@ are int64; GEMM dimensions are int (the launcher checks they fit).
 
 The kernels (every one a `template <typename T>`, instantiated for float and double)
 ------------------------------------------------------------------------------------
-_v1: naive and general (any kernel, stride, padding, output_padding), one thread per output
-     element, a transcription of the formulas above written as gathers: the forward thread
-     for y[n,o,oh,ow] finds, for each tap (u, v), the input pixel i = (oh + ph - u) / sh that
-     scatters there (if the division is exact and i is in range), so no two threads ever
-     write the same place and no atomics are needed.
+This file holds only the _v2 patch-GEMM kernels below. Everything else runs conv2d.cu's
+kernels in the adjoint roles listed above (minunet/cuda.py makes that choice), so each
+formula is written once:
+  version 1: always conv2d.cu's naive _v1 kernels (any kernel, stride, padding,
+             output_padding). The forward is conv2d_backward_input_v1 with conv2d's "x" being
+             our y (H, W = Ho, Wo, output_padding rows included) and its "gy" our x, so every
+             output pixel, extra rows too, gathers the bias plus exactly the taps that reach it.
+  version 2: the kernels below when they apply, and otherwise conv2d.cu's _v2 kernels.
 
 _v2: the U-Net's up-convolution, where the kernel equals the stride and there is no padding
      (2x2, stride 2). Then every output pixel receives exactly one input pixel: output
@@ -38,97 +41,7 @@ _v2: the U-Net's up-convolution, where the kernel equals the stride and there is
      conv2d.cu). The forward requires output_padding 0; the two gradients read gy with its
      real row length, so rows and columns added by output_padding (which no input pixel
      reaches) are simply never read.
-     For every other configuration, version 2 of these three functions runs conv2d.cu's
-     _v2 kernels in the adjoint roles listed above (minunet/cuda.py makes that choice).
 */
-
-// ---------------------------------------------------------------------------------- _v1
-
-template <typename T>
-__global__ void conv_transpose2d_forward_v1(const T* __restrict__ x, const T* __restrict__ w,
-                                            const T* __restrict__ b, T* __restrict__ y,
-                                            int N, int Cin, int H, int W, int Cout, int kh, int kw,
-                                            int sh, int sw, int ph, int pw, int Ho, int Wo) {
-    const int64 total = (int64)N * Cout * Ho * Wo;
-    for (int64 idx = thread_index(); idx < total; idx += thread_count()) {
-        const int ow = (int)(idx % Wo);
-        const int oh = (int)((idx / Wo) % Ho);
-        const int o = (int)((idx / ((int64)Wo * Ho)) % Cout);
-        const int n = (int)(idx / ((int64)Wo * Ho * Cout));
-        T acc = b ? b[o] : T(0);
-        for (int u = 0; u < kh; ++u) {
-            const int ti = oh + ph - u;  // = i * sh for the input row i whose tap u lands on oh
-            if (ti < 0 || ti % sh != 0 || ti / sh >= H) continue;
-            const int i = ti / sh;
-            for (int v = 0; v < kw; ++v) {
-                const int tj = ow + pw - v;
-                if (tj < 0 || tj % sw != 0 || tj / sw >= W) continue;
-                const int j = tj / sw;
-                for (int c = 0; c < Cin; ++c)
-                    acc += x[(((int64)n * Cin + c) * H + i) * W + j] * w[(((int64)c * Cout + o) * kh + u) * kw + v];
-            }
-        }
-        y[idx] = acc;
-    }
-}
-
-template <typename T>
-__global__ void conv_transpose2d_backward_input_v1(const T* __restrict__ gy, const T* __restrict__ w,
-                                                   T* __restrict__ gx,
-                                                   int N, int Cin, int H, int W, int Cout, int kh, int kw,
-                                                   int sh, int sw, int ph, int pw, int Ho, int Wo) {
-    const int64 total = (int64)N * Cin * H * W;
-    for (int64 idx = thread_index(); idx < total; idx += thread_count()) {
-        const int j = (int)(idx % W);
-        const int i = (int)((idx / W) % H);
-        const int c = (int)((idx / ((int64)W * H)) % Cin);
-        const int n = (int)(idx / ((int64)W * H * Cin));
-        T acc = T(0);
-        for (int o = 0; o < Cout; ++o) {
-            const T* gyo = gy + ((int64)n * Cout + o) * Ho * Wo;
-            const T* wo = w + ((int64)c * Cout + o) * kh * kw;
-            for (int u = 0; u < kh; ++u) {
-                const int oh = i * sh - ph + u;
-                if (oh < 0 || oh >= Ho) continue;
-                for (int v = 0; v < kw; ++v) {
-                    const int ow = j * sw - pw + v;
-                    if (ow < 0 || ow >= Wo) continue;
-                    acc += gyo[(int64)oh * Wo + ow] * wo[u * kw + v];
-                }
-            }
-        }
-        gx[idx] = acc;
-    }
-}
-
-template <typename T>
-__global__ void conv_transpose2d_backward_weight_v1(const T* __restrict__ x, const T* __restrict__ gy,
-                                                    T* __restrict__ gw,
-                                                    int N, int Cin, int H, int W, int Cout, int kh, int kw,
-                                                    int sh, int sw, int ph, int pw, int Ho, int Wo) {
-    const int64 total = (int64)Cin * Cout * kh * kw;
-    for (int64 idx = thread_index(); idx < total; idx += thread_count()) {
-        const int v = (int)(idx % kw);
-        const int u = (int)((idx / kw) % kh);
-        const int o = (int)((idx / ((int64)kw * kh)) % Cout);
-        const int c = (int)(idx / ((int64)kw * kh * Cout));
-        T acc = T(0);
-        for (int n = 0; n < N; ++n) {
-            const T* xc = x + ((int64)n * Cin + c) * H * W;
-            const T* gyo = gy + ((int64)n * Cout + o) * Ho * Wo;
-            for (int i = 0; i < H; ++i) {
-                const int oh = i * sh - ph + u;
-                if (oh < 0 || oh >= Ho) continue;
-                for (int j = 0; j < W; ++j) {
-                    const int ow = j * sw - pw + v;
-                    if (ow < 0 || ow >= Wo) continue;
-                    acc += xc[(int64)i * W + j] * gyo[(int64)oh * Wo + ow];
-                }
-            }
-        }
-        gw[idx] = acc;
-    }
-}
 
 // ---------------------------------------------------------------------------------- _v2
 // kernel == stride, padding 0: no overlap, one GEMM per pass (see the header).

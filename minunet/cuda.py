@@ -36,12 +36,14 @@ Elementwise kernels use 256-thread blocks and a grid-stride loop, so the grid is
 Versions
 --------
 The six convolution kernels take `version=` (VERSIONS; None means DEFAULT_VERSION):
-  1  naive, one thread per output element (the _v1 kernels)
-  2  shared-memory tiled implicit GEMM (the _v2 kernels of conv2d.cu). For the transposed
-     convolution, version 2 runs conv_transpose2d.cu's patch-GEMM kernels when kernel ==
-     stride and padding == 0 (the U-Net's 2x2/2 up-convolution; the forward also needs
-     output_padding 0), and otherwise conv2d.cu's _v2 kernels in the adjoint roles (its
-     forward is conv2d's backward_input, and so on, as in minunet/cpu.py).
+  1  naive, one thread per output element (the _v1 kernels of conv2d.cu)
+  2  shared-memory tiled implicit GEMM (the _v2 kernels of conv2d.cu)
+The transposed convolution has no kernels of its own except one special case: it runs
+conv2d.cu's kernels of the chosen version in the adjoint roles (its forward is conv2d's
+backward_input with x as the output gradient, its backward_input conv2d's forward of gy, its
+backward_weight conv2d's backward_weight with x and gy swapped, as in minunet/cpu.py). Only
+version 2 with kernel == stride and padding == 0 (the U-Net's 2x2/2 up-convolution; the
+forward also needs output_padding 0) runs conv_transpose2d.cu's patch-GEMM kernels instead.
 Weight gradients reduce over every output pixel of the batch but have few outputs, so
 version 2 splits that reduction over blockIdx.z (split-K): each slice writes a partial
 gradient into a (splits, ...) workspace that is summed at the end, in a fixed order, so the
@@ -74,9 +76,8 @@ DEFAULT_VERSION = {name: 2 for name in VERSIONS}
 FAMILIES = {
     "conv2d": ("conv2d_forward_v1", "conv2d_forward_v2", "conv2d_backward_input_v1",
                "conv2d_backward_input_v2", "conv2d_backward_weight_v1", "conv2d_backward_weight_v2"),
-    "conv_transpose2d": ("conv_transpose2d_forward_v1", "conv_transpose2d_forward_v2",
-                         "conv_transpose2d_backward_input_v1", "conv_transpose2d_backward_input_v2",
-                         "conv_transpose2d_backward_weight_v1", "conv_transpose2d_backward_weight_v2"),
+    "conv_transpose2d": ("conv_transpose2d_forward_v2", "conv_transpose2d_backward_input_v2",
+                         "conv_transpose2d_backward_weight_v2"),
     "maxpool2d": ("max_pool2d_forward", "max_pool2d_backward"),
     "concat": ("concat_forward", "concat_backward"),
     "activation": ("relu_forward", "relu_backward", "bias_backward"),
@@ -382,19 +383,17 @@ def conv_transpose2d_forward(x, w, b, stride, padding, output_padding, version=N
                          f"gives an empty output ({Ho}x{Wo})")
     b = _vector(op, "b", b, Cout, dtype)
     y = cupy.empty((N, Cout, Ho, Wo), dtype)
-    if v == 1:
-        # (const T* x, const T* w, const T* b, T* y, int N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, Ho, Wo)
-        dims = (N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, Ho, Wo)
-        _launch("conv_transpose2d", "conv_transpose2d_forward_v1", dtype, _grid_1d(y.size), (THREADS,),
-                (x, w, b, y, *(np.int32(d) for d in dims)))
-    elif _patchwise((kh, kw), stride, padding) and output_padding == (0, 0):
+    if v == 2 and _patchwise((kh, kw), stride, padding) and output_padding == (0, 0):
         _fits_int32(op, pixels=N * H * W, outputs_per_pixel=Cout * kh * kw)
         grid = (_cdiv(N * H * W, GEMM_TILE_N), _cdiv(Cout * kh * kw, GEMM_TILE_M))
         # (const T* x, const T* w, const T* b, T* y, int N, Cin, H, W, Cout, kh, kw)
         _launch("conv_transpose2d", "conv_transpose2d_forward_v2", dtype, grid, (GEMM_THREADS,),
                 (x, w, b, y, *(np.int32(d) for d in (N, Cin, H, W, Cout, kh, kw))))
-    else:  # conv2d's backward_input with x as the output gradient: conv2d's x is our y
-        _conv2d_gx(2, x, w, b, y, (N, Cout, Ho, Wo, Cin, kh, kw, sh, sw, ph, pw, H, W), op)
+    else:
+        # conv2d's backward_input with x as the output gradient: conv2d's x is our y, so its
+        # (H, W) are our (Ho, Wo), output_padding rows included (they get the bias and whatever
+        # taps reach them), and its (Ho, Wo) are our (H, W)
+        _conv2d_gx(v, x, w, b, y, (N, Cout, Ho, Wo, Cin, kh, kw, sh, sw, ph, pw, H, W), op)
     return y
 
 
@@ -411,19 +410,14 @@ def conv_transpose2d_backward_input(gy, w, stride, padding, version=None):
     (sh, sw), (ph, pw) = stride, padding
     H, W = _conv_out_hw(op, (Ho, Wo), (kh, kw), stride, padding)
     gx = cupy.empty((N, Cin, H, W), dtype)
-    if v == 1:
-        # (const T* gy, const T* w, T* gx, int N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, Ho, Wo)
-        dims = (N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, Ho, Wo)
-        _launch("conv_transpose2d", "conv_transpose2d_backward_input_v1", dtype, _grid_1d(gx.size), (THREADS,),
-                (gy, w, gx, *(np.int32(d) for d in dims)))
-    elif _patchwise((kh, kw), stride, padding):
+    if v == 2 and _patchwise((kh, kw), stride, padding):
         _fits_int32(op, pixels=N * H * W, taps=Cout * kh * kw)
         grid = (_cdiv(N * H * W, GEMM_TILE_N), _cdiv(Cin, GEMM_TILE_M))
         # (const T* gy, const T* w, T* gx, int N, Cin, H, W, Cout, kh, kw, Ho, Wo)
         _launch("conv_transpose2d", "conv_transpose2d_backward_input_v2", dtype, grid, (GEMM_THREADS,),
                 (gy, w, gx, *(np.int32(d) for d in (N, Cin, H, W, Cout, kh, kw, Ho, Wo))))
     else:  # conv2d's forward of gy, w read as (K=Cin, C=Cout, kh, kw)
-        _conv2d_y(2, gy, w, None, gx, (N, Cout, Ho, Wo, Cin, kh, kw, sh, sw, ph, pw, H, W), op)
+        _conv2d_y(v, gy, w, None, gx, (N, Cout, Ho, Wo, Cin, kh, kw, sh, sw, ph, pw, H, W), op)
     return gx
 
 
@@ -441,14 +435,7 @@ def conv_transpose2d_backward_weight(x, gy, w_shape, stride, padding, version=No
     (sh, sw), (ph, pw) = stride, padding
     H, W = _conv_out_hw(op, (Ho, Wo), (kh, kw), stride, padding)  # in conv2d's terms gy is the input
     _same_shape(op, "x", x, (N, Cin, H, W))
-    if v == 1:
-        gw = cupy.empty((Cin, Cout, kh, kw), dtype)
-        # (const T* x, const T* gy, T* gw, int N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, Ho, Wo)
-        dims = (N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, Ho, Wo)
-        _launch("conv_transpose2d", "conv_transpose2d_backward_weight_v1", dtype, _grid_1d(gw.size), (THREADS,),
-                (x, gy, gw, *(np.int32(d) for d in dims)))
-        return gw
-    if _patchwise((kh, kw), stride, padding):
+    if v == 2 and _patchwise((kh, kw), stride, padding):
         P, Q = N * H * W, Cout * kh * kw
         _fits_int32(op, pixels=P, taps=Q)
         tiles = (_cdiv(Q, GEMM_TILE_N), _cdiv(Cin, GEMM_TILE_M))
@@ -458,8 +445,9 @@ def conv_transpose2d_backward_weight(x, gy, w_shape, stride, padding, version=No
         _launch("conv_transpose2d", "conv_transpose2d_backward_weight_v2", dtype, (*tiles, splits), (GEMM_THREADS,),
                 (x, gy, parts, *(np.int32(d) for d in (N, Cin, H, W, Cout, kh, kw, Ho, Wo, chunk))))
         return parts[0] if splits == 1 else parts.sum(axis=0)
-    # conv2d's backward_weight with gy as the input and x as the output gradient
-    return _conv2d_gw(2, gy, x, (N, Cout, Ho, Wo, Cin, kh, kw, sh, sw, ph, pw, H, W), op)
+    # conv2d's backward_weight with gy as the input and x as the output gradient: gw comes out
+    # as (K=Cin, C=Cout, kh, kw), which is the transposed layout
+    return _conv2d_gw(v, gy, x, (N, Cout, Ho, Wo, Cin, kh, kw, sh, sw, ph, pw, H, W), op)
 
 
 # ------------------------------------------------------------------------------------------

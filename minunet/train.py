@@ -88,7 +88,7 @@ class TrainConfig:
     padding: str = "same"
     batch_norm: bool = True               # converges in far fewer steps on the synthetic task
     # optimisation
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 8
     lr: float = 3e-3
     optimizer: str = "adam"               # 'sgd' | 'adam' | 'adamw'

@@ -450,7 +450,7 @@ def tensor(data, dtype=None, device="cpu", requires_grad=False):
     """Make a leaf Tensor from array_like data, as torch.tensor does.
 
     Python floats become float32 (minunet's default dtype) and Python ints int64; NumPy or
-    CuPy arrays keep their dtype unless `dtype` is given. The data is always copied.
+    CuPy arrays keep their dtype unless `dtype` is given. The data is always copied, into a C-contiguous array.
     """
     device = backend.normalize_device(device)
     if isinstance(data, Tensor):
@@ -460,10 +460,8 @@ def tensor(data, dtype=None, device="cpu", requires_grad=False):
         dtype = np.float32 if a.dtype.kind == "f" else a.dtype
         data = a
     xp = backend.xp_for(device)
-    if xp is np:
-        arr = np.array(backend.to_numpy(data), dtype=dtype, copy=True)
-    else:
-        arr = xp.array(data, dtype=dtype, copy=True)
+    src = backend.to_numpy(data) if xp is np else data
+    arr = xp.array(src, dtype=dtype, copy=True, order="C")
     if requires_grad and arr.dtype.kind != "f":
         raise TypeError(f"tensor(): only floating tensors can require grad, got dtype {arr.dtype}")
     return Tensor(arr, requires_grad=requires_grad)

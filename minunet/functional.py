@@ -73,6 +73,7 @@ class Conv2d(Function):
 
     def forward(self, x, w, b, stride, padding):
         # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) -> y: (N, K, Ho, Wo)
+        x, w = _contiguous(x), _contiguous(w)
         self.x, self.w, self.stride, self.padding = x, w, stride, padding
         return backend.kernels_for(x).conv2d_forward(x, w, b, stride, padding)
 
@@ -112,6 +113,7 @@ class ConvTranspose2d(Function):
 
     def forward(self, x, w, b, stride, padding, output_padding):
         # x: (N, Cin, H, W), w: (Cin, Cout, kh, kw) -> y: (N, Cout, Ho, Wo)
+        x, w = _contiguous(x), _contiguous(w)
         self.x, self.w, self.stride, self.padding = x, w, stride, padding
         return backend.kernels_for(x).conv_transpose2d_forward(x, w, b, stride, padding, output_padding)
 
@@ -158,7 +160,7 @@ class MaxPool2d(Function):
     def forward(self, x, kernel_size, stride, padding):
         # x: (N, C, H, W) -> y: (N, C, Ho, Wo), with the argmax saved for backward
         self.x_shape = x.shape
-        y, self.argmax = backend.kernels_for(x).max_pool2d_forward(x, kernel_size, stride, padding)
+        y, self.argmax = backend.kernels_for(x).max_pool2d_forward(_contiguous(x), kernel_size, stride, padding)
         return y
 
     def backward(self, gy):
@@ -489,7 +491,7 @@ class BatchNorm(Function):
 
     def forward(self, x, gamma, beta, mean, var, eps, training, stats):
         # x: (N, C, H, W), gamma, beta: (C,) -> y: (N, C, H, W)
-        k = backend.kernels_for(x)
+        k, x = backend.kernels_for(x), _contiguous(x)
         y, self.mean, self.var = k.batch_norm_forward(x, gamma, beta, mean, var, eps, training)
         self.x, self.gamma, self.eps, self.training = x, gamma, eps, training
         stats["mean"], stats["var"] = self.mean, self.var  # for the running-statistics update

@@ -98,32 +98,6 @@ def overlay(image, labels, num_classes, alpha=0.45, rows=256):
     return out
 
 
-# ---- reading images as the network saw them in training --------------------------------
-
-def read_image(path, channels=None, normalize="image"):
-    """An image file -> float32 (C, H, W), preprocessed as FolderDataset does: pixels scaled to
-    [0, 1] by their bit depth, converted to `channels`, then normalised ('image' = per image and
-    channel to zero mean and unit variance; (mean, std); or None)."""
-    pixels, scale = data._decode_image(path)
-    # pixels: (H, W) or (H, W, 3) -> x: (C, H, W) in [0, 1]; in place where we can, for big images
-    x = pixels.astype(np.float32)
-    x *= np.float32(1.0 / scale)
-    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-    if channels == 1 and x.shape[0] == 3:
-        x = np.tensordot(np.asarray([0.299, 0.587, 0.114], np.float32), x, axes=1)[None]
-    elif channels == 3 and x.shape[0] == 1:
-        x = np.repeat(x, 3, axis=0)
-    x = np.ascontiguousarray(x)
-    if normalize == "image":
-        mean, std = x.mean(axis=(1, 2), keepdims=True), x.std(axis=(1, 2), keepdims=True) + 1e-6
-    elif normalize is not None:
-        mean, std = (np.asarray(v, np.float32).reshape(-1, 1, 1) for v in normalize)
-    if normalize is not None:
-        x -= mean.astype(np.float32)
-        x /= std.astype(np.float32)
-    return x
-
-
 # ---- the tiling ---------------------------------------------------------------------------
 
 def _reflect(i, n):
@@ -237,11 +211,7 @@ def list_inputs(path):
     """The image files to predict: `path` itself, or the images in the folder `path`."""
     path = pathlib.Path(path)
     if path.is_dir():
-        files = [p for p in sorted(path.iterdir(), key=lambda p: data._natural_key(p.name))
-                 if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in data.IMAGE_EXTENSIONS]
-        if not files:
-            raise ValueError(f"predict: no image files in {path}")
-        return files
+        return data.list_images(path, who="predict")
     if not path.exists():
         raise ValueError(f"predict: input {path} does not exist")
     return [path]
@@ -269,7 +239,7 @@ def predict_files(model_path, inputs, out_dir, tile=None, overlay_images=False, 
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list_inputs(inputs)
     for path in files:
-        image = read_image(path, channels=channels, normalize=normalize)
+        image = data.read_image(path, channels=channels, normalize=normalize)
         if image.shape[0] != channels:
             raise ValueError(f"predict: image {path} has {image.shape[0]} channels, the model takes {channels}")
         size = tile if tile is not None else auto_tile(model, image.shape[1:], tc.get("image_size") or 0)

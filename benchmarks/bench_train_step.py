@@ -1,5 +1,5 @@
 """One U-Net training step (forward, cross-entropy, backward, optimizer step) in images/s:
-minunet against the same network and optimizer in PyTorch, on the same device, in one run.
+minunet against the same network and optimizer in PyTorch, on the same device.
 
 The PyTorch model is built layer for layer like minunet.unet.UNet (3x3 convolutions with
 ReLU, 2x2 max-pool, 2x2 stride-2 transposed convolutions, skip concatenation in front of the
@@ -9,19 +9,28 @@ true float32 arithmetic, and on the CPU PyTorch gets as many threads as numba. T
 reported (`torch_ratio` in extra_info, as in bench_cpu.py) is minunet images/s divided by
 PyTorch images/s, i.e. PyTorch's step time over minunet's (1.0 = as fast as PyTorch).
 
+Each library is timed in a process of its own (see measure_in_subprocess). Run as a script,
+the two alternate for --pairs rounds and the median of the pairs' ratios is the figure: on a
+shared machine whose speed drifts, a ratio taken from two back-to-back measurements is far
+steadier than either measurement.
+
     PYTHONPATH=. python -m pytest benchmarks/bench_train_step.py --benchmark-only
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --base-channels 16 --size 128 --batch 4
 """
 import argparse
+import json
+import os
 import pathlib
+import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # run as a script from a source checkout: find the package beside us
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(ROOT))
 
 from minunet import backend, nn, optim
 from minunet import functional as F
@@ -136,6 +145,22 @@ def _torch_usable(device):
     return torch is not None and (device == "cpu" or torch.cuda.is_available())
 
 
+def measure_in_subprocess(library, cfg, device, rounds):
+    """images/s of `library` ('minunet' or 'pytorch'), timed in a fresh Python process.
+
+    Each library gets a process of its own because two CPU thread pools in one process
+    interfere: OpenBLAS's workers (numpy's GEMMs, under minunet) keep spinning for a while
+    after each call, and PyTorch timed next to them in one process has read as low as 1.3
+    images/s instead of ~25. A fresh process also starts both sides from the same cold state."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--library", library, "--device", device,
+           "--rounds", str(rounds)] + [f"--{k.replace('_', '-')}={cfg[k]}" for k in ("base_channels", "size", "batch", "depth")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"timing {library} in a subprocess failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_train_step(benchmark, device):
     if device == "cuda" and not backend.cuda_available():
@@ -149,7 +174,7 @@ def test_train_step(benchmark, device):
     ours = cfg["batch"] / benchmark.stats.stats.median
     benchmark.extra_info.update(device=device, config=cfg, minunet_images_per_s=ours)
     if _torch_usable(device):
-        theirs = images_per_second(torch_step(cfg, device), cfg["batch"], rounds)
+        theirs = measure_in_subprocess("pytorch", cfg, device, rounds)
         benchmark.extra_info.update(torch_version=torch.__version__, torch_images_per_s=theirs,
                                     torch_ratio=ours / theirs)
 
@@ -161,20 +186,35 @@ def main():
     p.add_argument("--size", type=int, default=CONFIG["size"])
     p.add_argument("--batch", type=int, default=CONFIG["batch"])
     p.add_argument("--depth", type=int, default=CONFIG["depth"])
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7, help="timed steps per measurement (the median counts)")
+    p.add_argument("--pairs", type=int, default=3,
+                   help="minunet/PyTorch measurements, alternating, each in its own process (the median ratio counts)")
+    p.add_argument("--library", choices=["minunet", "pytorch"],
+                   help="time only this library, in this process, and print one JSON line (used by the pairs)")
     args = p.parse_args()
     device = backend.normalize_device(args.device)
     cfg = dict(CONFIG, base_channels=args.base_channels, size=args.size, batch=args.batch, depth=args.depth)
+    if args.library:
+        make = minunet_step if args.library == "minunet" else torch_step
+        print(json.dumps({"library": args.library, "device": device, "config": cfg,
+                          "images_per_s": images_per_second(make(cfg, device), cfg["batch"], args.rounds)}))
+        return
     print(f"U-Net train step, {device}: base_channels={cfg['base_channels']} depth={cfg['depth']} "
-          f"{cfg['size']}x{cfg['size']} batch {cfg['batch']}, SGD momentum {cfg['momentum']}")
-    ours = images_per_second(minunet_step(cfg, device), cfg["batch"], args.rounds)
-    print(f"minunet  {ours:9.2f} images/s")
-    if _torch_usable(device):
-        theirs = images_per_second(torch_step(cfg, device), cfg["batch"], args.rounds)
-        print(f"pytorch  {theirs:9.2f} images/s  (torch {torch.__version__}, {torch.get_num_threads()} threads)")
-        print(f"ratio    {ours / theirs:9.3f}  (minunet / pytorch)")
-    else:
-        print("pytorch  not installed or no GPU for it: no ratio")
+          f"{cfg['size']}x{cfg['size']} batch {cfg['batch']}, SGD momentum {cfg['momentum']}; "
+          f"each figure the median of {args.rounds} steps in a fresh process")
+    if not _torch_usable(device):
+        ours = measure_in_subprocess("minunet", cfg, device, args.rounds)
+        print(f"minunet  {ours:9.2f} images/s\npytorch  not installed or no GPU for it: no ratio")
+        return
+    ratios = []
+    for i in range(args.pairs):
+        ours = measure_in_subprocess("minunet", cfg, device, args.rounds)
+        theirs = measure_in_subprocess("pytorch", cfg, device, args.rounds)
+        ratios.append(ours / theirs)
+        print(f"pair {i + 1}: minunet {ours:8.2f} images/s   pytorch {theirs:8.2f} images/s   ratio {ratios[-1]:.3f}",
+              flush=True)
+    print(f"ratio    {float(np.median(ratios)):.3f}  (median of {args.pairs} pairs, minunet / pytorch "
+          f"{torch.__version__})")
 
 
 if __name__ == "__main__":

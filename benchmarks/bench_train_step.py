@@ -25,12 +25,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # run as a script from a source checkout: find the package beside us
     sys.path.insert(0, str(ROOT))
+
+import minunet  # noqa: F401  (before numpy: minunet configures numpy's BLAS as it loads, see its __init__)
+import numpy as np
+import pytest
 
 from minunet import backend, nn, optim
 from minunet import functional as F

@@ -9,6 +9,7 @@ yardstick, or None where PyTorch is not installed (the bench then times minunet 
 `rng` is a seeded generator, so every run times the same data. pytest puts this folder on
 sys.path, so a bench can `import flops`.
 """
+import minunet  # noqa: F401  (before numpy: minunet configures numpy's BLAS as it loads, see its __init__)
 import numpy as np
 import pytest
 

@@ -17,7 +17,8 @@ The loops are numba `@njit(parallel=True, cache=True)` functions (see `_jit`) wh
 loop is a `prange`; every iteration owns what it writes (one (n, c) image plane, one channel,
 one pixel, one element), so no two threads write the same place and no atomics are needed.
 `cache=True` keeps the machine code in __pycache__: each (kernel, dtype) pair is compiled once
-per machine. Reductions (bias and batch-norm sums, v1 weight gradients) accumulate in float64.
+per machine. Reductions (bias and batch-norm sums, weight gradients) accumulate in float64,
+except within one plane where a kernel says so (vector partial sums in the input dtype).
 
 Convolution versions (`version=`, see VERSIONS)
 -----------------------------------------------
@@ -60,12 +61,12 @@ import numpy as np
 from numba import prange
 
 VERSIONS = {
-    "conv2d_forward": (1, 2),
-    "conv2d_backward_input": (1, 2),
-    "conv2d_backward_weight": (1, 2),
-    "conv_transpose2d_forward": (1, 2),
-    "conv_transpose2d_backward_input": (1, 2),
-    "conv_transpose2d_backward_weight": (1, 2),
+    "conv2d_forward": (1, 2, 3),
+    "conv2d_backward_input": (1, 2, 3),
+    "conv2d_backward_weight": (1, 2, 3),
+    "conv_transpose2d_forward": (1, 2, 3),
+    "conv_transpose2d_backward_input": (1, 2, 3),
+    "conv_transpose2d_backward_weight": (1, 2, 3),
 }
 DEFAULT_VERSION = {name: 2 for name in VERSIONS}
 
@@ -83,9 +84,12 @@ if numba.config.THREADING_LAYER == "default":
 _launch_lock = threading.Lock()
 
 
-def _jit(fn):
-    """fn compiled as a numba parallel kernel (machine code cached on disk), launched one at a time."""
-    kernel = numba.njit(parallel=True, cache=True)(fn)
+def _jit(fn=None, *, fastmath=False):
+    """fn compiled as a numba parallel kernel (machine code cached on disk), launched one at a
+    time; `@_jit(fastmath={...})` passes LLVM fast-math flags (see the v3 convolution)."""
+    if fn is None:
+        return functools.partial(_jit, fastmath=fastmath)
+    kernel = numba.njit(parallel=True, cache=True, fastmath=fastmath)(fn)
 
     @functools.wraps(fn)
     def launch(*args):
@@ -143,7 +147,20 @@ def _vector(op, name, a, n, dtype, default=None):
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-def _version(op, version):
+# version=None runs v3 instead of DEFAULT_VERSION's v2 where v2's GEMM is starved, for stride 1:
+# forward and backward_input when the convolution they compute has at most _DIRECT_CHANNELS
+# output channels (every im2col entry is then used that few times: the GEMM runs at the speed
+# of memory), backward_weight when its planes have at least _DIRECT_PLANE places (v3's
+# reductions run over whole planes; on small planes BLAS wins). Measured on the U-Net's layers,
+# 2 cores (PYTHONPATH=. python -m pytest benchmarks/bench_cpu.py --benchmark-only -k conv2d).
+_DIRECT_CHANNELS = 32
+_DIRECT_PLANE = 32 * 32
+
+
+def _version(op, version, direct=False):
+    """The version to run: `version`, checked, or for None v3 where `direct` says it wins."""
+    if version is None and direct:
+        return 3
     v = DEFAULT_VERSION[op] if version is None else version
     if v not in VERSIONS[op]:
         raise ValueError(f"{op}: unknown version {version!r}; available: {VERSIONS[op]}")
@@ -417,32 +434,239 @@ def _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding):
 
 
 # ---------------------------------------------------------------------------------------------
+# convolution v3: direct loops over zero-padded planes, register-blocked
+# ---------------------------------------------------------------------------------------------
+# v3 computes a stride-1 correlation y[i, j] = sum_{u,v} w[u, v] * xp[i + u, j + v] over a
+# zero-padded copy xp of each input plane, and it never builds im2col's columns: for a 3x3
+# kernel those are 9 copies of x, and when the layer has few output channels (K = 16 at the
+# top of a U-Net) every column entry is used only K times, so the GEMM runs at the speed of
+# memory, not of the FPU. v3 reads each x once per block of 4 output channels instead.
+#
+# The padded plane is stored flat with row length Wp = Wo + kw - 1, which makes every tap a
+# constant offset: xp[i + u, j + v] = plane[(i*Wp + j) + (u*Wp + v)]. So v3 runs over the
+# flat index p = i*Wp + j of an "extended" output of Ho rows of Wp (its last kw - 1 columns are
+# garbage, computed and dropped) in long straight loops with no per-row bookkeeping, which
+# LLVM vectorises: in the 3x3 case the three taps of a kernel row and four output channels
+# share each load of x, so one pass of the loop does 12 fused multiply-adds on vector lanes.
+#
+# Strided convolutions are not v3's business (None never picks it for them), but every version
+# computes every case: a stride s forward is the stride-1 one read at every s-th place, and
+# the gradients dilate gy (s - 1 zeros between its entries) and correlate at stride 1.
+
+_V3_CHUNK = 1024  # output places per task in v3's forward: 4 channels' accumulators stay in L1
+_V3_FAST = {"contract"}            # let LLVM fuse a*b + c into one FMA
+_V3_REDUCE = {"contract", "reassoc"}  # ... and reorder sums, so the reductions vectorise
+
+
+@_jit
+def _pad_planes(x, top, left, Hp, Wp, xp):
+    # x: (N, C, H, W) -> xp: (N, C, Hp*Wp + tail), xp[n, c, h*Wp + q] = x[n, c, h - top, q - left]
+    # where that lies inside x, else 0 (top and left may be negative: a crop). One plane per
+    # task; each place is written once (a zero fill first would double the memory traffic).
+    N, C, H, W = x.shape
+    h0, h1 = min(Hp, max(0, top)), max(min(Hp, max(0, top)), min(Hp, H + top))
+    q0, q1 = min(Wp, max(0, left)), max(min(Wp, max(0, left)), min(Wp, W + left))
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        plane = xp[n, c]
+        plane[:h0 * Wp] = 0
+        for h in range(h0, h1):
+            row = plane[h * Wp:(h + 1) * Wp]
+            row[:q0] = 0
+            row[q0:q1] = x[n, c, h - top, q0 - left:q1 - left]
+            row[q1:] = 0
+        plane[h1 * Wp:] = 0
+
+
+def _padded(x, top, left, Hp, Wp, tail):
+    """x as zero-padded flat planes (N, C, Hp*Wp + tail) with x[.., 0, 0] at row top, column left."""
+    xp = np.empty((*x.shape[:2], Hp * Wp + tail), x.dtype)
+    _pad_planes(x, top, left, Hp, Wp, xp)
+    return xp
+
+
+@_jit(fastmath=_V3_FAST)
+def _correlate_v3(xp, w, b, Wp, Ho, Wo, y):
+    # y[n, k, i, j] = b[k] + sum_{c,u,v} w[k,c,u,v] * xp[n, c, (i+u)*Wp + j+v]; one task per
+    # (image, block of 4 output channels, chunk of whole extended rows)
+    N, C, _ = xp.shape
+    K, _, kh, kw = w.shape
+    rows = max(1, _V3_CHUNK // Wp)
+    n_chunks = (Ho + rows - 1) // rows
+    KB = (K + 3) // 4
+    for t in prange(N * KB * n_chunks):
+        n, kb, ch = t // (KB * n_chunks), (t // n_chunks) % KB, t % n_chunks
+        k0, k1 = kb * 4, min(K, kb * 4 + 4)
+        i0 = ch * rows
+        i1 = min(Ho, i0 + rows)
+        L = (i1 - i0) * Wp
+        acc = np.zeros((4, L), y.dtype)
+        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+        for c in range(C):
+            for u in range(kh):
+                xs = xp[n, c, (i0 + u) * Wp:]        # tap (u, 0) of extended place p is xs[p]
+                if kw == 3 and k1 - k0 == 4:
+                    p0, p1, p2 = w[k0, c, u, 0], w[k0, c, u, 1], w[k0, c, u, 2]
+                    q0, q1, q2 = w[k0 + 1, c, u, 0], w[k0 + 1, c, u, 1], w[k0 + 1, c, u, 2]
+                    r0, r1, r2 = w[k0 + 2, c, u, 0], w[k0 + 2, c, u, 1], w[k0 + 2, c, u, 2]
+                    s0, s1, s2 = w[k0 + 3, c, u, 0], w[k0 + 3, c, u, 1], w[k0 + 3, c, u, 2]
+                    for p in range(L):
+                        xa, xb, xc = xs[p], xs[p + 1], xs[p + 2]
+                        a0[p] += p0 * xa + p1 * xb + p2 * xc
+                        a1[p] += q0 * xa + q1 * xb + q2 * xc
+                        a2[p] += r0 * xa + r1 * xb + r2 * xc
+                        a3[p] += s0 * xa + s1 * xb + s2 * xc
+                else:
+                    for k in range(k0, k1):
+                        a = acc[k - k0]
+                        for v in range(kw):
+                            wv = w[k, c, u, v]
+                            for p in range(L):
+                                a[p] += wv * xs[p + v]
+        for k in range(k0, k1):                       # drop the garbage columns, add the bias
+            for i in range(i0, i1):
+                src, dst = acc[k - k0, (i - i0) * Wp:], y[n, k, i]
+                for j in range(Wo):
+                    dst[j] = src[j] + b[k]
+
+
+@_jit(fastmath=_V3_REDUCE)
+def _correlate_grad_v3(xp, gp, Wp, gw):
+    # gw[k, c, u, v] = sum_{n, p} gp[n, k, p] * xp[n, c, p + u*Wp + v] over the extended places p
+    # (gp is gy with zeros in the garbage columns); one task per (input channel, block of 4 k).
+    # Each loop is a reduction over a whole plane: float32 partial sums inside it (vectorised),
+    # float64 across planes and rows of the kernel.
+    N, C, _ = xp.shape
+    K, P = gp.shape[1], gp.shape[2]
+    kh, kw = gw.shape[2], gw.shape[3]
+    KB = (K + 3) // 4
+    for t in prange(C * KB):
+        c, kb = t // KB, t % KB
+        k0, k1 = kb * 4, min(K, kb * 4 + 4)
+        acc = np.zeros((4, kh, kw))
+        zero = np.zeros(1, gp.dtype)[0]
+        for n in range(N):
+            for u in range(kh):
+                xs = xp[n, c, u * Wp:]
+                if kw == 3 and k1 - k0 == 4:
+                    g0, g1, g2, g3 = gp[n, k0], gp[n, k0 + 1], gp[n, k0 + 2], gp[n, k0 + 3]
+                    s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = s30 = s31 = s32 = zero
+                    for p in range(P):
+                        xa, xb, xc = xs[p], xs[p + 1], xs[p + 2]
+                        s00 += g0[p] * xa
+                        s01 += g0[p] * xb
+                        s02 += g0[p] * xc
+                        s10 += g1[p] * xa
+                        s11 += g1[p] * xb
+                        s12 += g1[p] * xc
+                        s20 += g2[p] * xa
+                        s21 += g2[p] * xb
+                        s22 += g2[p] * xc
+                        s30 += g3[p] * xa
+                        s31 += g3[p] * xb
+                        s32 += g3[p] * xc
+                    acc[0, u, 0] += s00
+                    acc[0, u, 1] += s01
+                    acc[0, u, 2] += s02
+                    acc[1, u, 0] += s10
+                    acc[1, u, 1] += s11
+                    acc[1, u, 2] += s12
+                    acc[2, u, 0] += s20
+                    acc[2, u, 1] += s21
+                    acc[2, u, 2] += s22
+                    acc[3, u, 0] += s30
+                    acc[3, u, 1] += s31
+                    acc[3, u, 2] += s32
+                else:
+                    for k in range(k0, k1):
+                        g = gp[n, k]
+                        for v in range(kw):
+                            s = zero
+                            for p in range(P):
+                                s += g[p] * xs[p + v]
+                            acc[k - k0, u, v] += s
+        for k in range(k0, k1):
+            gw[k, c] = acc[k - k0]
+
+
+def _dilated(gy, stride, shape):
+    """gy with stride - 1 zeros after each entry along h and w, in an array of `shape`[2:] (the
+    places past gy's last entry are 0 too): the gradient of a strided convolution, laid out
+    for a stride-1 one."""
+    if stride == (1, 1) and gy.shape[2:] == tuple(shape[2:]):
+        return gy
+    out = np.zeros((*gy.shape[:2], *shape[2:]), gy.dtype)
+    out[:, :, ::stride[0], ::stride[1]][:, :, :gy.shape[2], :gy.shape[3]] = gy
+    return out
+
+
+def _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo):
+    N, K, (kh, kw), (sh, sw), (ph, pw) = x.shape[0], w.shape[0], w.shape[2:], stride, padding
+    H1, W1 = (Ho - 1) * sh + 1, (Wo - 1) * sw + 1              # the stride-1 output that covers y
+    Wp = W1 + kw - 1
+    xp = _padded(x, ph, pw, H1 + kh - 1, Wp, kw)
+    b = np.zeros(K, x.dtype) if b is None else b
+    y = np.empty((N, K, H1, W1), x.dtype)
+    _correlate_v3(xp, w, b, Wp, H1, W1, y)
+    return y if (sh, sw) == (1, 1) else np.ascontiguousarray(y[:, :, ::sh, ::sw])
+
+
+def _conv2d_backward_input_v3(gy, w, x_shape, stride, padding, b=None):
+    # gx[h, q] = sum_{k,u,v} gyd[h + ph - u, q + pw - v] * w[k, c, u, v] with gyd gy dilated:
+    # a stride-1 correlation of gyd with w flipped in space and its channel axes swapped,
+    # padded by kh-1-ph on top (negative: cropped). b, where given, is added to every plane.
+    (N, C, H, W), (kh, kw), (sh, sw), (ph, pw) = x_shape, w.shape[2:], stride, padding
+    Ho, Wo = gy.shape[2:]
+    gyd = _dilated(gy, stride, (N, gy.shape[1], (Ho - 1) * sh + 1, (Wo - 1) * sw + 1))
+    w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+    Wp = W + kw - 1
+    gp = _padded(gyd, kh - 1 - ph, kw - 1 - pw, H + kh - 1, Wp, kw)
+    gx = np.empty(x_shape, gy.dtype)
+    _correlate_v3(gp, w_flip, np.zeros(C, gy.dtype) if b is None else b, Wp, H, W, gx)
+    return gx
+
+
+def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding):
+    (K, C, kh, kw), (sh, sw), (ph, pw) = w_shape, stride, padding
+    N, _, Ho, Wo = gy.shape
+    H1, W1 = (Ho - 1) * sh + 1, (Wo - 1) * sw + 1
+    Wp = W1 + kw - 1
+    xp = _padded(x, ph, pw, H1 + kh - 1, Wp, kw)
+    gp = _padded(_dilated(gy, stride, (N, K, H1, W1)), 0, 0, H1, Wp, 0)  # zeros in the garbage columns
+    gw = np.empty(w_shape, x.dtype)
+    _correlate_grad_v3(xp, gp, Wp, gw)
+    return gw
+
+
+# ---------------------------------------------------------------------------------------------
 # convolution: the public kernels
 # ---------------------------------------------------------------------------------------------
 
 def conv2d_forward(x, w, b, stride, padding, version=None):
     # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo)
     op = "conv2d_forward"
-    v = _version(op, version)
     dtype = _floats(op, ("x", x), ("w", w), ndim=4)
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w {w.shape} expects {w.shape[1]}")
     stride, padding = tuple(stride), tuple(padding)
+    v = _version(op, version, stride == (1, 1) and w.shape[0] <= _DIRECT_CHANNELS)
     Ho, Wo = _conv_out_hw(op, x.shape[2:], w.shape[2:], stride, padding)
     if v == 1:
         y = np.empty((x.shape[0], w.shape[0], Ho, Wo), dtype)
         _conv2d_forward_v1(x, w, _vector(op, "b", b, w.shape[0], dtype, 0), *stride, *padding, y)
         return y
     b = None if b is None else _vector(op, "b", b, w.shape[0], dtype)
+    if v == 3:
+        return _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo)
     return _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo)
 
 
 def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
     # gy: (N, K, Ho, Wo), w: (K, C, kh, kw) -> gx: x_shape = (N, C, H, W)
     op = "conv2d_backward_input"
-    v = _version(op, version)
     dtype = _floats(op, ("gy", gy), ("w", w), ndim=4)
     stride, padding, x_shape = tuple(stride), tuple(padding), tuple(x_shape)
+    v = _version(op, version, stride == (1, 1) and x_shape[1] <= _DIRECT_CHANNELS)
     N, C, H, W = x_shape
     if C != w.shape[1]:
         raise ValueError(f"{op}: x_shape {x_shape} has {C} channels but w {w.shape} expects {w.shape[1]}")
@@ -451,15 +675,17 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
         gx = np.zeros(x_shape, dtype)
         _conv2d_backward_input_v1(gy, w, *stride, *padding, gx)
         return gx
+    if v == 3:
+        return _conv2d_backward_input_v3(gy, w, x_shape, stride, padding)
     return _conv2d_backward_input_v2(gy, w, x_shape, stride, padding)
 
 
 def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
     # x: (N, C, H, W), gy: (N, K, Ho, Wo) -> gw: w_shape = (K, C, kh, kw)
     op = "conv2d_backward_weight"
-    v = _version(op, version)
     dtype = _floats(op, ("x", x), ("gy", gy), ndim=4)
     stride, padding, w_shape = tuple(stride), tuple(padding), tuple(w_shape)
+    v = _version(op, version, stride == (1, 1) and gy.ndim == 4 and gy.shape[2] * gy.shape[3] >= _DIRECT_PLANE)
     K, C, kh, kw = w_shape
     if x.shape[1] != C:
         raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w_shape {w_shape} expects {C}")
@@ -468,6 +694,8 @@ def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
         gw = np.empty(w_shape, dtype)
         _conv2d_backward_weight_v1(x, gy, *stride, *padding, gw)
         return gw
+    if v == 3:
+        return _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding)
     return _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding)
 
 
@@ -499,6 +727,8 @@ def conv_transpose2d_forward(x, w, b, stride, padding, output_padding, version=N
         if b is not None:
             y += b[:, None, None]
         return y
+    if v == 3:
+        return _conv2d_backward_input_v3(x, w, y_shape, stride, padding, b)
     if (kh, kw) == stride and padding == (0, 0) and output_padding == (0, 0):
         # patches that do not overlap: z[n] (Cout*kh*kw, H*W) = W.T @ x[n], then each into place
         b = np.zeros(Cout, dtype) if b is None else b
@@ -524,6 +754,8 @@ def conv_transpose2d_backward_input(gy, w, stride, padding, version=None):
         gx = np.empty((gy.shape[0], w.shape[0], Ho, Wo), dtype)
         _conv2d_forward_v1(gy, w, np.zeros(w.shape[0], dtype), *stride, *padding, gx)
         return gx
+    if v == 3:
+        return _conv2d_forward_v3(gy, w, None, stride, padding, Ho, Wo)
     return _conv2d_forward_v2(gy, w, None, stride, padding, Ho, Wo)
 
 
@@ -542,6 +774,8 @@ def conv_transpose2d_backward_weight(x, gy, w_shape, stride, padding, version=No
         gw = np.empty(w_shape, dtype)
         _conv2d_backward_weight_v1(gy, x, *stride, *padding, gw)
         return gw
+    if v == 3:
+        return _conv2d_backward_weight_v3(gy, x, w_shape, stride, padding)
     return _conv2d_backward_weight_v2(gy, x, w_shape, stride, padding)
 
 
@@ -555,6 +789,19 @@ def _max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, y, argmax):
     # a NaN wins over any number (it propagates, as in PyTorch); padded places are never read
     N, C, H, W = x.shape
     Ho, Wo = y.shape[2], y.shape[3]
+    if (kh, kw, sh, sw, ph, pw) == (2, 2, 2, 2, 0, 0):   # the U-Net's pooling: no bounds to check
+        for nc in prange(N * C):
+            n, c = nc // C, nc % C
+            for i in range(Ho):
+                top, bot = x[n, c, 2 * i], x[n, c, 2 * i + 1]
+                yr, ar = y[n, c, i], argmax[n, c, i]
+                for j in range(Wo):
+                    best, at = top[2 * j], 2 * i * W + 2 * j
+                    for v, where in ((top[2 * j + 1], at + 1), (bot[2 * j], at + W), (bot[2 * j + 1], at + W + 1)):
+                        if v > best or (v != v and best == best):
+                            best, at = v, where
+                    yr[j], ar[j] = best, at
+        return
     for nc in prange(N * C):
         n, c = nc // C, nc % C
         for i in range(Ho):
@@ -705,15 +952,19 @@ def _relu_backward(gy, y, gx):
         gx[i] = gy[i] if y[i] > 0 else 0
 
 
-@_jit
+@_jit(fastmath={"reassoc"})
 def _bias_backward(gy, gb):
-    # gy: (N, C, L) -> gb: (C,); one prange iteration per channel, summed in float64
+    # gy: (N, C, L) -> gb: (C,); one prange iteration per channel. Each plane is summed in the
+    # input dtype (reassoc lets LLVM keep vector partial sums), the planes' sums in float64.
     N, C, L = gy.shape
+    zero = np.zeros(1, gy.dtype)[0]
     for c in prange(C):
         acc = 0.0
         for n in range(N):
-            for s in range(L):
-                acc += gy[n, c, s]
+            plane, s = gy[n, c], zero
+            for i in range(L):
+                s += plane[i]
+            acc += s
         gb[c] = acc
 
 

@@ -108,6 +108,7 @@ CONV_CASES = [
     (1, 1, 5, 5, 1, (3, 3), (1, 1), (0, 0)),     # batch 1, one channel
     (1, 2, 4, 4, 3, (2, 2), (1, 1), (2, 2)),     # padding >= kernel: border outputs see only padding
     (1, 2, 3, 3, 2, (3, 3), (1, 1), (0, 0)),     # a 1x1 output
+    (1, 2, 40, 33, 6, (3, 3), (1, 1), (1, 1)),   # a plane larger than one task of v3's forward
 ] + _random_conv_cases(seed=2024, n=5)
 
 

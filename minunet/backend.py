@@ -72,7 +72,8 @@ adam_update             PyTorch's Adam (decoupled=False: g += weight_decay*p) or
 - `version` picks one of a convolution's implementations (None = the fastest). Every
   version computes the same function; tests run them all, benchmarks time them all. Each
   kernel module has `VERSIONS = {kernel_name: (1, 2, ...)}` for the kernels that take
-  `version`, and `DEFAULT_VERSION = {kernel_name: v}` for what None picks.
+  `version`, and `DEFAULT_VERSION = {kernel_name: v}` for what None picks, unless the
+  module routes some shapes to another version, as minunet.cpu does (and says where).
 """
 import numpy as np
 

@@ -44,6 +44,10 @@ Convolution versions (`version=`, see VERSIONS)
       col is kh*kw times the size of x, so it lives in a reusable per-thread scratch buffer: a
       fresh array that size costs more in page faults than the copy itself. A 1x1 kernel with
       stride 1 and no padding needs no im2col: x viewed as (N, C, H*W) already is col.
+  v3  direct loops over zero-padded planes, blocked for the FPU's registers (see its section
+      below): no columns, so nothing 9x the size of x goes through memory. It wins where v2's
+      GEMM is starved (few output channels, as at the top of a U-Net) and, for the weight
+      gradient, on large planes; version=None picks it there and v2 elsewhere (_version).
 
 Transposed convolution is the adjoint of convolution in x (as in Chainer): its forward is
 conv2d's backward_input with the roles of x and gy swapped, its backward_input is conv2d's
@@ -181,19 +185,22 @@ _THIN = 256  # below this many output pixels per image, v2 runs one GEMM over th
 
 
 class _Scratch(threading.local):
-    """One growing byte buffer per thread, for temporaries that never leave a kernel (im2col's
-    columns): reusing it skips the page faults a fresh array of that size costs every call."""
-    buf = np.empty(0, np.uint8)
+    """Growing byte buffers per thread, for temporaries that never leave a kernel (im2col's
+    columns, v3's padded planes): reusing them skips the page faults that a fresh array of that
+    size costs on every call. A kernel that needs two at once takes them from two slots."""
+    def __init__(self):
+        self.bufs = {}
 
 
 _scratch_space = _Scratch()
 
 
-def _scratch(shape, dtype):
+def _scratch(shape, dtype, slot=0):
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-    if _scratch_space.buf.nbytes < nbytes:
-        _scratch_space.buf = np.empty(nbytes, np.uint8)
-    return _scratch_space.buf[:nbytes].view(dtype).reshape(shape)
+    buf = _scratch_space.bufs.get(slot)
+    if buf is None or buf.nbytes < nbytes:
+        buf = _scratch_space.bufs[slot] = np.empty(nbytes, np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,9 +485,10 @@ def _pad_planes(x, top, left, Hp, Wp, xp):
         plane[h1 * Wp:] = 0
 
 
-def _padded(x, top, left, Hp, Wp, tail):
-    """x as zero-padded flat planes (N, C, Hp*Wp + tail) with x[.., 0, 0] at row top, column left."""
-    xp = np.empty((*x.shape[:2], Hp * Wp + tail), x.dtype)
+def _padded(x, top, left, Hp, Wp, tail, slot=0):
+    """x as zero-padded flat planes (N, C, Hp*Wp + tail) with x[.., 0, 0] at row top, column
+    left, in scratch buffer `slot`."""
+    xp = _scratch((*x.shape[:2], Hp * Wp + tail), x.dtype, slot)
     _pad_planes(x, top, left, Hp, Wp, xp)
     return xp
 
@@ -632,7 +640,7 @@ def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding):
     H1, W1 = (Ho - 1) * sh + 1, (Wo - 1) * sw + 1
     Wp = W1 + kw - 1
     xp = _padded(x, ph, pw, H1 + kh - 1, Wp, kw)
-    gp = _padded(_dilated(gy, stride, (N, K, H1, W1)), 0, 0, H1, Wp, 0)  # zeros in the garbage columns
+    gp = _padded(_dilated(gy, stride, (N, K, H1, W1)), 0, 0, H1, Wp, 0, slot=1)  # 0 in the garbage columns
     gw = np.empty(w_shape, x.dtype)
     _correlate_grad_v3(xp, gp, Wp, gw)
     return gw

@@ -146,6 +146,30 @@ def test_conv2d_backward_weight(device, version, dtype, case, rng):
     check(gw, ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, "conv2d_backward_weight gw")
 
 
+@pytest.mark.parametrize("op, K, C, hw, stride, expected", [
+    ("conv2d_forward", 16, 64, 8, (1, 1), 3),          # few output channels: direct
+    ("conv2d_forward", 64, 16, 8, (1, 1), 2),          # many: GEMM
+    ("conv2d_forward", 16, 16, 8, (2, 2), 2),          # strided: GEMM
+    ("conv2d_backward_input", 64, 16, 8, (1, 1), 3),   # gx has few channels: direct
+    ("conv2d_backward_input", 16, 64, 8, (1, 1), 2),
+    ("conv2d_backward_weight", 64, 64, 32, (1, 1), 3),  # a large plane: direct
+    ("conv2d_backward_weight", 64, 64, 8, (1, 1), 2),   # a small one: GEMM
+])
+def test_cpu_version_none_routes_by_shape(op, K, C, hw, stride, expected, rng):
+    """On the CPU version=None runs v3 or v2 by shape (cpu._version): it must give exactly what
+    the version it routes to gives (the oracle checks both versions' values above)."""
+    from minunet import cpu
+    out = (hw - 1) // stride[0] + 1  # 3x3, padding 1
+    x, w, gy = make(rng, np.float32, (2, C, hw, hw), (K, C, 3, 3), (2, K, out, out))
+    args = {"conv2d_forward": (x, w, None, stride, (1, 1)),
+            "conv2d_backward_input": (gy, w, x.shape, stride, (1, 1)),
+            "conv2d_backward_weight": (x, gy, w.shape, stride, (1, 1))}[op]
+    fn = getattr(cpu, op)
+    np.testing.assert_array_equal(fn(*args), fn(*args, version=expected))
+    other = 5 - expected  # v2 <-> v3: differently rounded, so a wrong route shows up as a mismatch
+    assert not np.array_equal(fn(*args), fn(*args, version=other)), f"{op}: v2 and v3 agreed bit for bit"
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bias_backward(device, dtype, rng):
     for shape in [(2, 3, 5, 7), (1, 1, 1, 1), (3, 16, 4, 4)]:

@@ -29,19 +29,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # run as a script from a source checkout: find the package beside us
     sys.path.insert(0, str(ROOT))
 
-import minunet  # noqa: F401  (before numpy: minunet configures numpy's BLAS as it loads, see its __init__)
-import numpy as np
-import pytest
+# The library a process times is imported first, so that it sets up the shared native runtimes
+# as it would alone: importing minunet configures numpy's OpenBLAS and starts numba's OpenMP
+# pool, and PyTorch loaded afterwards would share that libgomp (same soname) and its settings.
+# A process that times minunet alone (--library=minunet) never imports PyTorch.
+_LIBRARY = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--library=")), None)
+torch = None
+if _LIBRARY != "minunet":
+    try:
+        import torch
+    except ImportError:
+        pass
 
-from minunet import backend, nn, optim
-from minunet import functional as F
-from minunet.autograd import tensor
-from minunet.unet import UNet
+import minunet  # noqa: E402,F401
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
-try:
-    import torch
-except ImportError:
-    torch = None
+from minunet import backend, nn, optim  # noqa: E402
+from minunet import functional as F  # noqa: E402
+from minunet.autograd import tensor  # noqa: E402
+from minunet.unet import UNet  # noqa: E402
 
 CONFIG = dict(base_channels=16, size=128, batch=4, depth=4, padding="same", in_channels=1, num_classes=2,
               lr=0.01, momentum=0.9)
@@ -152,8 +159,9 @@ def measure_in_subprocess(library, cfg, device, rounds):
     Each library gets a process of its own because two CPU thread pools in one process
     interfere: OpenBLAS's workers (numpy's GEMMs, under minunet) keep spinning for a while
     after each call, and PyTorch timed next to them in one process has read as low as 1.3
-    images/s instead of ~25. A fresh process also starts both sides from the same cold state."""
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--library", library, "--device", device,
+    images/s instead of ~25; and the library imported first sets up the OpenMP runtime both
+    would share. A fresh process also starts both sides from the same cold state."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), f"--library={library}", "--device", device,
            "--rounds", str(rounds)] + [f"--{k.replace('_', '-')}={cfg[k]}" for k in ("base_channels", "size", "batch", "depth")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)

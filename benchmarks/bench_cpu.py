@@ -17,6 +17,10 @@ and minunet's numba kernels are compiled before pytest-benchmark starts its cloc
 `fwd_bwd` bench times forward, backward_input and backward_weight in a row, which is what one
 training step asks of a convolution; PyTorch's side is F.conv2d followed by one
 aten.convolution_backward for both gradients, as its autograd would run it.
+
+In one process PyTorch shares the OpenMP runtime that minunet, imported first, set up for
+numba (see minunet.cpu), so its figures here can differ from PyTorch's alone;
+bench_train_step.py times each library in a process of its own.
 """
 import time
 

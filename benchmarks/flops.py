@@ -51,6 +51,7 @@ class ConvShape(NamedTuple):
 
 UNET_CONV_SHAPES = [
     ConvShape("in_3to64_128px", (4, 3, 128, 128), (64, 3, 3, 3)),          # the first layer
+    ConvShape("top_16to16_128px", (4, 16, 128, 128), (16, 16, 3, 3)),      # base_channels=16: few channels
     ConvShape("enc1_64to64_64px", (4, 64, 64, 64), (64, 64, 3, 3)),
     ConvShape("enc2_128to128_32px", (4, 128, 32, 32), (128, 128, 3, 3)),
     ConvShape("dec_256to128_16px", (4, 256, 16, 16), (128, 256, 3, 3)),    # after a skip concatenation

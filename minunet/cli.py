@@ -93,6 +93,13 @@ def _number_list(kind):
     return parse
 
 
+def _name_list(text):
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def _add_data_options(p, defaults_from):
     g = p.add_argument_group("data (" + defaults_from + ")")
     g.add_argument("--data", metavar="DIR", help="folder with images/ and masks/ subfolders")
@@ -111,6 +118,8 @@ def _add_data_options(p, defaults_from):
     g.add_argument("--channels", type=int, choices=[1, 3], help="convert images to 1 or 3 channels")
     g.add_argument("--classes", type=_positive_int, metavar="K",
                    help="number of classes (index masks; synthetic 2-5, default 3)")
+    g.add_argument("--class-names", type=_name_list, metavar="NAME0,NAME1,...",
+                   help="names for the classes in tables and pictures (a palette file may name them too)")
 
 
 def _on(flag):
@@ -262,7 +271,7 @@ def cmd_eval(args):
     device = _device(args.device)
     model, ckpt = load_model(args.model, device)
     given = _given(args, {"data", "images", "masks", "pairing", "mask_prefix", "mask_suffix", "mask_mode",
-                          "gray_levels", "palette", "ignore_index", "channels", "classes"})
+                          "gray_levels", "palette", "ignore_index", "channels", "classes", "class_names"})
     saved = {k: v for k, v in (ckpt.train_config or {}).items() if k in TRAIN_FIELDS}
     cfg = TrainConfig(**saved)
     own_data = bool({"data", "images", "masks"} & set(given))

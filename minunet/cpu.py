@@ -585,6 +585,8 @@ def _correlate_grad_v3(xp, gp, Wp, gw):
             for u in range(kh):
                 xs = xp[n, c, u * Wp:]
                 if kw == 3 and k1 - k0 == 4:
+                    # written out, not looped: 12 named scalars are what LLVM keeps in 12 vector
+                    # registers (an array of sums would go through memory on every step)
                     g0, g1, g2, g3 = gp[n, k0], gp[n, k0 + 1], gp[n, k0 + 2], gp[n, k0 + 3]
                     s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = s30 = s31 = s32 = zero
                     for p in range(P):

@@ -76,6 +76,7 @@ class TrainConfig:
     channels: int = None                  # input channels (folder: as stored; synthetic: 1)
     normalize: str = "image"              # per-image standardisation, as the synthetic set
     classes: int = None                   # folder 'index' masks need it; synthetic default 3
+    class_names: tuple = None             # folder: names for tables and pictures (else indices)
     samples: int = 384                    # synthetic images
     image_size: int = 64                  # synthetic size / folder training crop / tile size
     val_fraction: float = 0.2
@@ -143,6 +144,8 @@ class BorderWeights:
 def build_dataset(cfg):
     """The dataset a config names (synthetic or folder), with weight maps if asked."""
     if cfg.is_synthetic():
+        if cfg.class_names is not None:
+            raise ValueError("--class-names names the classes of a folder dataset; the synthetic set names its own")
         ds = SyntheticDataset(num_samples=cfg.samples, image_size=cfg.image_size, num_classes=cfg.num_classes(),
                               in_channels=cfg.channels or 1, seed=cfg.seed)
         if cfg.border_weights:
@@ -166,7 +169,8 @@ def build_dataset(cfg):
     return FolderDataset(images, masks, pairing=cfg.pairing, mask_prefix=cfg.mask_prefix,
                          mask_suffix=cfg.mask_suffix, mask_mode=cfg.mask_mode, num_classes=cfg.classes,
                          gray_levels=cfg.gray_levels, palette=cfg.palette, ignore_index=cfg.ignore_index,
-                         channels=cfg.channels, normalize=cfg.normalize, weight_map=weight_map)
+                         channels=cfg.channels, normalize=cfg.normalize, weight_map=weight_map,
+                         class_names=cfg.class_names)
 
 
 def build_model(cfg, dataset):

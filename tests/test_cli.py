@@ -216,6 +216,21 @@ def test_eval_prints_a_table_and_writes_json(run, folder, tmp_path, capsys):
     assert scores["images"] == 3 and len(scores["dice"]) == 3 and 0 <= scores["pixel_accuracy"] <= 1
 
 
+def test_eval_names_the_classes_it_is_told(run, folder, capsys):
+    assert main(["eval", "--model", str(run / "best.safetensors"), "--data", str(folder), "--classes", "3",
+                 "--class-names", "sky, road ,car", "--json", "-", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    table = out[:out.index("{")]
+    assert all(name in table for name in ("sky", "road", "car"))
+    assert json.loads(out[out.index("{"):])["class_names"] == ["sky", "road", "car"]
+
+
+def test_class_names_must_match_the_classes(run, folder, capsys):
+    rc = main(["eval", "--model", str(run / "best.safetensors"), "--data", str(folder), "--classes", "3",
+               "--class-names", "sky,road", "--device", "cpu"])
+    assert rc == 2 and "2 class_names for 3 classes" in capsys.readouterr().err
+
+
 def test_eval_defaults_to_the_validation_split(run, capsys):
     assert main(["eval", "--model", str(run / "last.safetensors"), "--json", "-", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -226,6 +241,11 @@ def test_eval_defaults_to_the_validation_split(run, capsys):
 
 
 # ---- bad input: one line on stderr, exit status 2 ------------------------------------------
+
+def test_class_names_are_for_folder_data(tmp_path, capsys):
+    rc = main(["train", "--class-names", "a,b,c", "--out", str(tmp_path / "r"), "--device", "cpu"])
+    _one_error_line(capsys, rc, "--class-names", "synthetic")
+
 
 def test_missing_data_folder(tmp_path, capsys):
     rc = main(["train", "--data", str(tmp_path / "nowhere"), "--device", "cpu"])

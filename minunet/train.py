@@ -287,7 +287,9 @@ def write_metrics(path, history):
     atomic_write(path, lines.encode())
 
 
-def plot_curves(path, history):
+def plot_curves(path, history, class_names=None):
+    """Loss (train, validation) and validation scores per epoch: mean Dice, mIoU, pixel
+    accuracy, and each class's Dice (dashed) under its name, or its index."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -299,8 +301,12 @@ def plot_curves(path, history):
     ax_loss.legend()
     for key, label in (("mean_dice", "mean Dice"), ("mean_iou", "mean IoU"), ("pixel_accuracy", "pixel accuracy")):
         ax_score.plot(epochs, [r[key] for r in history], "o-", label=label)
+    num_classes = len(history[-1]["dice"])
+    names = class_names or [f"class {k}" for k in range(num_classes)]
+    for k, name in enumerate(names):
+        ax_score.plot(epochs, [r["dice"][k] for r in history], "--", linewidth=1, label=f"Dice {name}")
     ax_score.set(xlabel="epoch", title="validation", ylim=(0, 1))
-    ax_score.legend()
+    ax_score.legend(fontsize="small", ncol=2 if num_classes > 4 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -480,7 +486,7 @@ def train(cfg, log=print, resume=None):
                 if improved:
                     checkpoint(run_dir / "best.safetensors", best)
                 write_metrics(run_dir / "metrics.jsonl", history)
-                plot_curves(run_dir / "curves.png", history)
+                plot_curves(run_dir / "curves.png", history, dataset.class_names)
                 if samples:
                     plot_predictions(run_dir / "predictions.png", samples, dataset.num_classes)
                 log(f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "

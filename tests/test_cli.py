@@ -225,6 +225,24 @@ def test_eval_names_the_classes_it_is_told(run, folder, capsys):
     assert json.loads(out[out.index("{"):])["class_names"] == ["sky", "road", "car"]
 
 
+@pytest.mark.parametrize("names, expected", [(("membrane", "cell"), ["Dice membrane", "Dice cell"]),
+                                             (None, ["Dice class 0", "Dice class 1"])])
+def test_curves_show_each_class(tmp_path, monkeypatch, names, expected):
+    import matplotlib.figure
+    legends = []
+    save = matplotlib.figure.Figure.savefig
+
+    def spy(fig, path, **kwargs):
+        legends.extend(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts())
+        save(fig, path, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    history = [dict(epoch=e, train_loss=1 / e, val_loss=1.2 / e, mean_dice=0.5, mean_iou=0.4, pixel_accuracy=0.8,
+                    dice=[0.4, 0.6]) for e in (1, 2)]
+    train_module.plot_curves(tmp_path / "curves.png", history, names)
+    assert Image.open(tmp_path / "curves.png").size[0] > 0
+    assert [t for t in legends if t.startswith("Dice")] == expected
+
+
 def test_class_names_must_match_the_classes(run, folder, capsys):
     rc = main(["eval", "--model", str(run / "best.safetensors"), "--data", str(folder), "--classes", "3",
                "--class-names", "sky,road", "--device", "cpu"])

@@ -65,6 +65,8 @@ import numba
 import numpy as np
 from numba import prange
 
+from minunet.checks import ArrayChecks, same_shape as _same_shape
+
 VERSIONS = {
     "conv2d_forward": (1, 2, 3),
     "conv2d_backward_input": (1, 2, 3),
@@ -74,8 +76,6 @@ VERSIONS = {
     "conv_transpose2d_backward_weight": (1, 2, 3),
 }
 DEFAULT_VERSION = {name: 2 for name in VERSIONS}
-
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
 # numba runs prange loops on a thread pool: OpenMP's (GNU libgomp), or its own 'workqueue'.
 # Between kernels, idle OpenMP workers spin (by default for ~300,000 polls) before they sleep,
@@ -131,52 +131,11 @@ def _jit(fn=None, *, fastmath=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# argument checks
+# argument checks (minunet/checks.py)
 # ---------------------------------------------------------------------------------------------
 
-def _floats(op, *named, ndim=None):
-    """Check (name, array) pairs: NumPy, C-contiguous, one float dtype (and `ndim` dims)."""
-    dtype = first = None
-    for name, a in named:
-        if not isinstance(a, np.ndarray):
-            raise TypeError(f"{op}: {name} must be a numpy.ndarray on the CPU, got {type(a).__name__}")
-        if a.dtype not in _FLOATS:
-            raise TypeError(f"{op}: {name} has dtype {a.dtype}; expected float32 or float64")
-        if dtype is None:
-            dtype, first = a.dtype, name
-        elif a.dtype != dtype:
-            raise TypeError(f"{op}: {name} has dtype {a.dtype} but {first} has {dtype}")
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{op}: {name} of shape {a.shape} must be C-contiguous")
-        if ndim is not None and a.ndim != ndim:
-            raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {a.shape}")
-    return dtype
-
-
-def _int64(op, name, a, shape):
-    if not isinstance(a, np.ndarray) or a.dtype != np.int64:
-        got = a.dtype if isinstance(a, np.ndarray) else type(a).__name__
-        raise TypeError(f"{op}: {name} must be a numpy int64 array, got {got}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{op}: {name} of shape {a.shape} must be C-contiguous")
-    _same_shape(op, name, a, shape)
-
-
-def _same_shape(op, name, a, shape):
-    if tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-
-
-def _vector(op, name, a, n, dtype, default=None):
-    """A per-channel vector (bias, gamma, class weight, ...) as a contiguous (n,) `dtype` array;
-    `default` fills it when `a` is None."""
-    if a is None:
-        return np.full(n, default, dtype)
-    if not isinstance(a, np.ndarray):
-        raise TypeError(f"{op}: {name} must be a numpy.ndarray or None, got {type(a).__name__}")
-    if a.shape != (n,):
-        raise ValueError(f"{op}: {name} has shape {a.shape}, expected ({n},)")
-    return np.ascontiguousarray(a, dtype=dtype)
+_check = ArrayChecks(np, "CPU")
+_floats, _int64, _vector = _check.floats, _check.int64, _check.vector
 
 
 # version=None runs v3 instead of DEFAULT_VERSION's v2 where v2's GEMM is starved, for stride 1:

@@ -58,6 +58,8 @@ import pathlib
 import cupy
 import numpy as np
 
+from minunet.checks import ArrayChecks, same_shape as _same_shape
+
 VERSIONS = {
     "conv2d_forward": (1, 2),
     "conv2d_backward_input": (1, 2),
@@ -160,47 +162,8 @@ def _cdiv(a, b):
 # far from its cause) into a message naming the op, the argument and the shapes
 # ------------------------------------------------------------------------------------------
 
-def _floats(op, *named, ndim=None):
-    """Check (name, array) pairs: cupy, one float dtype, C-contiguous (and `ndim` dims)."""
-    dtype = first = None
-    for name, a in named:
-        if not isinstance(a, cupy.ndarray):
-            raise TypeError(f"{op}: {name} must be a cupy.ndarray on the GPU, got {type(a).__name__}")
-        if a.dtype not in _CTYPE:
-            raise TypeError(f"{op}: {name} has dtype {a.dtype}; expected float32 or float64")
-        if dtype is None:
-            dtype, first = a.dtype, name
-        elif a.dtype != dtype:
-            raise TypeError(f"{op}: {name} has dtype {a.dtype} but {first} has {dtype}")
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{op}: {name} of shape {a.shape} must be C-contiguous")
-        if ndim is not None and a.ndim != ndim:
-            raise ValueError(f"{op}: {name} must have {ndim} dimensions, got shape {a.shape}")
-    return dtype
-
-
-def _int64(op, name, a):
-    if not isinstance(a, cupy.ndarray) or a.dtype != np.int64:
-        got = f"dtype {a.dtype}" if isinstance(a, cupy.ndarray) else type(a).__name__
-        raise TypeError(f"{op}: {name} must be a cupy int64 array, got {got}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{op}: {name} of shape {a.shape} must be C-contiguous")
-
-
-def _same_shape(op, name, a, shape):
-    if tuple(a.shape) != tuple(shape):
-        raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
-
-
-def _vector(op, name, a, n, dtype):
-    """An optional per-channel vector (bias, gamma, class weight): None, or a (n,) array of `dtype`."""
-    if a is None:
-        return None
-    if not isinstance(a, cupy.ndarray):
-        raise TypeError(f"{op}: {name} must be a cupy.ndarray or None, got {type(a).__name__}")
-    if a.shape != (n,):
-        raise ValueError(f"{op}: {name} has shape {a.shape}, expected ({n},)")
-    return cupy.ascontiguousarray(a, dtype=dtype)
+_check = ArrayChecks(cupy, "GPU")
+_floats, _int64, _vector = _check.floats, _check.int64, _check.vector
 
 
 def _version(op, version):

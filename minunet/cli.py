@@ -274,6 +274,8 @@ def cmd_eval(args):
                           "gray_levels", "palette", "ignore_index", "channels", "classes", "class_names"})
     saved = {k: v for k, v in (ckpt.train_config or {}).items() if k in TRAIN_FIELDS}
     cfg = TrainConfig(**saved)
+    if "class_names" in given and not cfg.is_synthetic():  # names change no data: fine for the saved split too
+        cfg = dataclasses.replace(cfg, class_names=given.pop("class_names"))
     own_data = bool({"data", "images", "masks"} & set(given))
     if own_data:  # a labelled folder: all of it is scored, with the given format options
         source = {k: None for k in ("data", "images", "masks")}

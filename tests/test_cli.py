@@ -243,6 +243,18 @@ def test_curves_show_each_class(tmp_path, monkeypatch, names, expected):
     assert [t for t in legends if t.startswith("Dice")] == expected
 
 
+def test_folder_run_keeps_its_class_names_and_eval_may_rename(folder, tmp_path, capsys):
+    out = _train(tmp_path, "named", "--data", str(folder), "--classes", "3", "--class-names", "a,b,c",
+                 "--epochs", "1", "--image-size", "32")
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out / "best.safetensors"), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:5]] == ["a", "b", "c"]  # the names the run was trained with
+    assert main(["eval", "--model", str(out / "best.safetensors"), "--class-names", "x,y,z", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:5]] == ["x", "y", "z"]  # renamed: same validation split
+
+
 def test_class_names_must_match_the_classes(run, folder, capsys):
     rc = main(["eval", "--model", str(run / "best.safetensors"), "--data", str(folder), "--classes", "3",
                "--class-names", "sky,road", "--device", "cpu"])

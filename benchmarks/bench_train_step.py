@@ -9,19 +9,15 @@ true float32 arithmetic, and on the CPU PyTorch gets as many threads as numba. T
 reported (`torch_ratio` in extra_info, as in bench_cpu.py) is minunet images/s divided by
 PyTorch images/s, i.e. PyTorch's step time over minunet's (1.0 = as fast as PyTorch).
 
-Each library is timed in a process of its own (see measure_in_subprocess). Run as a script,
-the two alternate for --pairs rounds and the median of the pairs' ratios is the figure: on a
-shared machine whose speed drifts, a ratio taken from two back-to-back measurements is far
-steadier than either measurement.
+Each library is timed in a process of its own (benchmarks/isolated.py). Run as a script,
+the two alternate for --pairs rounds and the median of the pairs' ratios is the figure.
 
     PYTHONPATH=. python -m pytest benchmarks/bench_train_step.py --benchmark-only
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --base-channels 16 --size 128 --batch 4
 """
 import argparse
 import json
-import os
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -30,12 +26,11 @@ if __name__ == "__main__":  # run as a script from a source checkout: find the p
     sys.path.insert(0, str(ROOT))
 
 # The library a process times is imported first, so that it sets up the shared native runtimes
-# as it would alone: importing minunet configures numpy's OpenBLAS and starts numba's OpenMP
-# pool, and PyTorch loaded afterwards would share that libgomp (same soname) and its settings.
-# A process that times minunet alone (--library=minunet) never imports PyTorch.
-_LIBRARY = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--library=")), None)
+# as it would alone (benchmarks/isolated.py); a process timing minunet never imports PyTorch.
+import isolated  # noqa: E402  (beside this file: sys.path[0] for a script, rootdir/conftest for pytest)
+
 torch = None
-if _LIBRARY != "minunet":
+if isolated.library_in_argv() != "minunet":
     try:
         import torch
     except ImportError:
@@ -154,20 +149,11 @@ def _torch_usable(device):
 
 
 def measure_in_subprocess(library, cfg, device, rounds):
-    """images/s of `library` ('minunet' or 'pytorch'), timed in a fresh Python process.
-
-    Each library gets a process of its own because two CPU thread pools in one process
-    interfere: OpenBLAS's workers (numpy's GEMMs, under minunet) keep spinning for a while
-    after each call, and PyTorch timed next to them in one process has read as low as 1.3
-    images/s instead of ~25; and the library imported first sets up the OpenMP runtime both
-    would share. A fresh process also starts both sides from the same cold state."""
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), f"--library={library}", "--device", device,
-           "--rounds", str(rounds)] + [f"--{k.replace('_', '-')}={cfg[k]}" for k in ("base_channels", "size", "batch", "depth")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"timing {library} in a subprocess failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
+    """images/s of `library` ('minunet' or 'pytorch'), timed in a fresh Python process that
+    imports it first (benchmarks/isolated.py says why)."""
+    args = ["--device", device, "--rounds", rounds] + [f"--{k.replace('_', '-')}={cfg[k]}"
+                                                       for k in ("base_channels", "size", "batch", "depth")]
+    return isolated.measure(pathlib.Path(__file__).resolve(), library, args)["images_per_s"]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

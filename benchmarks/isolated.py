@@ -1,0 +1,39 @@
+"""Run one benchmark measurement in a fresh Python process and read its result back.
+
+Timing minunet and PyTorch side by side in one process measures their interference as much as
+their speed. On the CPU both bring thread pools: OpenBLAS's workers (numpy's GEMMs, under
+minunet) used to spin after each call, and PyTorch timed after minunet in one process once
+read 1.3 images/s instead of ~25; and the library imported first sets up the OpenMP runtime
+(libgomp) that the other then shares. So a script built on this module times each library
+in a process of its own, which imports that library first, and alternates them: on a shared
+machine whose speed drifts, the ratio of two back-to-back measurements is far steadier than
+either one.
+
+A script that uses it accepts `--library=minunet` or `--library=pytorch`; given one, it
+imports that library before anything else (see `library_in_argv`), measures it alone, and
+prints one JSON line last.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def library_in_argv():
+    """The --library=NAME this process was started with, or None: read from sys.argv before
+    argparse runs, so that the script can import that library first."""
+    return next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--library=")), None)
+
+
+def measure(script, library, args=()):
+    """Run `script --library=library *args` in a fresh interpreter (with this checkout on
+    PYTHONPATH) and return the JSON object of its last line of output."""
+    cmd = [sys.executable, str(script), f"--library={library}", *map(str, args)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"timing {library} in a subprocess failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

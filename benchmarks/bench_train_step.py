@@ -19,7 +19,6 @@ import argparse
 import json
 import pathlib
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # run as a script from a source checkout: find the package beside us
@@ -132,16 +131,9 @@ def torch_step(cfg, device):
     return step
 
 
-def images_per_second(step, batch, rounds, warmup=2):
-    """Median-of-rounds throughput of `step` (warm-up rounds compile kernels and are not timed)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return batch / float(np.median(times))
+def images_per_second(step, batch, rounds):
+    """Throughput of `step` over the median of `rounds` steps, after two warm-up steps."""
+    return batch / isolated.median_seconds(step, rounds)
 
 
 def _torch_usable(device):

@@ -14,7 +14,6 @@ import importlib.util
 import json
 import pathlib
 import sys
-import time
 
 import isolated
 
@@ -27,17 +26,6 @@ elif LIBRARY == "minunet":
 import numpy as np  # noqa: E402
 
 from flops import UNET_CONV_SHAPES  # noqa: E402
-
-
-def _median_ms(fn, rounds):
-    fn()
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
 
 
 def _fwd_bwd(library, shape):
@@ -72,7 +60,8 @@ def main():
         if args.library == "pytorch":
             import numba
             torch.set_num_threads(numba.get_num_threads())
-        print(json.dumps({s.name: _median_ms(_fwd_bwd(args.library, s), args.rounds) for s in UNET_CONV_SHAPES}))
+        print(json.dumps({s.name: 1e3 * isolated.median_seconds(_fwd_bwd(args.library, s), args.rounds)
+                          for s in UNET_CONV_SHAPES}))
         return
     if importlib.util.find_spec("torch") is None:  # PyTorch is imported only where it is timed
         sys.exit("conv_vs_torch.py needs PyTorch (pip install torch==2.13.0)")

@@ -11,13 +11,15 @@ either one.
 
 A script that uses it accepts `--library=minunet` or `--library=pytorch`; given one, it
 imports that library before anything else (see `library_in_argv`), measures it alone, and
-prints one JSON line last.
+prints one JSON line last. `median_seconds` is the timing loop such a measurement runs.
 """
 import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,3 +39,16 @@ def measure(script, library, args=()):
     if out.returncode != 0:
         raise RuntimeError(f"timing {library} in a subprocess failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_seconds(fn, rounds, warmup=2):
+    """The median wall time of `rounds` calls of fn(), after `warmup` untimed calls (which
+    compile numba kernels, fill caches and grow scratch buffers)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

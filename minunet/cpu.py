@@ -624,7 +624,7 @@ def _conv2d_backward_input_v3(gy, w, x_shape, stride, padding, b=None):
 
 
 def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding):
-    (K, C, kh, kw), (sh, sw), (ph, pw) = w_shape, stride, padding
+    (K, _, kh, kw), (sh, sw), (ph, pw) = w_shape, stride, padding
     N, _, Ho, Wo = gy.shape
     H1, W1 = (Ho - 1) * sh + 1, (Wo - 1) * sw + 1
     Wp = W1 + kw - 1

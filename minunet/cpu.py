@@ -663,8 +663,8 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
     op = "conv2d_backward_input"
     dtype = _floats(op, ("gy", gy), ("w", w), ndim=4)
     stride, padding, x_shape = tuple(stride), tuple(padding), tuple(x_shape)
-    v = _version(op, version, stride == (1, 1) and x_shape[1] <= _DIRECT_CHANNELS)
     N, C, H, W = x_shape
+    v = _version(op, version, stride == (1, 1) and C <= _DIRECT_CHANNELS)
     if C != w.shape[1]:
         raise ValueError(f"{op}: x_shape {x_shape} has {C} channels but w {w.shape} expects {w.shape[1]}")
     _same_shape(op, "gy", gy, (N, w.shape[0], *_conv_out_hw(op, (H, W), w.shape[2:], stride, padding)))
@@ -682,7 +682,7 @@ def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
     op = "conv2d_backward_weight"
     dtype = _floats(op, ("x", x), ("gy", gy), ndim=4)
     stride, padding, w_shape = tuple(stride), tuple(padding), tuple(w_shape)
-    v = _version(op, version, stride == (1, 1) and gy.ndim == 4 and gy.shape[2] * gy.shape[3] >= _DIRECT_PLANE)
+    v = _version(op, version, stride == (1, 1) and gy.shape[2] * gy.shape[3] >= _DIRECT_PLANE)
     K, C, kh, kw = w_shape
     if x.shape[1] != C:
         raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w_shape {w_shape} expects {C}")

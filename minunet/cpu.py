@@ -138,14 +138,21 @@ _check = ArrayChecks(np, "CPU")
 _floats, _int64, _vector = _check.floats, _check.int64, _check.vector
 
 
-# version=None runs v3 instead of DEFAULT_VERSION's v2 where v2's GEMM is starved, for stride 1:
-# forward and backward_input when the convolution they compute has at most _DIRECT_CHANNELS
-# output channels (every im2col entry is then used that few times: the GEMM runs at the speed
-# of memory), backward_weight when its planes have at least _DIRECT_PLANE places (v3's
-# reductions run over whole planes; on small planes BLAS wins). Measured on the U-Net's layers,
-# 2 cores (PYTHONPATH=. python -m pytest benchmarks/bench_cpu.py --benchmark-only -k conv2d).
-_DIRECT_CHANNELS = 32
-_DIRECT_PLANE = 32 * 32
+# version=None runs v3 instead of DEFAULT_VERSION's v2 for every stride-1 convolution with a
+# kernel larger than 1x1, except on planes smaller than _DIRECT_PLANE places that also have
+# more than _DIRECT_CHANNELS output channels (the 8x8 bottom of a wide U-Net): there v2's GEMMs
+# are big enough for BLAS to win. A 1x1 kernel needs no im2col, so v2 is a plain GEMM; strided
+# convolutions are v2's. Measured on the U-Net's layers, 2 cores, with
+# `PYTHONPATH=. python -m pytest benchmarks/bench_cpu.py --benchmark-only -k conv2d`.
+_DIRECT_PLANE = 16 * 16
+_DIRECT_CHANNELS = 64
+
+
+def _direct(stride, khw, plane, channels):
+    """Whether version=None runs v3: see above. `plane` is the output's Ho*Wo (for
+    backward_input, x's H*W) and `channels` its channel count."""
+    return (tuple(stride) == (1, 1) and tuple(khw) != (1, 1)
+            and (plane >= _DIRECT_PLANE or channels <= _DIRECT_CHANNELS))
 
 
 def _version(op, version, direct=False):
@@ -486,7 +493,8 @@ def _correlate_v3(xp, w, b, Wp, Ho, Wo, y):
     # (image, block of 4 output channels, chunk of whole extended rows)
     N, C, _ = xp.shape
     K, _, kh, kw = w.shape
-    rows = max(1, _V3_CHUNK // Wp)
+    n_chunks = max(1, min(Ho, (Ho * Wp) // _V3_CHUNK))   # chunks of about _V3_CHUNK places ...
+    rows = (Ho + n_chunks - 1) // n_chunks                # ... as whole rows, split evenly
     n_chunks = (Ho + rows - 1) // rows
     KB = (K + 3) // 4
     for t in prange(N * KB * n_chunks):
@@ -646,8 +654,8 @@ def conv2d_forward(x, w, b, stride, padding, version=None):
     if x.shape[1] != w.shape[1]:
         raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w {w.shape} expects {w.shape[1]}")
     stride, padding = tuple(stride), tuple(padding)
-    v = _version(op, version, stride == (1, 1) and w.shape[0] <= _DIRECT_CHANNELS)
     Ho, Wo = _conv_out_hw(op, x.shape[2:], w.shape[2:], stride, padding)
+    v = _version(op, version, _direct(stride, w.shape[2:], Ho * Wo, w.shape[0]))
     if v == 1:
         y = np.empty((x.shape[0], w.shape[0], Ho, Wo), dtype)
         _conv2d_forward_v1(x, w, _vector(op, "b", b, w.shape[0], dtype, 0), *stride, *padding, y)
@@ -664,7 +672,7 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
     dtype = _floats(op, ("gy", gy), ("w", w), ndim=4)
     stride, padding, x_shape = tuple(stride), tuple(padding), tuple(x_shape)
     N, C, H, W = x_shape
-    v = _version(op, version, stride == (1, 1) and C <= _DIRECT_CHANNELS)
+    v = _version(op, version, _direct(stride, w.shape[2:], H * W, C))
     if C != w.shape[1]:
         raise ValueError(f"{op}: x_shape {x_shape} has {C} channels but w {w.shape} expects {w.shape[1]}")
     _same_shape(op, "gy", gy, (N, w.shape[0], *_conv_out_hw(op, (H, W), w.shape[2:], stride, padding)))
@@ -682,8 +690,8 @@ def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
     op = "conv2d_backward_weight"
     dtype = _floats(op, ("x", x), ("gy", gy), ndim=4)
     stride, padding, w_shape = tuple(stride), tuple(padding), tuple(w_shape)
-    v = _version(op, version, stride == (1, 1) and gy.shape[2] * gy.shape[3] >= _DIRECT_PLANE)
     K, C, kh, kw = w_shape
+    v = _version(op, version, _direct(stride, (kh, kw), gy.shape[2] * gy.shape[3], K))
     if x.shape[1] != C:
         raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w_shape {w_shape} expects {C}")
     _same_shape(op, "gy", gy, (x.shape[0], K, *_conv_out_hw(op, x.shape[2:], (kh, kw), stride, padding)))

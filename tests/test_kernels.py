@@ -146,24 +146,27 @@ def test_conv2d_backward_weight(device, version, dtype, case, rng):
     check(gw, ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, "conv2d_backward_weight gw")
 
 
-@pytest.mark.parametrize("op, K, C, hw, stride, expected", [
-    ("conv2d_forward", 16, 64, 8, (1, 1), 3),          # few output channels: direct
-    ("conv2d_forward", 64, 16, 8, (1, 1), 2),          # many: GEMM
-    ("conv2d_forward", 16, 16, 8, (2, 2), 2),          # strided: GEMM
-    ("conv2d_backward_input", 64, 16, 8, (1, 1), 3),   # gx has few channels: direct
-    ("conv2d_backward_input", 16, 64, 8, (1, 1), 2),
-    ("conv2d_backward_weight", 64, 64, 32, (1, 1), 3),  # a large plane: direct
-    ("conv2d_backward_weight", 64, 64, 8, (1, 1), 2),   # a small one: GEMM
+@pytest.mark.parametrize("op, K, C, hw, ks, stride, expected", [
+    ("conv2d_forward", 16, 128, 16, 3, (1, 1), 3),         # a 16x16 plane: direct
+    ("conv2d_forward", 64, 128, 8, 3, (1, 1), 3),          # 8x8, but few output channels: direct
+    ("conv2d_forward", 128, 64, 8, 3, (1, 1), 2),          # 8x8 and many: GEMM
+    ("conv2d_forward", 16, 16, 16, 3, (2, 2), 2),          # strided: GEMM
+    ("conv2d_forward", 16, 600, 16, 1, (1, 1), 2),         # 1x1: a plain GEMM
+    ("conv2d_backward_input", 128, 64, 8, 3, (1, 1), 3),   # gx has few channels: direct
+    ("conv2d_backward_input", 64, 128, 8, 3, (1, 1), 2),
+    ("conv2d_backward_weight", 128, 128, 16, 3, (1, 1), 3),
+    ("conv2d_backward_weight", 128, 128, 8, 3, (1, 1), 2),
 ])
-def test_cpu_version_none_routes_by_shape(op, K, C, hw, stride, expected, rng):
-    """On the CPU version=None runs v3 or v2 by shape (cpu._version): it must give exactly what
+def test_cpu_version_none_routes_by_shape(op, K, C, hw, ks, stride, expected, rng):
+    """On the CPU version=None runs v3 or v2 by shape (cpu._direct): it must give exactly what
     the version it routes to gives (the oracle checks both versions' values above)."""
     from minunet import cpu
-    out = (hw - 1) // stride[0] + 1  # 3x3, padding 1
-    x, w, gy = make(rng, np.float32, (2, C, hw, hw), (K, C, 3, 3), (2, K, out, out))
-    args = {"conv2d_forward": (x, w, None, stride, (1, 1)),
-            "conv2d_backward_input": (gy, w, x.shape, stride, (1, 1)),
-            "conv2d_backward_weight": (x, gy, w.shape, stride, (1, 1))}[op]
+    pad = (ks // 2, ks // 2)
+    out = (hw + 2 * pad[0] - ks) // stride[0] + 1
+    x, w, gy = make(rng, np.float32, (2, C, hw, hw), (K, C, ks, ks), (2, K, out, out))
+    args = {"conv2d_forward": (x, w, None, stride, pad),
+            "conv2d_backward_input": (gy, w, x.shape, stride, pad),
+            "conv2d_backward_weight": (x, gy, w.shape, stride, pad)}[op]
     fn = getattr(cpu, op)
     np.testing.assert_array_equal(fn(*args), fn(*args, version=expected))
     other = 5 - expected  # v2 <-> v3: differently rounded, so a wrong route shows up as a mismatch

@@ -45,9 +45,10 @@ Convolution versions (`version=`, see VERSIONS)
       fresh array that size costs more in page faults than the copy itself. A 1x1 kernel with
       stride 1 and no padding needs no im2col: x viewed as (N, C, H*W) already is col.
   v3  direct loops over zero-padded planes, blocked for the FPU's registers (see its section
-      below): no columns, so nothing 9x the size of x goes through memory. It wins where v2's
-      GEMM is starved (few output channels, as at the top of a U-Net) and, for the weight
-      gradient, on large planes; version=None picks it there and v2 elsewhere (_version).
+      below): no columns, so nothing 9x the size of x goes through memory, and no packing of
+      GEMM operands. On 2 cores it beats v2 on every stride-1 3x3 layer of the U-Net except
+      the 8x8, many-channel bottom, by 2x on the few-channel top; version=None picks it there
+      and v2 elsewhere (_direct).
 
 Transposed convolution is the adjoint of convolution in x (as in Chainer): its forward is
 conv2d's backward_input with the roles of x and gy swapped, its backward_input is conv2d's
@@ -439,9 +440,10 @@ def _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding):
 # ---------------------------------------------------------------------------------------------
 # v3 computes a stride-1 correlation y[i, j] = sum_{u,v} w[u, v] * xp[i + u, j + v] over a
 # zero-padded copy xp of each input plane, and it never builds im2col's columns: for a 3x3
-# kernel those are 9 copies of x, and when the layer has few output channels (K = 16 at the
-# top of a U-Net) every column entry is used only K times, so the GEMM runs at the speed of
-# memory, not of the FPU. v3 reads each x once per block of 4 output channels instead.
+# kernel those are 9 copies of x, written out and read back (and repacked by BLAS), and when
+# the layer has few output channels (K = 16 at the top of a U-Net) every column entry is used
+# only K times, so v2's GEMM runs at the speed of memory, not of the FPU. v3 reads each x
+# straight from the padded plane, once per block of 4 output channels.
 #
 # The padded plane is stored flat with row length Wp = Wo + kw - 1, which makes every tap a
 # constant offset: xp[i + u, j + v] = plane[(i*Wp + j) + (u*Wp + v)]. So v3 runs over the

@@ -17,6 +17,24 @@ def same_shape(op, name, a, shape):
         raise ValueError(f"{op}: {name} has shape {tuple(a.shape)}, expected {tuple(shape)}")
 
 
+def conv_out_hw(op, hw, khw, stride, padding):
+    """A convolution's output size (Ho, Wo), or an error where it would be empty."""
+    (H, W), (kh, kw), (sh, sw), (ph, pw) = hw, khw, stride, padding
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    if Ho <= 0 or Wo <= 0:
+        raise ValueError(f"{op}: input {H}x{W} with kernel {kh}x{kw}, stride {stride} and "
+                         f"padding {padding} gives an empty output ({Ho}x{Wo})")
+    return Ho, Wo
+
+
+def version(op, v, versions, default):
+    """The version a kernel runs: `v`, or `default` for None, checked against `versions`."""
+    chosen = default if v is None else v
+    if chosen not in versions:
+        raise ValueError(f"{op}: unknown version {v!r}; available: {versions}")
+    return chosen
+
+
 class ArrayChecks:
     """The checks for one device's arrays: `xp` is numpy or cupy, `device` names where they live."""
 

@@ -66,7 +66,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from minunet.checks import ArrayChecks, same_shape as _same_shape
+from minunet.checks import ArrayChecks, conv_out_hw as _conv_out_hw, same_shape as _same_shape
+from minunet.checks import version as _checked_version
 
 VERSIONS = {
     "conv2d_forward": (1, 2, 3),
@@ -158,21 +159,7 @@ def _direct(stride, khw, plane, channels):
 
 def _version(op, version, direct=False):
     """The version to run: `version`, checked, or for None v3 where `direct` says it wins."""
-    if version is None and direct:
-        return 3
-    v = DEFAULT_VERSION[op] if version is None else version
-    if v not in VERSIONS[op]:
-        raise ValueError(f"{op}: unknown version {version!r}; available: {VERSIONS[op]}")
-    return v
-
-
-def _conv_out_hw(op, hw, khw, stride, padding):
-    (H, W), (kh, kw), (sh, sw), (ph, pw) = hw, khw, stride, padding
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    if Ho <= 0 or Wo <= 0:
-        raise ValueError(f"{op}: input {H}x{W} with kernel {kh}x{kw}, stride {stride} and "
-                         f"padding {padding} gives an empty output ({Ho}x{Wo})")
-    return Ho, Wo
+    return _checked_version(op, version, VERSIONS[op], 3 if direct else DEFAULT_VERSION[op])
 
 
 _SCRATCH_BYTES = 64 << 20  # v2 builds im2col columns for this many bytes' worth of images at a time
@@ -374,6 +361,12 @@ def _gathered(a):
     return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
 
 
+def _flipped(w):
+    """w (K, C, kh, kw) flipped in space with its channel axes swapped, (C, K, kh, kw): the kernel
+    that convolves gy into gx at stride 1."""
+    return np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+
+
 def _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo):
     N, C = x.shape[:2]
     K, _, kh, kw = w.shape
@@ -401,8 +394,7 @@ def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, b=None):
         # its channel axes swapped, and padding k-1-p. Its im2col (of gy: K*kh*kw rows) is no
         # larger than col2im's columns (C*kh*kw rows) here, and its GEMM has the long inner
         # dimension K*kh*kw rather than K, which BLAS runs faster.
-        w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        return _conv2d_forward_v2(gy, w_flip, b, (1, 1), (kh - 1 - ph, kw - 1 - pw), *x_shape[2:])
+        return _conv2d_forward_v2(gy, _flipped(w), b, (1, 1), (kh - 1 - ph, kw - 1 - pw), *x_shape[2:])
     gy = gy.reshape(N, K, Ho * Wo)
     w_t = w.reshape(K, -1).T                                    # (R, K)
     if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
@@ -625,11 +617,10 @@ def _conv2d_backward_input_v3(gy, w, x_shape, stride, padding, b=None):
     (N, C, H, W), (kh, kw), (sh, sw), (ph, pw) = x_shape, w.shape[2:], stride, padding
     Ho, Wo = gy.shape[2:]
     gyd = _dilated(gy, stride, (N, gy.shape[1], (Ho - 1) * sh + 1, (Wo - 1) * sw + 1))
-    w_flip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
     Wp = W + kw - 1
     gp = _padded(gyd, kh - 1 - ph, kw - 1 - pw, H + kh - 1, Wp, kw)
     gx = np.empty(x_shape, gy.dtype)
-    _correlate_v3(gp, w_flip, np.zeros(C, gy.dtype) if b is None else b, Wp, H, W, gx)
+    _correlate_v3(gp, _flipped(w), np.zeros(C, gy.dtype) if b is None else b, Wp, H, W, gx)
     return gx
 
 

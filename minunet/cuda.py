@@ -58,7 +58,8 @@ import pathlib
 import cupy
 import numpy as np
 
-from minunet.checks import ArrayChecks, same_shape as _same_shape
+from minunet.checks import ArrayChecks, conv_out_hw as _conv_out_hw, same_shape as _same_shape
+from minunet.checks import version as _checked_version
 
 VERSIONS = {
     "conv2d_forward": (1, 2),
@@ -167,10 +168,7 @@ _floats, _int64, _vector = _check.floats, _check.int64, _check.vector
 
 
 def _version(op, version):
-    v = DEFAULT_VERSION[op] if version is None else version
-    if v not in VERSIONS[op]:
-        raise ValueError(f"{op}: unknown version {version!r}; available: {VERSIONS[op]}")
-    return v
+    return _checked_version(op, version, VERSIONS[op], DEFAULT_VERSION[op])
 
 
 def _pair(op, name, v):
@@ -188,15 +186,6 @@ def _ncl(op, name, a):
     if a.ndim < 2:
         raise ValueError(f"{op}: {name} must be (N, C, ...), got shape {a.shape}")
     return a.shape[0], a.shape[1], math.prod(a.shape[2:])
-
-
-def _conv_out_hw(op, hw, khw, stride, padding):
-    (H, W), (kh, kw), (sh, sw), (ph, pw) = hw, khw, stride, padding
-    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-    if Ho <= 0 or Wo <= 0:
-        raise ValueError(f"{op}: input {H}x{W} with kernel {kh}x{kw}, stride {stride}, "
-                         f"padding {padding} gives an empty output ({Ho}x{Wo})")
-    return Ho, Wo
 
 
 def _fits_int32(op, **sizes):

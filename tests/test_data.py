@@ -1,7 +1,7 @@
 """minunet.data: synthetic and folder datasets, augmentation, weight maps, splits, the loader.
 
 Folder tests write tiny images into tmp_path; the `data` tests load the real datasets of
-../shared/data (skipped where absent) with the options documented in minunet/data.py.
+../shared/data (skipped where absent) through their recipes (minunet/data/recipes.py).
 """
 import json
 import threading
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, connected_components,
-                          read_image, split_indices, unet_weight_map)
+from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, camvid, connected_components,
+                          drosophila_vnc, isbi2012, read_image, split_indices, unet_weight_map)
 
 
 def save(path, a):
@@ -339,9 +339,9 @@ def test_loader_errors_propagate_and_threads_stop():
 
 @pytest.mark.data
 def test_isbi2012(data_dir):
-    ds = FolderDataset(data_dir / "isbi2012/train/image", data_dir / "isbi2012/train/label",
-                       mask_mode="binary", class_names=("membrane", "cell"), weight_map=dict(w0=10.0, sigma=5.0))
+    ds = isbi2012(data_dir / "isbi2012", weight_map=dict(w0=10.0, sigma=5.0))
     assert len(ds) == 30 and ds.names == [str(i) for i in range(30)] and ds.in_channels == 1
+    assert ds.class_names == ("membrane", "cell")
     x, y, w = ds[29]
     assert x.shape == (1, 512, 512) and set(np.unique(y)) == {0, 1}
     assert 0.1 < (y == 0).mean() < 0.3  # membranes are about a fifth of the pixels
@@ -353,25 +353,23 @@ def test_isbi2012(data_dir):
 
 @pytest.mark.data
 def test_drosophila_vnc(data_dir):
-    stack = data_dir / "drosophila_vnc/stack1"
-    ds = FolderDataset(stack / "raw", stack / "labels", mask_prefix="labels000000", mask_mode="gray",
-                       gray_levels=(0, 32, 64, 96, 128, 159, 191, 223, 255))
+    ds = drosophila_vnc(data_dir / "drosophila_vnc")
     assert len(ds) == 20 and ds.num_classes == 9 and ds.pairs[7][1].name == "labels00000007.png"
     x, y = ds[0]
     assert x.shape == (1, 1024, 1024) and set(np.unique(y)) == set(range(9))
     assert 0.6 < (y == 8).mean() < 0.9  # intracellular dominates
-    membranes = FolderDataset(stack / "raw", stack / "membranes", mask_mode="binary")
-    assert set(np.unique(membranes[0][1])) == {0, 1}
+    membranes = drosophila_vnc(data_dir / "drosophila_vnc", labels="membranes")
+    assert membranes.class_names == ("other", "membrane") and set(np.unique(membranes[0][1])) == {0, 1}
+    with pytest.raises(ValueError, match="labels='cells'"):
+        drosophila_vnc(data_dir / "drosophila_vnc", labels="cells")
 
 
 @pytest.mark.data
 def test_camvid(data_dir):
-    names = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
-             "Pedestrian", "Bicyclist")
     for split, n in (("train", 367), ("val", 101)):
-        ds = FolderDataset(data_dir / "camvid" / split, data_dir / "camvid" / f"{split}annot",
-                           mask_mode="index", num_classes=11, ignore_index=11, class_names=names)
-        assert len(ds) == n and ds.in_channels == 3
+        ds = camvid(data_dir / "camvid", split)
+        assert len(ds) == n and ds.in_channels == 3 and ds.num_classes == 11 and ds.ignore_index == 11
+    assert ds.class_names[0] == "Sky" and ds.class_names[-1] == "Bicyclist"
     x, y = ds[0]
     assert x.shape == (3, 360, 480) and 0 <= x.min() and x.max() <= 1
     assert set(np.unique(y)) <= set(range(12)) and (y == 11).any()

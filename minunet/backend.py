@@ -13,7 +13,7 @@ for 'cuda' raises an error that says which of the two is missing.
 The backend contract
 --------------------
 `KERNELS` below lists every kernel function, with its signature and a one-line meaning.
-minunet/cpu.py (numba + NumPy) and minunet/cuda.py (CUDA C through cupy.RawModule) each
+minunet/cpu/ (numba + NumPy) and minunet/cuda.py (CUDA C through cupy.RawModule) each
 define exactly these functions with exactly these signatures; tests/test_backend.py asserts
 it. Conventions every kernel keeps:
 

@@ -1,7 +1,7 @@
 """minunet.cuda: the GPU kernels. Loads kernels/*.cu through cupy.RawModule and launches them.
 
 Every public function here has the name, signature and meaning listed in
-`minunet.backend.KERNELS` (minunet/cpu.py implements the same set with numba). Arrays are
+`minunet.backend.KERNELS` (the minunet/cpu/ package implements the same set with numba). Arrays are
 cupy.ndarray, NCHW, C-contiguous, float32 or float64, pooling indices and targets int64.
 Kernels allocate fresh outputs with cupy.empty (cupy.zeros where the kernel accumulates);
 only sgd_update and adam_update write into their arguments.
@@ -41,7 +41,7 @@ The six convolution kernels take `version=` (VERSIONS; None means DEFAULT_VERSIO
 The transposed convolution has no kernels of its own except one special case: it runs
 conv2d.cu's kernels of the chosen version in the adjoint roles (its forward is conv2d's
 backward_input with x as the output gradient, its backward_input conv2d's forward of gy, its
-backward_weight conv2d's backward_weight with x and gy swapped, as in minunet/cpu.py). Only
+backward_weight conv2d's backward_weight with x and gy swapped, as in minunet/cpu/conv_transpose2d.py). Only
 version 2 with kernel == stride and padding == 0 (the U-Net's 2x2/2 up-convolution; the
 forward also needs output_padding 0) runs conv_transpose2d.cu's patch-GEMM kernels instead.
 Weight gradients reduce over every output pixel of the batch but have few outputs, so

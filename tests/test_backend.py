@@ -31,9 +31,11 @@ def parameters(fn):
 
 
 def public_functions(module):
-    """Names of the public functions a module defines itself (not ones it imports)."""
+    """Names of the public functions a module (or a package's modules) defines itself, not
+    ones it imports from elsewhere."""
     return {name for name, obj in vars(module).items()
-            if not name.startswith("_") and inspect.isfunction(obj) and obj.__module__ == module.__name__}
+            if not name.startswith("_") and inspect.isfunction(obj)
+            and (obj.__module__ == module.__name__ or obj.__module__.startswith(module.__name__ + "."))}
 
 
 def cuda_module():

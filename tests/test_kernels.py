@@ -158,7 +158,7 @@ def test_conv2d_backward_weight(device, version, dtype, case, rng):
     ("conv2d_backward_weight", 128, 128, 8, 3, (1, 1), 2),
 ])
 def test_cpu_version_none_routes_by_shape(op, K, C, hw, ks, stride, expected, rng):
-    """On the CPU version=None runs v3 or v2 by shape (cpu._direct): it must give exactly what
+    """On the CPU version=None runs v3 or v2 by shape (minunet.cpu.conv2d._direct): it must give exactly what
     the version it routes to gives (the oracle checks both versions' values above)."""
     from minunet import cpu
     pad = (ks // 2, ks // 2)

@@ -1,0 +1,49 @@
+"""minunet.cpu: the CPU kernels (numba + NumPy), one function per entry of backend.KERNELS.
+
+Every public function here has the name, signature and meaning listed in
+`minunet.backend.KERNELS`; minunet/cuda.py implements the same set on the GPU. Arrays are
+NumPy, NCHW, C-contiguous, float32 or float64; outputs come back in the input dtype and
+pooling indices as int64.
+
+One module per op family, with the stems of kernels/*.cu and of the oracles in
+tests/reference.py:
+
+    conv2d.py            convolution, versions v1 (direct), v2 (im2col + GEMM), v3 (direct over padded planes)
+    conv_transpose2d.py  transposed convolution
+    max_pool2d.py        max pooling with argmax
+    concat.py            crop-and-concatenate along channels
+    activation.py        ReLU with a fused bias, the bias gradient
+    loss.py              per-pixel softmax cross-entropy
+    batch_norm.py        batch normalisation
+    optim.py             fused SGD and Adam/AdamW updates
+    runtime.py           numba's thread pool, the kernel decorator, scratch buffers
+
+How a kernel is built
+---------------------
+Each public function is a thin Python wrapper that checks its arguments (so a wrong dtype or
+layout gives a message naming the op, the argument and the shape, never a numba typing trace
+or an out-of-bounds read: numba does not check bounds), allocates the outputs with NumPy and
+hands everything to a `@kernel` loop (runtime.py), exactly as cuda.py checks, allocates and
+launches. Only `sgd_update` and `adam_update` write into their arguments. Reductions (bias
+and batch-norm sums, weight gradients) accumulate in float64, except within one plane where a
+kernel says so (vector partial sums in the input dtype).
+"""
+from minunet.cpu import conv2d as _conv2d, conv_transpose2d as _conv_transpose2d
+from minunet.cpu.activation import bias_backward, relu_backward, relu_forward
+from minunet.cpu.batch_norm import batch_norm_backward, batch_norm_forward
+from minunet.cpu.concat import concat_backward, concat_forward
+from minunet.cpu.conv2d import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
+from minunet.cpu.conv_transpose2d import (conv_transpose2d_backward_input, conv_transpose2d_backward_weight,
+                                          conv_transpose2d_forward)
+from minunet.cpu.loss import softmax_cross_entropy_backward, softmax_cross_entropy_forward
+from minunet.cpu.max_pool2d import max_pool2d_backward, max_pool2d_forward
+from minunet.cpu.optim import adam_update, sgd_update
+
+VERSIONS = {**_conv2d.VERSIONS, **_conv_transpose2d.VERSIONS}
+DEFAULT_VERSION = {**_conv2d.DEFAULT_VERSION, **_conv_transpose2d.DEFAULT_VERSION}
+
+__all__ = ["VERSIONS", "DEFAULT_VERSION", "adam_update", "batch_norm_backward", "batch_norm_forward", "bias_backward",
+           "concat_backward", "concat_forward", "conv2d_backward_input", "conv2d_backward_weight", "conv2d_forward",
+           "conv_transpose2d_backward_input", "conv_transpose2d_backward_weight", "conv_transpose2d_forward",
+           "max_pool2d_backward", "max_pool2d_forward", "relu_backward", "relu_forward", "sgd_update",
+           "softmax_cross_entropy_backward", "softmax_cross_entropy_forward"]

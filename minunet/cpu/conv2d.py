@@ -1,0 +1,574 @@
+"""minunet.cpu.conv2d: 2-D convolution (cross-correlation, as PyTorch's), three versions.
+
+    y[n,k,i,j] = b[k] + sum_{c,u,v} x[n,c,i*sh-ph+u, j*sw-pw+v] * w[k,c,u,v]
+
+forward computes y, backward_input gx = d/dx sum(y * gy), backward_weight gw = d/dw sum(y * gy)
+(the bias gradient is activation.bias_backward). Every version computes the same function;
+`version=None` picks one by shape (`_direct`), the tests run them all against
+tests/reference.py and benchmarks/bench_cpu.py times them all.
+
+Convolution versions (`version=`, see VERSIONS)
+-----------------------------------------------
+  v1  direct loops, a transcription of the definition
+          y[n,k,i,j] = b[k] + sum_{c,u,v} x[n,c,i*sh-ph+u, j*sw-pw+v] * w[k,c,u,v];
+      naive and obviously right, and slow.
+  v2  im2col + GEMM (the Caffe/Chainer lowering). im2col copies every receptive field of x
+      into a column, col[n, (c,u,v), (i,j)] = x[n, c, i*sh-ph+u, j*sw-pw+v] (0 in the padding),
+      which turns the convolution into one matrix product per image that BLAS runs near peak
+      (R = C*kh*kw, P = Ho*Wo):
+          forward          y[n]    (K, P) = W (K, R) @ col[n] (R, P)
+          backward_weight  gW.T    (R, K) = sum_n col[n] (R, P) @ gy[n].T (P, K)
+          backward_input   gcol[n] (R, P) = W.T (R, K) @ gy[n] (K, P), then gx = col2im(gcol)
+      col2im is im2col's adjoint: it adds every entry of a column back onto the pixel it was
+      copied from. With stride 1, backward_input is itself a convolution, of gy with W flipped
+      in space and its two channel axes swapped (padding k-1-p); where that im2col is no larger
+      than col2im's columns (K <= C) v2 runs it so, as its GEMM has the long inner dimension
+      K*kh*kw instead of K. im2col and col2im are numba loops over (n, c) planes; the GEMMs are
+      numpy.matmul over the stacked (N, ., .) arrays: one BLAS call per image, which measured
+      faster than one wide GEMM over all images, except where an image has fewer than _THIN
+      output pixels: products that thin run below BLAS speed, so there the images go side by
+      side into one product. Transposes go to BLAS as flags, not copies.
+      col is kh*kw times the size of x, so it lives in a reusable per-thread scratch buffer: a
+      fresh array that size costs more in page faults than the copy itself. A 1x1 kernel with
+      stride 1 and no padding needs no im2col: x viewed as (N, C, H*W) already is col.
+  v3  direct loops over zero-padded planes, blocked for the FPU's registers (see its section
+      below): no columns, so nothing 9x the size of x goes through memory, and no packing of
+      GEMM operands. On 2 cores it beats v2 on every stride-1 3x3 layer of the U-Net except
+      the 8x8, many-channel bottom, by 2x on the few-channel top; version=None picks it there
+"""
+import numba
+import numpy as np
+from numba import prange
+
+from minunet.checks import ArrayChecks, conv_out_hw as _conv_out_hw, same_shape as _same_shape
+from minunet.checks import version as _checked_version
+from minunet.cpu.runtime import kernel, scratch
+
+VERSIONS = {
+    "conv2d_forward": (1, 2, 3),
+    "conv2d_backward_input": (1, 2, 3),
+    "conv2d_backward_weight": (1, 2, 3),
+}
+DEFAULT_VERSION = {name: 2 for name in VERSIONS}
+
+_check = ArrayChecks(np, "CPU")
+_floats, _vector = _check.floats, _check.vector
+
+# version=None runs v3 instead of DEFAULT_VERSION's v2 for every stride-1 convolution with a
+# kernel larger than 1x1, except on planes smaller than _DIRECT_PLANE places that also have
+# more than _DIRECT_CHANNELS output channels (the 8x8 bottom of a wide U-Net): there v2's GEMMs
+# are big enough for BLAS to win. A 1x1 kernel needs no im2col, so v2 is a plain GEMM; strided
+# convolutions are v2's. Measured on the U-Net's layers, 2 cores, with
+# `PYTHONPATH=. python -m pytest benchmarks/bench_cpu.py --benchmark-only -k conv2d`.
+_DIRECT_PLANE = 16 * 16
+_DIRECT_CHANNELS = 64
+
+
+def _direct(stride, khw, plane, channels):
+    """Whether version=None runs v3: see above. `plane` is the output's Ho*Wo (for
+    backward_input, x's H*W) and `channels` its channel count."""
+    return (tuple(stride) == (1, 1) and tuple(khw) != (1, 1)
+            and (plane >= _DIRECT_PLANE or channels <= _DIRECT_CHANNELS))
+
+
+def _version(op, version, direct=False):
+    """The version to run: `version`, checked, or for None v3 where `direct` says it wins."""
+    return _checked_version(op, version, VERSIONS[op], 3 if direct else DEFAULT_VERSION[op])
+
+
+_SCRATCH_BYTES = 64 << 20  # v2 builds im2col columns for this many bytes' worth of images at a time
+_THIN = 256  # below this many output pixels per image, v2 runs one GEMM over the images side by side
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution v1: direct loops
+# ---------------------------------------------------------------------------------------------
+
+@kernel
+def _conv2d_forward_v1(x, w, b, sh, sw, ph, pw, y):
+    # one prange iteration per output plane y[n, k]
+    N, C, H, W = x.shape
+    K, _, kh, kw = w.shape
+    Ho, Wo = y.shape[2], y.shape[3]
+    for nk in prange(N * K):
+        n, k = nk // K, nk % K
+        for i in range(Ho):
+            for j in range(Wo):
+                acc = b[k]
+                for c in range(C):
+                    for u in range(kh):
+                        h = i * sh - ph + u
+                        if 0 <= h < H:
+                            for v in range(kw):
+                                q = j * sw - pw + v
+                                if 0 <= q < W:
+                                    acc += x[n, c, h, q] * w[k, c, u, v]
+                y[n, k, i, j] = acc
+
+
+@kernel
+def _conv2d_backward_input_v1(gy, w, sh, sw, ph, pw, gx):
+    # the forward loops run backwards: every y[n,k,i,j] hands gy * w back to each x it read.
+    # One prange iteration per input plane gx[n, c] (zeroed by the caller), so += never races.
+    N, C, H, W = gx.shape
+    _, K, Ho, Wo = gy.shape
+    kh, kw = w.shape[2], w.shape[3]
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for k in range(K):
+            for i in range(Ho):
+                for j in range(Wo):
+                    g = gy[n, k, i, j]
+                    for u in range(kh):
+                        h = i * sh - ph + u
+                        if 0 <= h < H:
+                            for v in range(kw):
+                                q = j * sw - pw + v
+                                if 0 <= q < W:
+                                    gx[n, c, h, q] += g * w[k, c, u, v]
+
+
+@kernel
+def _conv2d_backward_weight_v1(x, gy, sh, sw, ph, pw, gw):
+    # gw[k,c,u,v] = sum_{n,i,j} gy[n,k,i,j] * x[n,c,i*sh-ph+u, j*sw-pw+v]; one iteration per (k, c)
+    N, C, H, W = x.shape
+    _, K, Ho, Wo = gy.shape
+    kh, kw = gw.shape[2], gw.shape[3]
+    for kc in prange(K * C):
+        k, c = kc // C, kc % C
+        for u in range(kh):
+            for v in range(kw):
+                acc = 0.0
+                for n in range(N):
+                    for i in range(Ho):
+                        h = i * sh - ph + u
+                        if 0 <= h < H:
+                            for j in range(Wo):
+                                q = j * sw - pw + v
+                                if 0 <= q < W:
+                                    acc += gy[n, k, i, j] * x[n, c, h, q]
+                gw[k, c, u, v] = acc
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution v2: im2col / col2im (numba) + GEMM (BLAS through numpy.matmul)
+# ---------------------------------------------------------------------------------------------
+
+@numba.njit(cache=True)
+def _valid(n_out, n_in, s, p, u):
+    """The output positions i in [lo, hi) that read an input 0 <= i*s - p + u < n_in."""
+    lo = max(0, (p - u + s - 1) // s)
+    hi = min(n_out, (n_in - 1 + p - u) // s + 1)
+    return lo, max(lo, hi)
+
+
+@kernel
+def _im2col(x, kh, kw, sh, sw, ph, pw, col):
+    # x: (N, C, H, W) -> col: (N, C*kh*kw, Ho*Wo), col[n, (c,u,v), (i,j)] = x[n, c, i*sh-ph+u, j*sw-pw+v]
+    # or 0 in the padding. One prange iteration per plane x[n, c]: it fills rows (c, *, *) of col[n].
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        for u in range(kh):
+            i0, i1 = _valid(Ho, H, sh, ph, u)
+            for v in range(kw):
+                j0, j1 = _valid(Wo, W, sw, pw, v)
+                row = col[n, (c * kh + u) * kw + v]     # (Ho*Wo,)
+                row[:i0 * Wo] = 0                      # output rows that read the top padding
+                row[i1 * Wo:] = 0                      # ... and the bottom padding
+                for i in range(i0, i1):
+                    src = x[n, c, i * sh - ph + u]     # the input row this output row reads
+                    dst = row[i * Wo:(i + 1) * Wo]
+                    dst[:j0] = 0
+                    dst[j1:] = 0
+                    if sw == 1:                        # a contiguous copy: the common case
+                        dst[j0:j1] = src[j0 - pw + v:j1 - pw + v]
+                    else:
+                        for j in range(j0, j1):
+                            dst[j] = src[j * sw - pw + v]
+
+
+@kernel
+def _col2im(col, b, kh, kw, sh, sw, ph, pw, x):
+    # col: (N, C*kh*kw, Ho*Wo) -> x: (N, C, H, W), im2col's adjoint: each plane x[n, c] starts at
+    # b[c] and every entry of its rows (c, *, *) of col is added onto the pixel it came from.
+    # One prange iteration per plane x[n, c].
+    N, C, H, W = x.shape
+    Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        x[n, c] = b[c]
+        for u in range(kh):
+            i0, i1 = _valid(Ho, H, sh, ph, u)
+            for v in range(kw):
+                j0, j1 = _valid(Wo, W, sw, pw, v)
+                row = col[n, (c * kh + u) * kw + v]
+                for i in range(i0, i1):
+                    dst = x[n, c, i * sh - ph + u]
+                    src = row[i * Wo:(i + 1) * Wo]
+                    if sw == 1:
+                        for j in range(j0, j1):
+                            dst[j - pw + v] += src[j]
+                    else:
+                        for j in range(j0, j1):
+                            dst[j * sw - pw + v] += src[j]
+
+
+def _batches(N, sample_nbytes):
+    """Slices of the batch whose temporaries (sample_nbytes per image) fit in _SCRATCH_BYTES, one
+    image at least: the scratch buffer stays bounded however large the images or the batch."""
+    step = max(1, _SCRATCH_BYTES // sample_nbytes)
+    return [slice(n, min(n + step, N)) for n in range(0, N, step)]
+
+
+def _cols(x, khw, stride, padding, Ho, Wo):
+    """im2col of x (a slice of the batch) into the scratch buffer; for a 1x1 kernel with stride 1
+    and no padding, x itself."""
+    N, C, H, W = x.shape
+    if khw == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        return x.reshape(N, C, H * W)
+    col = scratch((N, C * khw[0] * khw[1], Ho * Wo), x.dtype)
+    _im2col(x, *khw, *stride, *padding, col)
+    return col
+
+
+def _gathered(a):
+    """(n, R, P) -> (R, n*P): one image after another along the columns (a copy)."""
+    return a.transpose(1, 0, 2).reshape(a.shape[1], -1)
+
+
+def _flipped(w):
+    """w (K, C, kh, kw) flipped in space with its channel axes swapped, (C, K, kh, kw): the kernel
+    that convolves gy into gx at stride 1."""
+    return np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+
+
+def _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo):
+    N, C = x.shape[:2]
+    K, _, kh, kw = w.shape
+    P = Ho * Wo
+    y = np.empty((N, K, P), x.dtype)
+    for s in _batches(N, C * kh * kw * P * x.itemsize):
+        col = _cols(x[s], (kh, kw), stride, padding, Ho, Wo)  # (n, R, P)
+        if P < _THIN:  # one GEMM over the images side by side
+            y[s] = (w.reshape(K, -1) @ _gathered(col)).reshape(K, -1, P).transpose(1, 0, 2)
+        else:
+            np.matmul(w.reshape(K, -1), col, out=y[s])          # (K, R) @ (n, R, P) -> (n, K, P)
+    if b is not None:
+        y += b[:, None]
+    return y.reshape(N, K, Ho, Wo)
+
+
+def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, b=None):
+    # gx, plus b[c] on every plane where b is given (conv_transpose2d's bias)
+    N, K, Ho, Wo = gy.shape
+    C = x_shape[1]
+    kh, kw = w.shape[2:]
+    (ph, pw) = padding
+    if stride == (1, 1) and ph < kh and pw < kw and K <= C:
+        # With stride 1, gx is itself a convolution: of gy, with the kernel flipped in space and
+        # its channel axes swapped, and padding k-1-p. Its im2col (of gy: K*kh*kw rows) is no
+        # larger than col2im's columns (C*kh*kw rows) here, and its GEMM has the long inner
+        # dimension K*kh*kw rather than K, which BLAS runs faster.
+        return _conv2d_forward_v2(gy, _flipped(w), b, (1, 1), (kh - 1 - ph, kw - 1 - pw), *x_shape[2:])
+    gy = gy.reshape(N, K, Ho * Wo)
+    w_t = w.reshape(K, -1).T                                    # (R, K)
+    if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
+        gx = np.matmul(w_t, gy)                                 # col2im of a 1x1 kernel: the identity
+        if b is not None:
+            gx += b[:, None]
+        return gx.reshape(x_shape)
+    b = np.zeros(C, gy.dtype) if b is None else b
+    gx = np.empty(x_shape, gy.dtype)
+    for s in _batches(N, C * kh * kw * Ho * Wo * gy.itemsize):
+        gcol = scratch((s.stop - s.start, C * kh * kw, Ho * Wo), gy.dtype)
+        np.matmul(w_t, gy[s], out=gcol)                         # (R, K) @ (n, K, P) -> (n, R, P)
+        _col2im(gcol, b, kh, kw, *stride, *padding, gx[s])
+    return gx
+
+
+def _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding):
+    N, K, Ho, Wo = gy.shape
+    C, kh, kw = w_shape[1:]
+    P = Ho * Wo
+    gy = gy.reshape(N, K, P)
+    gw = np.zeros((K, C * kh * kw), x.dtype)
+    for s in _batches(N, C * kh * kw * P * x.itemsize):
+        col = _cols(x[s], (kh, kw), stride, padding, Ho, Wo)   # (n, R, P)
+        if P < _THIN:  # one GEMM over the images side by side: (K, n*P) @ (n*P, R)
+            gw += _gathered(gy[s]) @ _gathered(col).T
+        else:
+            # sum_n col[n] (R, P) @ gy[n].T (P, K), in the orientation OpenBLAS runs faster here
+            gw += np.matmul(col, gy[s].transpose(0, 2, 1)).sum(axis=0).T
+    return gw.reshape(w_shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution v3: direct loops over zero-padded planes, register-blocked
+# ---------------------------------------------------------------------------------------------
+# v3 computes a stride-1 correlation y[i, j] = sum_{u,v} w[u, v] * xp[i + u, j + v] over a
+# zero-padded copy xp of each input plane, and it never builds im2col's columns: for a 3x3
+# kernel those are 9 copies of x, written out and read back (and repacked by BLAS), and when
+# the layer has few output channels (K = 16 at the top of a U-Net) every column entry is used
+# only K times, so v2's GEMM runs at the speed of memory, not of the FPU. v3 reads each x
+# straight from the padded plane, once per block of 4 output channels.
+#
+# The padded plane is stored flat with row length Wp = Wo + kw - 1, which makes every tap a
+# constant offset: xp[i + u, j + v] = plane[(i*Wp + j) + (u*Wp + v)]. So v3 runs over the
+# flat index p = i*Wp + j of an "extended" output of Ho rows of Wp (its last kw - 1 columns are
+# garbage, computed and dropped) in long straight loops with no per-row bookkeeping, which
+# LLVM vectorises: in the 3x3 case the three taps of a kernel row and four output channels
+# share each load of x, so one pass of the loop does 12 fused multiply-adds on vector lanes.
+#
+# Strided convolutions are not v3's business (None never picks it for them), but every version
+# computes every case: a stride s forward is the stride-1 one read at every s-th place, and
+# the gradients dilate gy (s - 1 zeros between its entries) and correlate at stride 1.
+
+_V3_CHUNK = 1024  # output places per task in v3's forward: 4 channels' accumulators stay in L1
+_V3_FAST = {"contract"}            # let LLVM fuse a*b + c into one FMA
+_V3_REDUCE = {"contract", "reassoc"}  # ... and reorder sums, so the reductions vectorise
+
+
+@kernel
+def _pad_planes(x, top, left, Hp, Wp, xp):
+    # x: (N, C, H, W) -> xp: (N, C, Hp*Wp + tail), xp[n, c, h*Wp + q] = x[n, c, h - top, q - left]
+    # where that lies inside x, else 0 (top and left may be negative: a crop). One plane per
+    # task; each place is written once (a zero fill first would double the memory traffic).
+    N, C, H, W = x.shape
+    h0, h1 = min(Hp, max(0, top)), max(min(Hp, max(0, top)), min(Hp, H + top))
+    q0, q1 = min(Wp, max(0, left)), max(min(Wp, max(0, left)), min(Wp, W + left))
+    for nc in prange(N * C):
+        n, c = nc // C, nc % C
+        plane = xp[n, c]
+        plane[:h0 * Wp] = 0
+        for h in range(h0, h1):
+            row = plane[h * Wp:(h + 1) * Wp]
+            row[:q0] = 0
+            row[q0:q1] = x[n, c, h - top, q0 - left:q1 - left]
+            row[q1:] = 0
+        plane[h1 * Wp:] = 0
+
+
+def _padded(x, top, left, Hp, Wp, tail, slot=0):
+    """x as zero-padded flat planes (N, C, Hp*Wp + tail) with x[.., 0, 0] at row top, column
+    left, in scratch buffer `slot`."""
+    xp = scratch((*x.shape[:2], Hp * Wp + tail), x.dtype, slot)
+    _pad_planes(x, top, left, Hp, Wp, xp)
+    return xp
+
+
+@kernel(fastmath=_V3_FAST)
+def _correlate_v3(xp, w, b, Wp, Ho, Wo, y):
+    # y[n, k, i, j] = b[k] + sum_{c,u,v} w[k,c,u,v] * xp[n, c, (i+u)*Wp + j+v]; one task per
+    # (image, block of 4 output channels, chunk of whole extended rows)
+    N, C, _ = xp.shape
+    K, _, kh, kw = w.shape
+    n_chunks = max(1, min(Ho, (Ho * Wp) // _V3_CHUNK))   # chunks of about _V3_CHUNK places ...
+    rows = (Ho + n_chunks - 1) // n_chunks                # ... as whole rows, split evenly
+    n_chunks = (Ho + rows - 1) // rows
+    KB = (K + 3) // 4
+    for t in prange(N * KB * n_chunks):
+        n, kb, ch = t // (KB * n_chunks), (t // n_chunks) % KB, t % n_chunks
+        k0, k1 = kb * 4, min(K, kb * 4 + 4)
+        i0 = ch * rows
+        i1 = min(Ho, i0 + rows)
+        L = (i1 - i0) * Wp
+        acc = np.zeros((4, L), y.dtype)
+        a0, a1, a2, a3 = acc[0], acc[1], acc[2], acc[3]
+        for c in range(C):
+            for u in range(kh):
+                xs = xp[n, c, (i0 + u) * Wp:]        # tap (u, 0) of extended place p is xs[p]
+                if kw == 3 and k1 - k0 == 4:
+                    p0, p1, p2 = w[k0, c, u, 0], w[k0, c, u, 1], w[k0, c, u, 2]
+                    q0, q1, q2 = w[k0 + 1, c, u, 0], w[k0 + 1, c, u, 1], w[k0 + 1, c, u, 2]
+                    r0, r1, r2 = w[k0 + 2, c, u, 0], w[k0 + 2, c, u, 1], w[k0 + 2, c, u, 2]
+                    s0, s1, s2 = w[k0 + 3, c, u, 0], w[k0 + 3, c, u, 1], w[k0 + 3, c, u, 2]
+                    for p in range(L):
+                        xa, xb, xc = xs[p], xs[p + 1], xs[p + 2]
+                        a0[p] += p0 * xa + p1 * xb + p2 * xc
+                        a1[p] += q0 * xa + q1 * xb + q2 * xc
+                        a2[p] += r0 * xa + r1 * xb + r2 * xc
+                        a3[p] += s0 * xa + s1 * xb + s2 * xc
+                else:
+                    for k in range(k0, k1):
+                        a = acc[k - k0]
+                        for v in range(kw):
+                            wv = w[k, c, u, v]
+                            for p in range(L):
+                                a[p] += wv * xs[p + v]
+        for k in range(k0, k1):                       # drop the garbage columns, add the bias
+            for i in range(i0, i1):
+                src, dst = acc[k - k0, (i - i0) * Wp:], y[n, k, i]
+                for j in range(Wo):
+                    dst[j] = src[j] + b[k]
+
+
+@kernel(fastmath=_V3_REDUCE)
+def _correlate_grad_v3(xp, gp, Wp, gw):
+    # gw[k, c, u, v] = sum_{n, p} gp[n, k, p] * xp[n, c, p + u*Wp + v] over the extended places p
+    # (gp is gy with zeros in the garbage columns); one task per (input channel, block of 4 k).
+    # Each loop is a reduction over a whole plane: float32 partial sums inside it (vectorised),
+    # float64 across planes and rows of the kernel.
+    N, C, _ = xp.shape
+    K, P = gp.shape[1], gp.shape[2]
+    kh, kw = gw.shape[2], gw.shape[3]
+    KB = (K + 3) // 4
+    for t in prange(C * KB):
+        c, kb = t // KB, t % KB
+        k0, k1 = kb * 4, min(K, kb * 4 + 4)
+        acc = np.zeros((4, kh, kw))
+        zero = np.zeros(1, gp.dtype)[0]
+        for n in range(N):
+            for u in range(kh):
+                xs = xp[n, c, u * Wp:]
+                if kw == 3 and k1 - k0 == 4:
+                    # written out, not looped: 12 named scalars are what LLVM keeps in 12 vector
+                    # registers (an array of sums would go through memory on every step)
+                    g0, g1, g2, g3 = gp[n, k0], gp[n, k0 + 1], gp[n, k0 + 2], gp[n, k0 + 3]
+                    s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = s30 = s31 = s32 = zero
+                    for p in range(P):
+                        xa, xb, xc = xs[p], xs[p + 1], xs[p + 2]
+                        s00 += g0[p] * xa
+                        s01 += g0[p] * xb
+                        s02 += g0[p] * xc
+                        s10 += g1[p] * xa
+                        s11 += g1[p] * xb
+                        s12 += g1[p] * xc
+                        s20 += g2[p] * xa
+                        s21 += g2[p] * xb
+                        s22 += g2[p] * xc
+                        s30 += g3[p] * xa
+                        s31 += g3[p] * xb
+                        s32 += g3[p] * xc
+                    acc[0, u, 0] += s00
+                    acc[0, u, 1] += s01
+                    acc[0, u, 2] += s02
+                    acc[1, u, 0] += s10
+                    acc[1, u, 1] += s11
+                    acc[1, u, 2] += s12
+                    acc[2, u, 0] += s20
+                    acc[2, u, 1] += s21
+                    acc[2, u, 2] += s22
+                    acc[3, u, 0] += s30
+                    acc[3, u, 1] += s31
+                    acc[3, u, 2] += s32
+                else:
+                    for k in range(k0, k1):
+                        g = gp[n, k]
+                        for v in range(kw):
+                            s = zero
+                            for p in range(P):
+                                s += g[p] * xs[p + v]
+                            acc[k - k0, u, v] += s
+        for k in range(k0, k1):
+            gw[k, c] = acc[k - k0]
+
+
+def _dilated(gy, stride, shape):
+    """gy with stride - 1 zeros after each entry along h and w, in an array of `shape`[2:] (the
+    places past gy's last entry are 0 too): the gradient of a strided convolution, laid out
+    for a stride-1 one."""
+    if stride == (1, 1) and gy.shape[2:] == tuple(shape[2:]):
+        return gy
+    out = np.zeros((*gy.shape[:2], *shape[2:]), gy.dtype)
+    out[:, :, ::stride[0], ::stride[1]][:, :, :gy.shape[2], :gy.shape[3]] = gy
+    return out
+
+
+def _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo):
+    N, K, (kh, kw), (sh, sw), (ph, pw) = x.shape[0], w.shape[0], w.shape[2:], stride, padding
+    H1, W1 = (Ho - 1) * sh + 1, (Wo - 1) * sw + 1              # the stride-1 output that covers y
+    Wp = W1 + kw - 1
+    xp = _padded(x, ph, pw, H1 + kh - 1, Wp, kw)
+    b = np.zeros(K, x.dtype) if b is None else b
+    y = np.empty((N, K, H1, W1), x.dtype)
+    _correlate_v3(xp, w, b, Wp, H1, W1, y)
+    return y if (sh, sw) == (1, 1) else np.ascontiguousarray(y[:, :, ::sh, ::sw])
+
+
+def _conv2d_backward_input_v3(gy, w, x_shape, stride, padding, b=None):
+    # gx[h, q] = sum_{k,u,v} gyd[h + ph - u, q + pw - v] * w[k, c, u, v] with gyd gy dilated:
+    # a stride-1 correlation of gyd with w flipped in space and its channel axes swapped,
+    # padded by kh-1-ph on top (negative: cropped). b, where given, is added to every plane.
+    (N, C, H, W), (kh, kw), (sh, sw), (ph, pw) = x_shape, w.shape[2:], stride, padding
+    Ho, Wo = gy.shape[2:]
+    gyd = _dilated(gy, stride, (N, gy.shape[1], (Ho - 1) * sh + 1, (Wo - 1) * sw + 1))
+    Wp = W + kw - 1
+    gp = _padded(gyd, kh - 1 - ph, kw - 1 - pw, H + kh - 1, Wp, kw)
+    gx = np.empty(x_shape, gy.dtype)
+    _correlate_v3(gp, _flipped(w), np.zeros(C, gy.dtype) if b is None else b, Wp, H, W, gx)
+    return gx
+
+
+def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding):
+    (K, _, kh, kw), (sh, sw), (ph, pw) = w_shape, stride, padding
+    N, _, Ho, Wo = gy.shape
+    H1, W1 = (Ho - 1) * sh + 1, (Wo - 1) * sw + 1
+    Wp = W1 + kw - 1
+    xp = _padded(x, ph, pw, H1 + kh - 1, Wp, kw)
+    gp = _padded(_dilated(gy, stride, (N, K, H1, W1)), 0, 0, H1, Wp, 0, slot=1)  # 0 in the garbage columns
+    gw = np.empty(w_shape, x.dtype)
+    _correlate_grad_v3(xp, gp, Wp, gw)
+    return gw
+
+
+# ---------------------------------------------------------------------------------------------
+# convolution: the public kernels
+# ---------------------------------------------------------------------------------------------
+
+def conv2d_forward(x, w, b, stride, padding, version=None):
+    # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo)
+    op = "conv2d_forward"
+    dtype = _floats(op, ("x", x), ("w", w), ndim=4)
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w {w.shape} expects {w.shape[1]}")
+    stride, padding = tuple(stride), tuple(padding)
+    Ho, Wo = _conv_out_hw(op, x.shape[2:], w.shape[2:], stride, padding)
+    v = _version(op, version, _direct(stride, w.shape[2:], Ho * Wo, w.shape[0]))
+    if v == 1:
+        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), dtype)
+        _conv2d_forward_v1(x, w, _vector(op, "b", b, w.shape[0], dtype, 0), *stride, *padding, y)
+        return y
+    b = None if b is None else _vector(op, "b", b, w.shape[0], dtype)
+    if v == 3:
+        return _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo)
+    return _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo)
+
+
+def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
+    # gy: (N, K, Ho, Wo), w: (K, C, kh, kw) -> gx: x_shape = (N, C, H, W)
+    op = "conv2d_backward_input"
+    dtype = _floats(op, ("gy", gy), ("w", w), ndim=4)
+    stride, padding, x_shape = tuple(stride), tuple(padding), tuple(x_shape)
+    N, C, H, W = x_shape
+    v = _version(op, version, _direct(stride, w.shape[2:], H * W, C))
+    if C != w.shape[1]:
+        raise ValueError(f"{op}: x_shape {x_shape} has {C} channels but w {w.shape} expects {w.shape[1]}")
+    _same_shape(op, "gy", gy, (N, w.shape[0], *_conv_out_hw(op, (H, W), w.shape[2:], stride, padding)))
+    if v == 1:
+        gx = np.zeros(x_shape, dtype)
+        _conv2d_backward_input_v1(gy, w, *stride, *padding, gx)
+        return gx
+    if v == 3:
+        return _conv2d_backward_input_v3(gy, w, x_shape, stride, padding)
+    return _conv2d_backward_input_v2(gy, w, x_shape, stride, padding)
+
+
+def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
+    # x: (N, C, H, W), gy: (N, K, Ho, Wo) -> gw: w_shape = (K, C, kh, kw)
+    op = "conv2d_backward_weight"
+    dtype = _floats(op, ("x", x), ("gy", gy), ndim=4)
+    stride, padding, w_shape = tuple(stride), tuple(padding), tuple(w_shape)
+    K, C, kh, kw = w_shape
+    v = _version(op, version, _direct(stride, (kh, kw), gy.shape[2] * gy.shape[3], K))
+    if x.shape[1] != C:
+        raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w_shape {w_shape} expects {C}")
+    _same_shape(op, "gy", gy, (x.shape[0], K, *_conv_out_hw(op, x.shape[2:], (kh, kw), stride, padding)))
+    if v == 1:
+        gw = np.empty(w_shape, dtype)
+        _conv2d_backward_weight_v1(x, gy, *stride, *padding, gw)
+        return gw
+    if v == 3:
+        return _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding)
+    return _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding)

@@ -1,0 +1,85 @@
+"""minunet.cpu.loss: per-pixel softmax cross-entropy over the channel axis.
+
+The forward pass keeps the softmax p for the backward pass, whose gradient is then just
+gloss * weight[t] * (p - onehot(t)). Each prange iteration owns one image row (n, h) and its
+inner loops run along the row, so they vectorise.
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from minunet.checks import ArrayChecks, same_shape as _same_shape
+from minunet.cpu.runtime import kernel
+
+_check = ArrayChecks(np, "CPU")
+_floats, _int64, _vector = _check.floats, _check.int64, _check.vector
+
+
+@kernel
+def _softmax_cross_entropy_forward(x, target, weight, ignore_index, loss, p):
+    # x, p: (N, C, H, W), target, loss: (N, H, W). One prange iteration per image row (n, h),
+    # its inner loops running along the row so they vectorise: m = max_c x, p = exp(x - m) / z
+    # with z = sum_c exp(x - m), and loss = weight[t] * (m + log z - x[t]).
+    N, C, H, W = x.shape
+    for nh in prange(N * H):
+        n, h = nh // H, nh % H
+        m = x[n, 0, h].copy()
+        for c in range(1, C):
+            for j in range(W):
+                m[j] = max(m[j], x[n, c, h, j])
+        z = np.zeros(W)
+        for c in range(C):
+            for j in range(W):
+                e = math.exp(x[n, c, h, j] - m[j])
+                p[n, c, h, j] = e
+                z[j] += e
+        for c in range(C):
+            for j in range(W):
+                p[n, c, h, j] /= z[j]
+        for j in range(W):
+            t = target[n, h, j]
+            loss[n, h, j] = 0 if t == ignore_index else weight[t] * (m[j] - x[n, t, h, j] + math.log(z[j]))
+
+
+@kernel
+def _softmax_cross_entropy_backward(p, target, weight, ignore_index, gloss, gx):
+    # gx[n, c, h, w] = gloss[n, h, w] * weight[t] * (p[n, c, h, w] - [c == t]), 0 where t is ignored;
+    # one prange iteration per image row (n, h)
+    N, C, H, W = p.shape
+    for nh in prange(N * H):
+        n, h = nh // H, nh % H
+        g = np.empty(W)
+        for j in range(W):
+            t = target[n, h, j]
+            g[j] = 0 if t == ignore_index else gloss[n, h, j] * weight[t]
+        for c in range(C):
+            for j in range(W):
+                gx[n, c, h, j] = g[j] * (p[n, c, h, j] - (1.0 if c == target[n, h, j] else 0.0))
+
+
+def softmax_cross_entropy_forward(x, target, weight, ignore_index):
+    # x: (N, C, H, W) logits, target: (N, H, W) int64 -> loss: (N, H, W), p: (N, C, H, W)
+    op = "softmax_cross_entropy_forward"
+    dtype = _floats(op, ("x", x), ndim=4)
+    N, C, H, W = x.shape
+    _int64(op, "target", target, (N, H, W))
+    loss = np.empty((N, H, W), dtype)
+    p = np.empty_like(x)
+    _softmax_cross_entropy_forward(x, target, _vector(op, "weight", weight, C, dtype, 1), int(ignore_index), loss, p)
+    return loss, p
+
+
+def softmax_cross_entropy_backward(p, target, weight, ignore_index, gloss):
+    # p: (N, C, H, W), target, gloss: (N, H, W) -> gx: (N, C, H, W)
+    op = "softmax_cross_entropy_backward"
+    dtype = _floats(op, ("p", p), ("gloss", gloss))
+    if p.ndim != 4:
+        raise ValueError(f"{op}: p must have 4 dimensions, got shape {p.shape}")
+    N, C, H, W = p.shape
+    _int64(op, "target", target, (N, H, W))
+    _same_shape(op, "gloss", gloss, (N, H, W))
+    gx = np.empty_like(p)
+    _softmax_cross_entropy_backward(p, target, _vector(op, "weight", weight, C, dtype, 1), int(ignore_index),
+                                    gloss, gx)
+    return gx

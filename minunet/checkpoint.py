@@ -227,6 +227,16 @@ def check_architecture(ckpt, model):
         raise CheckpointError(f"checkpoint {ckpt.path} does not fit this model: " + "; ".join(problems))
 
 
+def check_finite(ckpt):
+    """Raise CheckpointError if a floating tensor of the model holds NaN or infinity: such a
+    checkpoint comes from a training run that diverged, and its predictions mean nothing."""
+    for name, a in ckpt.model_state.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise CheckpointError(f"checkpoint {ckpt.path} holds non-finite weights ({name} has NaN or infinite "
+                                  f"values): it was saved by a training run that diverged, most often from too "
+                                  f"high a learning rate; train again with a lower one")
+
+
 def _jsonable(v):
     """Compare configs as JSON sees them (a tuple in the model equals a list in the file)."""
     return json.loads(_dumps(v))

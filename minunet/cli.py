@@ -9,13 +9,18 @@
 Every subcommand turns bad input (a missing path, an impossible option value, a damaged
 image, masks that do not pair with images, a truncated checkpoint, a checkpoint of another
 architecture) into one line on stderr and exit status 2, never a traceback. The error
-checks live where the knowledge is (data, checkpoint, unet, train); this module only parses
-the command line and reports.
+checks live where the knowledge is (options, data, checkpoint, unet, train); this module
+only parses the command line and reports.
+
+Exit status: 0 done; 1 training diverged (a NaN or infinite loss or gradient: the message
+names the step and the likely cause); 2 bad input; 130 stopped by Ctrl-C; 143 stopped by
+SIGTERM (both save last.safetensors first, and --resume goes on from there).
 """
 import argparse
 import dataclasses
 import json
 import pathlib
+import signal
 import sys
 
 import numpy as np
@@ -25,8 +30,8 @@ from minunet.checkpoint import read_checkpoint
 from minunet.data import split_indices
 from minunet.metrics import format_table
 from minunet.predict import load_model, predict_files
-from minunet.train import (RESUMABLE_CHANGES, TrainConfig, build_dataset, evaluate, json_safe, resolve_resume,
-                           train)
+from minunet.train import (RESUMABLE_CHANGES, Diverged, TrainConfig, build_dataset, evaluate, json_safe,
+                           resolve_resume, train)
 
 
 class UsageError(Exception):
@@ -154,9 +159,14 @@ def build_parser():
                         f"sigma {d.border_sigma}; default {_on(d.border_weights)})")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: the GPU when usable")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
-    g.add_argument("--out", metavar="DIR", help="run folder (default runs/<timestamp>)")
+    g.add_argument("--out", metavar="DIR",
+                   help="run folder (default runs/<timestamp>); made at the first checkpoint, and never one "
+                        "that holds another run unless --overwrite")
+    g.add_argument("--overwrite", action="store_true",
+                   help="let --out replace the run it holds (its checkpoints, metrics and pictures)")
     g.add_argument("--resume", metavar="CKPT_OR_DIR",
-                   help="continue from a checkpoint or a run folder's last.safetensors")
+                   help="continue from a checkpoint or a run folder's last.safetensors; with a larger "
+                        "--epochs, extend it (the cosine schedule is planned over the new total)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, help="progress bar (default on)")
 
     p = sub.add_parser("predict", help="segment an image file or a folder of images",
@@ -210,22 +220,29 @@ def cmd_train(args):
         if not saved:
             raise UsageError(f"--resume {resume}: the checkpoint holds no training configuration")
         cfg = TrainConfig(**{k: v for k, v in saved.items() if k in TRAIN_FIELDS})
+        changeable = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES if k in vars(args))
         for key, value in given.items():
             old = getattr(cfg, key)
             if key not in RESUMABLE_CHANGES and json.dumps(value) != json.dumps(old):
                 flag = "--" + key.replace("_", "-")
                 raise UsageError(f"{flag} {value} differs from the resumed run's {old}; a resumed run keeps its "
-                                 f"settings (only {', '.join('--' + k for k in RESUMABLE_CHANGES)} may change)")
+                                 f"settings (only {changeable} may change)")
         cfg = dataclasses.replace(cfg, **{k: v for k, v in given.items() if k in RESUMABLE_CHANGES})
         if "out" not in given:
             cfg = dataclasses.replace(cfg, out=str(resume.parent))
     else:
         cfg = TrainConfig(**given)
-    result = train(cfg, resume=resume)
+    try:
+        with np.errstate(all="ignore"):  # the loop itself reports a NaN or an infinity, once and clearly
+            result = train(cfg, resume=resume, overwrite=args.overwrite)
+    except Diverged as e:
+        print(f"minunet train: {e}", file=sys.stderr)
+        return 1
     final = result["final"]
     if result["interrupted"]:
-        print(f"interrupted with {result['epochs']} epoch(s) complete; run folder {result['run_dir']}")
-        return 130
+        print(f"interrupted by {result['interrupted']} with {result['epochs']} epoch(s) complete; "
+              f"run folder {result['run_dir']}")
+        return 128 + (signal.SIGTERM if result["interrupted"] == "SIGTERM" else signal.SIGINT)
     best = result["best_mean_dice"]
     print(f"done: {result['epochs']} epochs in {result['seconds']:.1f} s; validation mean Dice "
           f"{final['mean_dice']:.4f} (best {best:.4f} at epoch {result['best_epoch']}), mIoU {final['mean_iou']:.4f}, "

@@ -36,7 +36,7 @@ from PIL import Image
 
 from minunet import backend, data
 from minunet.autograd import no_grad, tensor
-from minunet.checkpoint import check_architecture, read_checkpoint
+from minunet.checkpoint import check_architecture, check_finite, read_checkpoint
 from minunet.unet import UNet
 
 # The first colours are the 10 of matplotlib's "tab10" cycle, with black for class 0 (the
@@ -193,6 +193,7 @@ class Tiler:
 def load_model(path, device="cpu"):
     """(model in eval mode on `device`, Checkpoint) from a checkpoint file."""
     ckpt = read_checkpoint(path)
+    check_finite(ckpt)
     model = UNet(**ckpt.model_config)
     check_architecture(ckpt, model)
     model.load_state_dict(ckpt.model_state)

@@ -31,9 +31,24 @@ only the position, (epoch, batches done in it), besides the model, optimizer and
 state; resuming replays the data loader up to that batch without training on it and goes
 on. The result equals the uninterrupted run's, bit for bit on the CPU.
 
-Ctrl-C. The first Ctrl-C asks the loop to stop: it finishes the step in flight, writes
+Extending a run. Resuming with a larger `epochs` plans the cosine schedule anew, over the new
+total, from the step the run stands at: the learning rate at step t is always
+lr * (1 + cos(pi * t / (epochs * batches per epoch))) / 2 for the run's current `epochs`, so
+an extended run goes on as if it had been started with the larger number: its learning rate
+jumps once, at the resumed step, to that schedule's value there and then decays to 0 at the
+new last epoch. A finished run resumed without a larger `epochs` is an error that says so.
+
+Ctrl-C and SIGTERM. The first Ctrl-C (SIGINT), or the SIGTERM that a job scheduler or
+`timeout` sends, asks the loop to stop: it finishes the step in flight, writes
 last.safetensors at that exact position and returns (`interrupted`); `--resume` goes on from
-there. A second Ctrl-C stops at once, keeping the last checkpoint written.
+there. A second signal stops at once, keeping the last checkpoint written.
+
+Nothing lost, nothing silent. The run folder is checked at the start (it must not hold
+another run unless `overwrite`) but created only at the first write, the end of epoch 1 or
+a stop, so a run that fails on its data leaves nothing behind. A loss or gradient that is
+not finite (NaN, infinity) stops training at once with `Diverged`, which names the step,
+the last finite loss and the likely cause; the step is not taken, and the checkpoints of the
+last good epoch stay as they were. A checkpoint is never written from non-finite weights.
 """
 import dataclasses
 import datetime
@@ -49,11 +64,12 @@ from tqdm import tqdm
 
 from minunet import backend, nn, optim
 from minunet import functional as F
-from minunet.autograd import tensor
-from minunet.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from minunet.autograd import Tensor, tensor
+from minunet.checkpoint import atomic_write, check_finite, load_checkpoint, read_checkpoint, save_checkpoint
 from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, split_indices,
                           unet_weight_map)
 from minunet.metrics import ConfusionMatrix
+from minunet.options import RUN_FILES, check_config, check_out
 from minunet.predict import Tiler, auto_tile, overlay, to_display
 from minunet.unet import UNet
 
@@ -194,23 +210,13 @@ def build_scheduler(cfg, optimizer, steps_per_epoch):
     return optim.CosineAnnealingLR(optimizer, T_max=cfg.epochs * steps_per_epoch)
 
 
-def check_config(cfg):
-    """Reject impossible settings with one clear message before anything is built."""
-    positive = ("epochs", "batch_size", "image_size", "samples", "base_channels", "depth")
-    for name in positive:
-        if getattr(cfg, name) is None or int(getattr(cfg, name)) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(cfg, name)!r}")
-    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
-        raise ValueError(f"--lr must be a positive number, got {cfg.lr!r}")
-    if not 0 < cfg.val_fraction < 1:
-        raise ValueError(f"--val-fraction must lie strictly between 0 and 1, got {cfg.val_fraction!r}")
-    if cfg.dice_weight < 0:
-        raise ValueError(f"--dice-weight must be >= 0, got {cfg.dice_weight!r}")
-    choices = {"padding": ("same", "valid"), "val_split": ("random", "contiguous"),
-               "optimizer": ("sgd", "adam", "adamw"), "schedule": ("cosine", "constant")}
-    for name, allowed in choices.items():
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")
+def replan_schedule(scheduler, total_steps):
+    """Plan a resumed cosine schedule over `total_steps` (the run's epochs may have grown) from
+    the step it stands at, and set the optimizer's learning rate to the plan's value there.
+    With an unchanged total this sets the very value the schedule already holds."""
+    scheduler.T_max = int(total_steps)
+    scheduler.last_epoch -= 1
+    scheduler.step()  # recomputes and applies lr_at(last_epoch) under the new T_max
 
 
 def _valid_crop(y, out_hw):
@@ -338,34 +344,78 @@ def default_run_dir():
     return path
 
 
-# ---- Ctrl-C ----------------------------------------------------------------------------------
+# ---- Ctrl-C and SIGTERM ----------------------------------------------------------------------
 
 class _Stop(Exception):
     """Raised inside the loop when a stop was asked for, at a point where the state is whole."""
 
 
+class Diverged(Exception):
+    """Training met a loss, gradient or weight that is not finite; the message says where and why."""
+
+
 class StopRequest:
-    """While active, the first SIGINT (Ctrl-C) only sets `requested`; a second one raises
-    KeyboardInterrupt as usual. Outside the main thread signals cannot be caught: inactive."""
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM only sets `requested` (to the
+    signal's name); a second one raises KeyboardInterrupt. Outside the main thread signals
+    cannot be caught: inactive."""
+
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
     def __init__(self, log):
-        self.requested, self.log, self._previous = False, log, None
+        self.requested, self.log, self._previous = None, log, {}
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        self.log("\nCtrl-C: stopping after this step and saving last.safetensors (Ctrl-C again to abort)")
+        self.requested = name = self.SIGNALS[signum]
+        self.log(f"\n{name}: stopping after this step and saving last.safetensors ({name} again to abort)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._previous = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
         return False
+
+
+def first_nonfinite(named_arrays):
+    """The name of the first (name, array) pair whose floating array holds a NaN or an
+    infinity, or None. One float64 sum per array (any NaN or infinity makes it non-finite,
+    and finite float32 values cannot overflow it) and one transfer to the host in all."""
+    named = [(n, a.data if isinstance(a, Tensor) else a) for n, a in named_arrays if a is not None]
+    named = [(n, a) for n, a in named if a.dtype.kind == "f"]
+    if not named:
+        return None
+    xp = backend.array_module(named[0][1])
+    sums = backend.to_numpy(xp.stack([a.sum(dtype=xp.float64) for _, a in named]))
+    bad = np.flatnonzero(~np.isfinite(sums))
+    return named[bad[0]][0] if len(bad) else None
+
+
+# ---- the run folder --------------------------------------------------------------------------
+
+class RunFolder:
+    """Where a run writes. check_out has vetted it; it is made at the first write, so that a
+    run failing before it (bad data, a diverged first epoch) leaves no folder behind. With
+    `clear`, the run files of the run it replaces (--overwrite) are deleted at that moment."""
+
+    def __init__(self, path, clear=False):
+        self.path, self.clear, self.created = pathlib.Path(path), clear, False
+
+    def file(self, name):
+        if not self.created:
+            try:
+                self.path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"--out {self.path}: cannot create the folder ({e.strerror})") from None
+            if self.clear:
+                for old in RUN_FILES:
+                    (self.path / old).unlink(missing_ok=True)
+            self.created = True
+        return self.path / name
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -380,11 +430,34 @@ def resolve_resume(path):
     return path
 
 
-def train(cfg, log=print, resume=None):
-    """Run training as `cfg` says; `resume` is a checkpoint (or run folder) to continue from.
-    Returns a dict: run_dir, epochs, interrupted, final (last epoch's record), best_mean_dice,
-    best_epoch, seconds."""
+def _read_resume(resume, cfg):
+    """The checkpoint to resume from, checked: it holds training progress, finite weights, and
+    the run has epochs left to do (or says how to give it more)."""
+    ckpt = read_checkpoint(resolve_resume(resume))
+    if ckpt.train_state is None:
+        raise ValueError(f"--resume {ckpt.path}: the checkpoint holds a model but no training progress")
+    check_finite(ckpt)
+    done = ckpt.train_state["epoch"]
+    if done >= cfg.epochs:
+        run = pathlib.Path(ckpt.path).parent
+        if cfg.epochs == done:
+            raise ValueError(f"--resume {run}: the run has already done its {done} epochs; to train it longer, give "
+                             f"a larger --epochs (e.g. minunet train --resume {run} --epochs {2 * done}), and the "
+                             f"cosine learning-rate schedule is planned anew over the new total")
+        raise ValueError(f"--epochs {cfg.epochs} is fewer than the {done} epochs the resumed run has done; "
+                         f"give more to train it longer")
+    return ckpt
+
+
+def train(cfg, log=print, resume=None, overwrite=False):
+    """Run training as `cfg` says; `resume` is a checkpoint (or run folder) to continue from;
+    `overwrite` lets the run replace another run in cfg.out. Returns a dict: run_dir, epochs,
+    interrupted (None, 'Ctrl-C' or 'SIGTERM'), final (last epoch's record), best_mean_dice,
+    best_epoch, seconds. Raises Diverged when the loss or a gradient stops being finite."""
     check_config(cfg)
+    ckpt = _read_resume(resume, cfg) if resume is not None else None
+    resumed_from = pathlib.Path(ckpt.path).parent if ckpt is not None else None
+    check_out(cfg.out, overwrite=overwrite, resumed_from=resumed_from)
     device = backend.normalize_device(cfg.device)
     if cfg.device == "auto" and device == "cpu":
         log(f"device: cpu ({backend.cuda_status()[1]})")
@@ -410,32 +483,46 @@ def train(cfg, log=print, resume=None):
     # where we are: epoch index, batches done in it, and the running train loss of that epoch
     epoch, done, loss_sum, loss_count, history = 0, 0, 0.0, 0, []
     best, best_epoch = -math.inf, None
-    if resume is not None:
-        ckpt = load_checkpoint(resolve_resume(resume), model, optimizer, scheduler)
+    if ckpt is not None:
+        load_checkpoint(ckpt.path, model, optimizer, scheduler)
+        if scheduler is not None:
+            replan_schedule(scheduler, cfg.epochs * len(loader))
         state = ckpt.train_state
-        if state is None:
-            raise ValueError(f"--resume {ckpt.path}: the checkpoint holds a model but no training progress")
         epoch, done = state["epoch"], state["batch"]
         loss_sum, loss_count, history = state["loss_sum"], state["loss_count"], state["history"]
         best = ckpt.best_metric if ckpt.best_metric is not None else -math.inf
         best_epoch = state["best_epoch"]
         log(f"resuming from {ckpt.path}: epoch {epoch + 1}, batch {done}")
     run_dir = pathlib.Path(cfg.out) if cfg.out else default_run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    own = resumed_from is not None and run_dir.resolve() == resumed_from.resolve()
+    folder = RunFolder(run_dir, clear=overwrite and not own)
     cfg = dataclasses.replace(cfg, out=str(run_dir))  # so the checkpoints name their folder
     log(f"run folder: {run_dir}")
     arch = ", ".join(f"{k}={v!r}" for k, v in model.config.items())
     log(f"data: {'synthetic' if cfg.is_synthetic() else 'folder'}, {len(train_idx)} train / {len(val_idx)} "
         f"validation images, {dataset.num_classes} classes; model: UNet({arch})")
+    saved_epoch = epoch if ckpt is not None else None  # the epoch the newest last.safetensors holds
+    last_loss = None  # (step, value) of the last finite training loss
 
-    def checkpoint(path, best_metric):
+    def checkpoint(name, best_metric):
+        bad = first_nonfinite(list(model.named_parameters()) + list(model.named_buffers()))
+        if bad is not None:
+            raise Diverged(f"training diverged in epoch {epoch}: {bad} holds NaN or infinite values, so it is not "
+                           f"saved; {_likely_cause(cfg)} {_kept(folder, saved_epoch)}")
         state = dict(epoch=epoch, batch=done, loss_sum=loss_sum, loss_count=loss_count, history=history,
                      best_epoch=best_epoch)
-        save_checkpoint(path, model, optimizer, scheduler, epoch=epoch, best_metric=best_metric,
+        save_checkpoint(folder.file(name), model, optimizer, scheduler, epoch=epoch, best_metric=best_metric,
                         train_config=dataclasses.asdict(cfg), train_state=state)
 
+    def diverged(what):
+        step = epoch * len(loader) + done + 1
+        before = (f"the last finite loss was {last_loss[1]:.4g}, at step {last_loss[0]}" if last_loss else
+                  "no finite loss came before it" + (" since resuming" if ckpt is not None else ""))
+        return Diverged(f"training diverged at epoch {epoch + 1}, batch {done + 1} (step {step}): {what}; {before}. "
+                        f"{_likely_cause(cfg)} The step was not taken. {_kept(folder, saved_epoch)}")
+
     start = time.perf_counter()
-    interrupted = False
+    interrupted = None
     with StopRequest(log) as stop:
         try:
             while epoch < cfg.epochs:
@@ -455,11 +542,18 @@ def train(cfg, log=print, resume=None):
                         weights = backend.to_device(w[0], device) if w else None
                         optimizer.zero_grad()
                         loss = segmentation_loss(model(x), y, cfg, class_weights, weights)
+                        value = loss.item()
+                        if not math.isfinite(value):
+                            raise diverged(f"the loss is {value}")
                         loss.backward()
+                        bad = first_nonfinite((n, p.grad) for n, p in model.named_parameters())
+                        if bad is not None:
+                            raise diverged(f"the gradient of {bad} holds NaN or infinite values (loss {value:.4g})")
                         optimizer.step()
                         if scheduler is not None:
                             scheduler.step()
-                        loss_sum, loss_count, done = loss_sum + loss.item(), loss_count + 1, done + 1
+                        loss_sum, loss_count, done = loss_sum + value, loss_count + 1, done + 1
+                        last_loss = (epoch * len(loader) + done, value)
                         seen += x.shape[0]
                         rate = seen / (time.perf_counter() - t0)
                         bar.update(1)
@@ -482,13 +576,14 @@ def train(cfg, log=print, resume=None):
                 if improved:
                     best, best_epoch = val["mean_dice"], epoch + 1
                 epoch, done, loss_sum, loss_count = epoch + 1, 0, 0.0, 0
-                checkpoint(run_dir / "last.safetensors", best)
+                checkpoint("last.safetensors", best)
+                saved_epoch = epoch
                 if improved:
-                    checkpoint(run_dir / "best.safetensors", best)
-                write_metrics(run_dir / "metrics.jsonl", history)
-                plot_curves(run_dir / "curves.png", history, dataset.class_names)
+                    checkpoint("best.safetensors", best)
+                write_metrics(folder.file("metrics.jsonl"), history)
+                plot_curves(folder.file("curves.png"), history, dataset.class_names)
                 if samples:
-                    plot_predictions(run_dir / "predictions.png", samples, dataset.num_classes)
+                    plot_predictions(folder.file("predictions.png"), samples, dataset.num_classes)
                 log(f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "
                     f"val loss {record['val_loss']:.4f}, mean Dice {record['mean_dice']:.4f}, "
                     f"mIoU {record['mean_iou']:.4f}, pixel acc {record['pixel_accuracy']:.4f}, "
@@ -496,10 +591,23 @@ def train(cfg, log=print, resume=None):
                 if stop.requested:
                     raise _Stop
         except _Stop:
-            interrupted = True
-            checkpoint(run_dir / "last.safetensors", best if best > -math.inf else None)
+            interrupted = stop.requested
+            checkpoint("last.safetensors", best if best > -math.inf else None)
             log(f"stopped at epoch {epoch + 1}, batch {done}: saved {run_dir / 'last.safetensors'}; "
                 f"continue with: minunet train --resume {run_dir}")
     return dict(run_dir=str(run_dir), epochs=epoch, interrupted=interrupted, final=history[-1] if history else None,
                 best_mean_dice=best if best > -math.inf else None, best_epoch=best_epoch,
                 seconds=time.perf_counter() - start)
+
+
+def _likely_cause(cfg):
+    return (f"The likely cause is a learning rate too high for this model and data (--lr {cfg.lr:g}): "
+            f"try a lower one, e.g. --lr {cfg.lr / 10:g}.")
+
+
+def _kept(folder, saved_epoch):
+    if saved_epoch is None or not (folder.path / "last.safetensors").exists():
+        return "No checkpoint had been written yet."
+    best = " and best.safetensors" if (folder.path / "best.safetensors").exists() else ""
+    return (f"Kept as they were: {folder.path / 'last.safetensors'} (epoch {saved_epoch}, the last good state)"
+            f"{best}.")

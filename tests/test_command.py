@@ -1,0 +1,246 @@
+"""The `minunet` command as a user meets it, run as a program in a subprocess: nothing lost
+(runs are never overwritten unasked, a diverging run stops and keeps its good checkpoints,
+SIGTERM saves, a failed start leaves no folder), nothing silent, and errors that name the
+flag the user typed.
+
+The command is the `minunet` console script installed next to this Python (CI installs the
+project with pip, so it is there), else `python -m minunet` from this checkout."""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minunet import nn
+from minunet.checkpoint import read_checkpoint, save_checkpoint
+from minunet.data import SyntheticDataset
+from minunet.unet import UNet
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = pathlib.Path(sys.executable).parent / "minunet"
+TINY = ["--samples", "12", "--image-size", "32", "--base-channels", "4", "--depth", "2", "--epochs", "2",
+        "--batch-size", "4", "--val-fraction", "0.25", "--device", "cpu", "--no-progress"]
+
+
+def command():
+    return [str(SCRIPT)] if SCRIPT.is_file() else [sys.executable, "-m", "minunet"]
+
+
+def _env():
+    env = dict(os.environ)
+    if not SCRIPT.is_file():  # `python -m minunet` must import this checkout
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+def minunet(*args, cwd=None, timeout=300):
+    """Run the command; returns the CompletedProcess (rc, stdout, stderr as text)."""
+    return subprocess.run(command() + [str(a) for a in args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=_env())
+
+
+def one_error_line(r, *fragments, rc=2):
+    err = r.stderr.strip()
+    assert r.returncode == rc, (r.returncode, r.stdout, err)
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+def test_the_installed_console_script_runs():
+    if not SCRIPT.is_file():
+        pytest.skip(f"no `minunet` console script next to {sys.executable} (pip install the project to get one)")
+    r = subprocess.run([str(SCRIPT), "train", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "--overwrite" in r.stdout
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny finished 2-epoch run, made by the command."""
+    out = tmp_path_factory.mktemp("cmd") / "run"
+    r = minunet("train", *TINY, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A labelled folder of 6 synthetic 32x48 images with 3-class index masks."""
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    ds = SyntheticDataset(num_samples=6, image_size=(32, 48), num_classes=3, seed=3)
+    for i in range(len(ds)):
+        x, y = ds[i]
+        pixels = np.clip((x[0] - x.min()) / (x.max() - x.min()) * 255, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(root / "images" / f"im{i}.png")
+        Image.fromarray(y.astype(np.uint8)).save(root / "masks" / f"im{i}.png")
+    return root
+
+
+def _copy_run(run, tmp_path, name="copy"):
+    dst = tmp_path / name
+    shutil.copytree(run, dst)
+    return dst
+
+
+# ---- 1. a run is never overwritten unasked -------------------------------------------------------
+
+def test_out_refuses_a_folder_that_holds_a_run(run, tmp_path):
+    out = _copy_run(run, tmp_path)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = minunet("train", *TINY, "--out", out)
+    one_error_line(r, f"--out {out} already holds a run", "--resume", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    r = minunet("train", *TINY, "--epochs", "1", "--out", out, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(s)["epoch"] for s in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert read_checkpoint(out / "last.safetensors").epoch == 1
+
+
+def test_out_that_cannot_be_a_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    one_error_line(minunet("train", *TINY, "--out", tmp_path / "file"), "--out", "a file of that name exists")
+    one_error_line(minunet("train", *TINY, "--out", tmp_path / "file" / "run"), "--out", "is a file, not a folder")
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True, reason="root may write anywhere")
+def test_out_in_a_read_only_folder(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        one_error_line(minunet("train", *TINY, "--out", ro / "run"), "--out", "not writable")
+    finally:
+        ro.chmod(0o755)
+
+
+# ---- 2. a diverging run stops, says why, keeps its good checkpoints ---------------------------
+
+def test_a_diverging_run_stops_with_the_step_and_the_likely_cause(tmp_path):
+    out = tmp_path / "nan"
+    r = minunet("train", *TINY, "--lr", "1e30", "--out", out)
+    err = one_error_line(r, "diverged", "step 2", "the loss is nan", "last finite loss", "--lr 1e+30", rc=1)
+    assert "No checkpoint had been written yet" in err
+    assert not out.exists()  # nothing was written, so not even the folder
+
+
+def test_predict_and_eval_refuse_a_checkpoint_with_non_finite_weights(folder, tmp_path):
+    nn.manual_seed(0)
+    model = UNet(in_channels=1, num_classes=3, base_channels=4, depth=2)
+    model.head.weight.data[0, 0, 0, 0] = np.nan
+    save_checkpoint(tmp_path / "nan.safetensors", model)
+    r = minunet("predict", "--model", tmp_path / "nan.safetensors", "--input", folder / "images",
+                "--output", tmp_path / "pred", "--device", "cpu")
+    one_error_line(r, "non-finite weights", "head.weight", "diverged")
+    assert not (tmp_path / "pred").exists()
+    r = minunet("eval", "--model", tmp_path / "nan.safetensors", "--data", folder, "--classes", "3",
+                "--device", "cpu")
+    one_error_line(r, "non-finite weights")
+
+
+# ---- 3. extending a run ------------------------------------------------------------------------
+
+def test_resume_with_more_epochs_plans_the_cosine_schedule_over_the_new_total(run, tmp_path):
+    out = _copy_run(run, tmp_path)
+    r = minunet("train", "--resume", out, "--epochs", "4", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    lrs = [json.loads(s)["lr"] for s in (out / "metrics.jsonl").read_text().splitlines()]
+    peak, steps = 3e-3, 2  # the default --lr; 9 training images in batches of 4, the last one dropped
+    assert read_checkpoint(out / "last.safetensors").scheduler_state["T_max"] == 4 * steps
+    # epochs 1-2 as planned for 2 epochs; from the resumed step on, the plan over 4 epochs
+    expected = [peak * (1 + np.cos(np.pi * e / 2)) / 2 for e in (1, 2)]
+    expected += [peak * (1 + np.cos(np.pi * e / 4)) / 2 for e in (3, 4)]
+    np.testing.assert_allclose(lrs, expected, atol=1e-12)
+    assert lrs[2] > lrs[3] and lrs[3] == pytest.approx(0, abs=1e-12)  # decays to 0 at the new end
+
+
+def test_resuming_a_finished_run_says_how_to_extend_it(run):
+    one_error_line(minunet("train", "--resume", run, "--no-progress"),
+                   "already done its 2 epochs", f"--resume {run} --epochs 4")
+    one_error_line(minunet("train", "--resume", run, "--epochs", "1"), "--epochs 1 is fewer than the 2 epochs")
+
+
+# ---- 4. SIGTERM is Ctrl-C -----------------------------------------------------------------------
+
+def test_sigterm_saves_and_says_how_to_continue(tmp_path):
+    out = tmp_path / "term"
+    args = ["train", *TINY, "--epochs", "1000", "--out", str(out)]
+    p = subprocess.Popen(command() + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        for line in p.stdout:  # the first epoch ends: the loop (and its signal handlers) is running
+            if line.startswith("epoch 1/"):
+                break
+        p.send_signal(signal.SIGTERM)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 128 + signal.SIGTERM, (stdout, stderr)
+    assert "SIGTERM: stopping after this step" in stdout
+    assert f"continue with: minunet train --resume {out}" in stdout
+    stopped = read_checkpoint(out / "last.safetensors")
+    assert 1 <= stopped.train_state["epoch"] < 1000 and "Traceback" not in stderr
+
+
+# ---- 5. a failed start leaves no folder ------------------------------------------------------------
+
+def test_bad_data_leaves_no_run_folder(folder, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    Image.fromarray(np.full((32, 48), 7, np.uint8)).save(bad / "masks" / "im4.png")  # class 7 of 3
+    r = minunet("train", *TINY, "--data", bad, "--classes", "3", cwd=tmp_path)
+    one_error_line(r, "im4.png", "outside")
+    assert not (tmp_path / "runs").exists()
+
+
+# ---- in-process: where in a run the divergence happens ----------------------------------------------
+
+def _poison(monkeypatch, at_step, gradient_only=False):
+    """Make the `at_step`-th training loss (1-based) NaN, or, with gradient_only, keep its value
+    but make its gradient NaN (the derivative of sqrt at 0 is infinite; times 0 it is NaN)."""
+    from minunet import train as train_module
+    original, steps = train_module.segmentation_loss, []
+
+    def poisoned(logits, *args, **kwargs):
+        loss = original(logits, *args, **kwargs)
+        if logits.requires_grad:  # a training step, not validation
+            steps.append(1)
+            if len(steps) == at_step:
+                loss = loss + ((logits * 0) ** 0.5).sum() if gradient_only else loss * float("nan")
+        return loss
+    monkeypatch.setattr(train_module, "segmentation_loss", poisoned)
+
+
+def test_divergence_in_epoch_2_keeps_the_checkpoints_of_epoch_1(tmp_path, monkeypatch, capsys):
+    from minunet.cli import main
+    _poison(monkeypatch, at_step=3)  # 2 steps per epoch: the first step of epoch 2
+    out = tmp_path / "run"
+    assert main(["train", *TINY, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    for fragment in ("epoch 2, batch 1 (step 3)", "the loss is nan", "the last finite loss was", "at step 2",
+                     "--lr 0.003", f"Kept as they were: {out / 'last.safetensors'} (epoch 1"):
+        assert fragment in err, err
+    for name in ("last.safetensors", "best.safetensors"):
+        ckpt = read_checkpoint(out / name)
+        assert ckpt.epoch == 1 and all(np.isfinite(a).all() for a in ckpt.model_state.values())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_non_finite_gradient_stops_before_the_step(tmp_path, monkeypatch, capsys):
+    from minunet.cli import main
+    _poison(monkeypatch, at_step=1, gradient_only=True)
+    assert main(["train", *TINY, "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert "step 1): the gradient of" in err and "holds NaN or infinite values" in err, err
+    assert "no finite loss came before it" in err and not (tmp_path / "run").exists()

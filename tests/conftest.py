@@ -1,12 +1,21 @@
 """Shared fixtures: the `device` fixture runs a test on 'cpu' and, where a GPU is usable, on
-'cuda' (marked `gpu`, so `pytest -m gpu` selects exactly the GPU cases)."""
+'cuda' (marked `gpu`, so `pytest -m gpu` selects exactly the GPU cases).
+
+With MINUNET_CUDA_EMULATOR=1 the CUDA emulator (tests/cuda_emulator) stands in for CuPy and a
+GPU: it is installed here, before minunet is imported, so 'cuda' is usable and every kernel
+runs on the CPU under its checks (`MINUNET_CUDA_EMULATOR=1 python -m pytest -m gpu`)."""
 import os
 import pathlib
 
 import numpy as np
 import pytest
 
-from minunet import backend
+if os.environ.get("MINUNET_CUDA_EMULATOR") == "1":
+    import cuda_emulator
+
+    cuda_emulator.install()
+
+from minunet import backend  # noqa: E402
 
 DATA = pathlib.Path(os.environ.get("MINUNET_DATA", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

@@ -1,0 +1,484 @@
+"""fake_cupy: the part of CuPy that minunet uses, over host memory, for the CUDA emulator.
+
+`cuda_emulator.install()` puts this module into sys.modules as `cupy` before minunet is
+imported; minunet.backend then finds "CuPy with one device" and minunet.cuda runs unchanged:
+the same launchers, argument checks, scalar packing, grids and split-K workspaces.
+
+Device arrays
+-------------
+`ndarray` is a numpy.ndarray subclass living in host memory. Arithmetic, reductions and
+indexing keep results on the "device" (a reduction gives a 0-d ndarray, as CuPy does), and
+mixing a device array with a host numpy array in one operation raises TypeError, as CuPy
+does. Arrays that `empty`, `zeros`, `asarray`, ... allocate are carved out of a larger
+buffer with 256 untouchable bytes on each side, and `empty` fills them with NaN (integer
+dtypes with 0xa5 bytes), so an element a kernel never writes fails any comparison.
+The functions of the module that are not defined here forward to NumPy and wrap the
+results (`cupy.exp`, `cupy.where`, `cupy.add.at`, `cupy.random.random_sample`, ...).
+
+Kernels
+-------
+`RawModule(code, options, name_expressions)` compiles cuda_model.h + code + one launcher per
+name expression with g++ (-fsanitize=thread instrumentation, hooks of our own, see
+cuda_model.h) into a shared library, cached under MINUNET_EMU_CACHE (default
+~/.cache/minunet-emulator) by the sha256 of everything that goes into it.
+`get_function(name)` returns a Kernel; `kernel(grid, block, args)` checks each argument
+against the kernel's C++ parameter types (a device array for a pointer, of the pointee's
+dtype; a NumPy scalar of exactly the parameter's type and size, as CuPy packs it; Python
+int/float/bool count as int64/float64/bool), registers each array's byte range for the
+bounds checks and runs the grid. Errors are raised at the launch, as `EmulatorError`.
+
+Settings (`settings`, read from the environment at import):
+  MINUNET_EMU_BLOCK_ORDER  forward | reverse | shuffle (default; a new order every launch)
+  MINUNET_EMU_SMS          the MultiProcessorCount the device reports (default 1: launchers
+                           that cap grids by SM count then run their grid-stride loops)
+"""
+import ctypes
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+import types
+
+import numpy as np
+
+__version__ = "0.0-emulator"
+HERE = pathlib.Path(__file__).resolve().parent
+HEADER = HERE / "cuda_model.h"
+LINKER_SCRIPT = HERE / "emulator.ld"
+REDZONE = 256
+ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
+
+
+class EmulatorError(RuntimeError):
+    """A kernel did something a GPU would get wrong: out of bounds, a race, a barrier not
+    reached by all threads, a bad launch or argument."""
+
+
+class _Settings:
+    def __init__(self):
+        self.block_order = os.environ.get("MINUNET_EMU_BLOCK_ORDER", "shuffle")
+        self.sms = int(os.environ.get("MINUNET_EMU_SMS", "1"))
+        self.launches = 0
+        if self.block_order not in ORDERS:
+            raise ValueError(f"MINUNET_EMU_BLOCK_ORDER={self.block_order!r}: expected one of {sorted(ORDERS)}")
+
+
+settings = _Settings()
+
+
+# ------------------------------------------------------------------------------------------
+# device arrays
+# ------------------------------------------------------------------------------------------
+
+def _is_host(a):
+    return isinstance(a, np.ndarray) and not isinstance(a, ndarray) and a.ndim > 0
+
+
+def _reject_host(objs, what):
+    for o in objs:
+        if _is_host(o) or (isinstance(o, (list, tuple)) and any(_is_host(i) for i in o)):
+            raise TypeError(f"cupy (emulated): {what} mixes a host numpy.ndarray with device arrays; "
+                            f"move it with cupy.asarray or .get() first")
+
+
+def _wrap(r):
+    if isinstance(r, ndarray):
+        return r
+    if isinstance(r, np.ndarray):
+        return r.view(ndarray)
+    if isinstance(r, np.generic):
+        return np.asarray(r).view(ndarray)
+    if isinstance(r, tuple):
+        return tuple(_wrap(i) for i in r)
+    if isinstance(r, list):
+        return [_wrap(i) for i in r]
+    return r
+
+
+def _host_view(a):
+    return a.view(np.ndarray) if isinstance(a, ndarray) else a
+
+
+class ndarray(np.ndarray):
+    """A device array of the emulator: host memory, CuPy's behaviour where minunet relies on it."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
+        _reject_host(inputs, f"ufunc {ufunc.__name__}")
+        if out is not None:
+            _reject_host(out, f"ufunc {ufunc.__name__}")
+            kwargs["out"] = tuple(_host_view(o) for o in out)
+        r = getattr(ufunc, method)(*(_host_view(i) for i in inputs), **kwargs)
+        if out is not None:
+            return out[0] if len(out) == 1 else out
+        return _wrap(r)
+
+    def __array_function__(self, func, types_, args, kwargs):
+        _reject_host(list(args) + list(kwargs.values()), func.__name__)
+        return _wrap(super().__array_function__(func, types_, args, kwargs))
+
+    def __getitem__(self, key):
+        return _wrap(super().__getitem__(key))
+
+    def get(self, stream=None, order="C", out=None):
+        return np.array(self.view(np.ndarray), copy=True, order=order)
+
+    @property
+    def device(self):
+        return cuda.Device(0)
+
+    def __reduce__(self):  # pickling a device array gives a host array, like CuPy's .get()
+        return self.get().__reduce__()
+
+
+def _alloc(shape, dtype, fill=None):
+    """A fresh device array with REDZONE guard bytes on each side (never handed to a kernel)."""
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + 2 * REDZONE + dtype.alignment, np.uint8)
+    start = REDZONE + (-(buf.ctypes.data + REDZONE) % max(dtype.alignment, 16))
+    a = buf[start:start + nbytes].view(dtype).reshape(shape).view(ndarray)
+    if fill is None:
+        if dtype.kind in "fc":
+            a.view(np.ndarray).fill(np.nan)
+        else:
+            a.view(np.ndarray).view(np.uint8).fill(0xA5)
+    else:
+        a.view(np.ndarray)[...] = fill
+    return a
+
+
+def empty(shape, dtype=float, order="C"):
+    return _alloc(shape, dtype)
+
+
+def zeros(shape, dtype=float, order="C"):
+    return _alloc(shape, dtype, 0)
+
+
+def ones(shape, dtype=float, order="C"):
+    return _alloc(shape, dtype, 1)
+
+
+def full(shape, fill_value, dtype=None, order="C"):
+    return _alloc(shape, dtype if dtype is not None else np.asarray(fill_value).dtype, fill_value)
+
+
+def empty_like(a, dtype=None, order="K", subok=None, shape=None):
+    return empty(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def zeros_like(a, dtype=None, order="K", subok=None, shape=None):
+    return zeros(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def ones_like(a, dtype=None, order="K", subok=None, shape=None):
+    return ones(a.shape if shape is None else shape, a.dtype if dtype is None else dtype)
+
+
+def full_like(a, fill_value, dtype=None, order="K", subok=None, shape=None):
+    return full(a.shape if shape is None else shape, fill_value, a.dtype if dtype is None else dtype)
+
+
+def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0):
+    host = np.array(_host_view(obj), dtype=dtype, copy=True, order="C", ndmin=ndmin)
+    if not copy and isinstance(obj, ndarray) and host.dtype == obj.dtype and obj.flags.c_contiguous:
+        return obj
+    a = _alloc(host.shape, host.dtype, 0)
+    a.view(np.ndarray)[...] = host
+    return a
+
+
+def asarray(a, dtype=None, order=None):
+    if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a
+    return array(a, dtype=dtype)
+
+
+def ascontiguousarray(a, dtype=None):
+    if isinstance(a, ndarray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
+        return a
+    return array(a, dtype=dtype)
+
+
+def asnumpy(a, stream=None, order="C", out=None):
+    return a.get() if isinstance(a, ndarray) else np.asarray(a)
+
+
+def get_array_module(*args):
+    return sys.modules[__name__] if any(isinstance(a, ndarray) for a in args) else np
+
+
+def _forward(name, target):
+    """A NumPy function as a cupy one: host arrays rejected, results wrapped as device arrays."""
+    def f(*args, **kwargs):
+        _reject_host(list(args) + list(kwargs.values()), name)
+        return _wrap(target(*(_host_view(a) for a in args), **kwargs))
+    f.__name__ = name
+    return f
+
+
+def _forwarding_getattr(namespace, prefix):
+    def getattr_(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        obj = getattr(namespace, name)  # AttributeError for what NumPy lacks too
+        if isinstance(obj, (np.ufunc, type)) or not callable(obj):
+            return obj  # ufuncs dispatch to ndarray.__array_ufunc__; dtypes and constants as they are
+        return _forward(prefix + name, obj)
+    return getattr_
+
+
+__getattr__ = _forwarding_getattr(np, "")
+random = types.ModuleType("cupy.random")
+random.__getattr__ = _forwarding_getattr(np.random, "random.")
+
+
+# ------------------------------------------------------------------------------------------
+# cupy.cuda: one emulated device
+# ------------------------------------------------------------------------------------------
+
+cuda = types.ModuleType("cupy.cuda")
+runtime = types.ModuleType("cupy.cuda.runtime")
+compiler = types.ModuleType("cupy.cuda.compiler")
+cuda.runtime, cuda.compiler = runtime, compiler
+
+
+class CompileException(Exception):
+    pass
+
+
+compiler.CompileException = CompileException
+
+
+class Device:
+    def __init__(self, device=None):
+        self.id = 0 if device is None else int(device)
+        if self.id != 0:
+            raise ValueError(f"cupy (emulated): there is one device, 0; got {device!r}")
+
+    @property
+    def attributes(self):
+        return {"MultiProcessorCount": settings.sms, "MaxThreadsPerBlock": 1024, "WarpSize": 32,
+                "MaxSharedMemoryPerBlock": 49152, "ComputeCapabilityMajor": 9, "ComputeCapabilityMinor": 0}
+
+    compute_capability = "90"
+
+    def synchronize(self):
+        pass
+
+    def use(self):
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class Stream:
+    def synchronize(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+Stream.null = Stream()
+
+
+class Event:
+    def __init__(self, *args, **kwargs):
+        self.t = None
+
+    def record(self, stream=None):
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+
+def get_elapsed_time(start, end):
+    return (end.t - start.t) * 1e3
+
+
+cuda.Device, cuda.Stream, cuda.Event, cuda.get_elapsed_time = Device, Stream, Event, get_elapsed_time
+cuda.get_current_stream = lambda: Stream.null
+cuda.CompileException = CompileException
+runtime.getDeviceCount = lambda: 1
+runtime.runtimeGetVersion = lambda: 0
+runtime.driverGetVersion = lambda: 0
+runtime.getDeviceProperties = lambda device_id=0: {
+    "name": b"CUDA emulator (CPU)", "major": 9, "minor": 0, "multiProcessorCount": settings.sms,
+    "totalGlobalMem": 0, "clockRate": 0, "memoryClockRate": 0, "memoryBusWidth": 0}
+
+
+# ------------------------------------------------------------------------------------------
+# RawModule: compile with g++, launch through ctypes
+# ------------------------------------------------------------------------------------------
+
+class _Range(ctypes.Structure):
+    _fields_ = [("lo", ctypes.c_size_t), ("len", ctypes.c_size_t), ("writable", ctypes.c_int), ("arg", ctypes.c_int)]
+
+
+class _Launch(ctypes.Structure):  # mirrors emu::Launch in cuda_model.h
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("order", ctypes.c_int),
+                ("seed", ctypes.c_ulonglong), ("nranges", ctypes.c_int), ("ranges", _Range * 64),
+                ("kernel", ctypes.c_char_p), ("message", ctypes.c_char * 2048)]
+
+
+_IGNORED_OPTIONS = ("-arch", "--gpu-architecture", "-ftz", "--ftz", "-lineinfo", "--generate-line-info",
+                    "--use_fast_math", "-use_fast_math", "--fmad", "-fmad", "-rdc", "--relocatable-device-code")
+
+
+def _gxx_options(options):
+    """NVRTC options -> g++ options: the language standard, macros and include folders carry over;
+    code-generation flags with no CPU meaning are dropped; anything else is an error."""
+    out = []
+    for opt in options:
+        if opt.startswith(("--std=", "-std=")):
+            out.append("-std=" + opt.split("=", 1)[1])
+        elif opt.startswith(("-D", "-I", "--define-macro=", "--include-path=")):
+            out.append(opt.replace("--define-macro=", "-D").replace("--include-path=", "-I"))
+        elif opt.startswith(_IGNORED_OPTIONS):
+            continue
+        else:
+            raise ValueError(f"cupy (emulated): NVRTC option {opt!r} has no meaning the emulator knows")
+    return out
+
+
+CXX = os.environ.get("CXX", "g++")
+BASE_FLAGS = ["-O2", "-fPIC", "-fvisibility=hidden", "-fvisibility-inlines-hidden", "-fno-gnu-unique", "-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0", "-fdata-sections",
+              "-fno-strict-aliasing", "-Wno-unknown-pragmas"]
+
+
+def _cache_dir():
+    d = pathlib.Path(os.environ.get("MINUNET_EMU_CACHE", pathlib.Path.home() / ".cache" / "minunet-emulator"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _compile(source, flags):
+    """The path of the shared library for `source`, compiled once and cached by content."""
+    key = hashlib.sha256("\0".join([source, *flags, *BASE_FLAGS, CXX, LINKER_SCRIPT.read_text()]).encode()).hexdigest()[:32]
+    lib = _cache_dir() / f"{key}.so"
+    if lib.exists():
+        return lib
+    with tempfile.TemporaryDirectory(prefix="minunet-emu-") as tmp:
+        src, obj, out = (pathlib.Path(tmp) / n for n in ("module.cpp", "module.o", "module.so"))
+        src.write_text(source)
+        for cmd in ([CXX, *flags, *BASE_FLAGS, "-c", str(src), "-o", str(obj)],
+                    [CXX, "-shared", str(obj), "-o", str(out), f"-Wl,-T,{LINKER_SCRIPT}", "-Wl,-z,defs", "-Wl,-Bsymbolic"]):
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise CompileException(f"cupy (emulated): g++ failed ({' '.join(cmd[:1] + cmd[-3:])}):\n{r.stderr}")
+        tmp_lib = lib.with_name(f"{key}.{os.getpid()}.tmp")
+        tmp_lib.write_bytes(out.read_bytes())
+        os.replace(tmp_lib, lib)  # atomic: other processes see all of it or nothing
+    return lib
+
+
+class RawModule:
+    def __init__(self, code=None, *, path=None, options=(), backend="nvrtc", translate_cucomplex=False,
+                 enable_cooperative_groups=False, name_expressions=None, jitify=False):
+        if code is None or not name_expressions:
+            raise ValueError("cupy (emulated): RawModule needs code= and name_expressions=")
+        self.name_expressions = list(name_expressions)
+        launchers = "".join(
+            f'extern "C" __attribute__((visibility("default"))) int emu_launch_{i}(emu::Launch* L, void** a) '
+            f'{{ return emu::launch(L, &{e}, a); }}\n'
+            f'extern "C" __attribute__((visibility("default"))) int emu_signature_{i}(char* o, int n) '
+            f'{{ return emu::signature(&{e}, o, n); }}\n'
+            for i, e in enumerate(self.name_expressions))
+        source = (f'#line 1 "cuda_model.h"\n{HEADER.read_text()}\n#line 1 "<RawModule code>"\n{code}\n'
+                  f'#line 1 "<emulator launchers>"\n{launchers}')
+        self._lib = ctypes.CDLL(str(_compile(source, _gxx_options(options))))
+        self._functions = {}
+
+    def get_function(self, name):
+        if name not in self.name_expressions:
+            raise KeyError(f"cupy (emulated): {name!r} is not one of this module's name expressions "
+                           f"{self.name_expressions}")
+        if name not in self._functions:
+            self._functions[name] = Kernel(self._lib, self.name_expressions.index(name), name)
+        return self._functions[name]
+
+
+_SCALAR_KIND = {"f": "f", "i": "i", "u": "u", "b": "b"}
+
+
+class Kernel:
+    def __init__(self, lib, index, name):
+        self.name = name
+        self._launch = getattr(lib, f"emu_launch_{index}")
+        self._launch.argtypes = [ctypes.POINTER(_Launch), ctypes.POINTER(ctypes.c_void_p)]
+        sig = ctypes.create_string_buffer(4096)
+        getattr(lib, f"emu_signature_{index}")(sig, len(sig))
+        self.params = [p for p in sig.value.decode().split(",") if p]
+
+    def _pack(self, i, param, arg, ranges):
+        """One argument as bytes the launcher reads with the parameter's C++ type."""
+        where = f"{self.name}: argument {i}"
+        if param[0] in "pP":
+            if arg is None:
+                return ctypes.c_void_p(0)
+            if not isinstance(arg, ndarray):
+                raise TypeError(f"{where} is a pointer; expected a device array or None, got {type(arg).__name__}")
+            kind, size = param[1], int(param[2:])
+            if kind != "v" and (_SCALAR_KIND.get(arg.dtype.kind) != kind or arg.dtype.itemsize != size):
+                raise TypeError(f"{where}: the kernel takes a pointer to a {size}-byte '{kind}' type, "
+                                f"got an array of {arg.dtype}")
+            if not arg.flags.c_contiguous:
+                raise ValueError(f"{where}: array of shape {arg.shape} is not C-contiguous")
+            ptr = arg.__array_interface__["data"][0]
+            ranges.append((ptr, arg.nbytes, param[0] == "p", i))
+            return ctypes.c_void_p(ptr)
+        kind, size = param[0], int(param[1:])
+        if isinstance(arg, ndarray) or arg is None:
+            raise TypeError(f"{where} is a {size}-byte scalar, got {type(arg).__name__}")
+        if isinstance(arg, bool):
+            value = np.bool_(arg)
+        elif isinstance(arg, int):
+            value = np.int64(arg)
+        elif isinstance(arg, float):
+            value = np.float64(arg)
+        elif isinstance(arg, np.generic):
+            value = arg
+        else:
+            raise TypeError(f"{where}: unsupported argument type {type(arg).__name__}")
+        if _SCALAR_KIND.get(value.dtype.kind) != kind or value.dtype.itemsize != size:
+            raise TypeError(f"{where}: the kernel takes a {size}-byte '{kind}' scalar, got {value.dtype} "
+                            f"({value!r}); pass it as the matching NumPy type")
+        return ctypes.create_string_buffer(value.tobytes(), size)
+
+    def __call__(self, grid, block, args, *, shared_mem=0, stream=None, enable_cooperative_groups=False):
+        if shared_mem:
+            raise EmulatorError(f"{self.name}: dynamic shared memory (shared_mem={shared_mem}) is not modelled")
+        args = tuple(args)
+        if len(args) != len(self.params):
+            raise TypeError(f"{self.name}: the kernel takes {len(self.params)} arguments, got {len(args)}")
+        ranges = []
+        packed = [self._pack(i, p, a, ranges) for i, (p, a) in enumerate(zip(self.params, args))]
+        argv = (ctypes.c_void_p * max(1, len(packed)))(*(ctypes.addressof(p) for p in packed))
+        L = _Launch()
+        dims = lambda d: tuple(int(v) for v in (d if isinstance(d, tuple) else (d,))) + (1, 1)  # noqa: E731
+        L.grid[:], L.block[:] = dims(grid)[:3], dims(block)[:3]
+        if len(dims(grid)) > 5 or len(dims(block)) > 5:
+            raise ValueError(f"{self.name}: grid and block have at most 3 dimensions")
+        L.order = ORDERS[settings.block_order]
+        settings.launches += 1
+        L.seed = settings.launches
+        L.nranges = len(ranges)
+        for k, (lo, n, writable, arg) in enumerate(ranges):
+            L.ranges[k] = _Range(lo, n, int(writable), arg)
+        kernel_name = self.name.encode()
+        L.kernel = kernel_name
+        if self._launch(ctypes.byref(L), argv) != 0:
+            raise EmulatorError(f"CUDA emulator: {L.message.decode(errors='replace')}")

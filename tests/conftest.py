@@ -10,7 +10,8 @@ import pathlib
 import numpy as np
 import pytest
 
-if os.environ.get("MINUNET_CUDA_EMULATOR") == "1":
+EMULATED = os.environ.get("MINUNET_CUDA_EMULATOR") == "1"
+if EMULATED:
     import cuda_emulator
 
     cuda_emulator.install()
@@ -44,3 +45,24 @@ def data_dir():
     if not DATA.is_dir():
         pytest.skip(f"real datasets not found at {DATA}")
     return DATA
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Under the emulator: say which of minunet.cuda's kernels ran (each family's every kernel in
+    float and double); with MINUNET_EMU_REQUIRE_ALL_KERNELS=1 a kernel that never ran fails the run."""
+    if not EMULATED:
+        return
+    import cupy
+    from minunet import cuda
+
+    expected = {e for _family, _source, names, _options in cuda._compile_table() for e in names}
+    launched = expected & cupy.settings.launched
+    missing = sorted(expected - launched)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"\nCUDA emulator: {len(launched)} of the {len(expected)} kernel instantiations of "
+                            f"minunet.cuda ran ({cupy.settings.launches} launches, block order "
+                            f"{cupy.settings.block_order}, {cupy.settings.sms} SMs)"
+                            + (f"; never launched: {', '.join(missing)}" if missing else ""))
+    if missing and os.environ.get("MINUNET_EMU_REQUIRE_ALL_KERNELS") == "1" and session.exitstatus == 0:
+        session.exitstatus = 1

@@ -10,10 +10,8 @@ and version on 'cuda' against tests/reference.py on small shapes):
 - the _v2 GEMM tiles at their edges: channel counts and pixel counts that are not multiples
   of the 64 x 64 x 16 tile, several tiles per dimension, and weight gradients long enough to
   be split over blockIdx.z (split-K), against the reference;
-- a U-Net-shaped training step (conv, ReLU, max-pool, up-convolution, skip concatenation,
-  weighted cross-entropy with ignored pixels, SGD) through minunet.functional on 'cpu' and
-  'cuda', each checked against the same step composed from tests/reference.py, for each
-  convolution version.
+(The U-Net-shaped training step against tests/reference.py runs on every device in
+tests/test_training_step.py.)
 
 Every test here is marked `gpu` and skipped where no GPU is usable.
 """
@@ -224,101 +222,3 @@ def test_conv_transpose2d_tile_edges(dtype, case, version, rng):
           ref.conv_transpose2d_backward_input(gy, w, stride, padding), "conv_transpose2d_backward_input")
     check(cuda.conv_transpose2d_backward_weight(dx, dgy, w.shape, stride, padding, version=version),
           ref.conv_transpose2d_backward_weight(x, gy, w.shape, stride, padding), "conv_transpose2d_backward_weight")
-
-
-# ------------------------------------------------------------ a U-Net-shaped training step
-
-IGNORE = 2  # ignore_index names a real class, so some pixels drop out of the loss
-PARAM_SHAPES = {  # one level of a U-Net with same-padding convolutions
-    "w1": (4, 1, 3, 3), "b1": (4,), "w2": (4, 4, 3, 3), "b2": (4,),      # encoder, then the skip
-    "w3": (8, 4, 3, 3), "b3": (8,),                                        # bottom, after max-pool
-    "wt": (8, 4, 2, 2), "bt": (4,),                                        # up-convolution 2x2/2
-    "w4": (4, 8, 3, 3), "b4": (4,), "w5": (3, 4, 1, 1), "b5": (3,),        # decoder and 1x1 classifier
-}
-LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 1e-3
-
-
-def _problem(rng):
-    params = {k: rng.standard_normal(s) * (0.5 if k.startswith("w") else 0.1) for k, s in PARAM_SHAPES.items()}
-    x = rng.standard_normal((2, 1, 12, 10))
-    target = rng.integers(0, 3, size=(2, 12, 10)).astype(np.int64)
-    weight = np.array([0.5, 2.0, 1.0])
-    return params, x, target, weight
-
-
-def _reference_step(params, x, target, weight):
-    """Loss, gradients and SGD-updated parameters of the step, composed from tests/reference.py."""
-    P = params
-    one, same, none = (1, 1), (1, 1), (0, 0)
-    a1 = ref.relu_forward(ref.conv2d_forward(x, P["w1"], P["b1"], one, same))
-    a2 = ref.relu_forward(ref.conv2d_forward(a1, P["w2"], P["b2"], one, same))
-    pooled, argmax = ref.max_pool2d_forward(a2, (2, 2), (2, 2), none)
-    a3 = ref.relu_forward(ref.conv2d_forward(pooled, P["w3"], P["b3"], one, same))
-    u = ref.conv_transpose2d_forward(a3, P["wt"], P["bt"], (2, 2), none, none)
-    c = ref.concat_forward([a2, u], [(0, 0), (0, 0)], a2.shape[2:])
-    a4 = ref.relu_forward(ref.conv2d_forward(c, P["w4"], P["b4"], one, same))
-    z = ref.conv2d_forward(a4, P["w5"], P["b5"], one, none)
-    loss = ref.cross_entropy(z, target, weight, IGNORE, "mean")
-
-    g = {}
-    gz = ref.cross_entropy_backward(z, target, weight, IGNORE, "mean", 1.0)
-    g["w5"], g["b5"] = ref.conv2d_backward_weight(a4, gz, P["w5"].shape, one, none), ref.bias_backward(gz)
-    g4 = ref.relu_backward(ref.conv2d_backward_input(gz, P["w5"], a4.shape, one, none), a4)
-    g["w4"], g["b4"] = ref.conv2d_backward_weight(c, g4, P["w4"].shape, one, same), ref.bias_backward(g4)
-    g_skip, gu = ref.concat_backward(ref.conv2d_backward_input(g4, P["w4"], c.shape, one, same),
-                                     [a2.shape, u.shape], [(0, 0), (0, 0)])
-    g["wt"], g["bt"] = ref.conv_transpose2d_backward_weight(a3, gu, P["wt"].shape, (2, 2), none), ref.bias_backward(gu)
-    g3 = ref.relu_backward(ref.conv_transpose2d_backward_input(gu, P["wt"], (2, 2), none), a3)
-    g["w3"], g["b3"] = ref.conv2d_backward_weight(pooled, g3, P["w3"].shape, one, same), ref.bias_backward(g3)
-    g_pool = ref.max_pool2d_backward(ref.conv2d_backward_input(g3, P["w3"], pooled.shape, one, same), argmax, a2.shape)
-    g2 = ref.relu_backward(g_skip + g_pool, a2)
-    g["w2"], g["b2"] = ref.conv2d_backward_weight(a1, g2, P["w2"].shape, one, same), ref.bias_backward(g2)
-    g1 = ref.relu_backward(ref.conv2d_backward_input(g2, P["w2"], a1.shape, one, same), a1)
-    g["w1"], g["b1"] = ref.conv2d_backward_weight(x, g1, P["w1"].shape, one, same), ref.bias_backward(g1)
-
-    updated = {k: ref.sgd_update(P[k], g[k], None, LR, MOMENTUM, 0.0, WEIGHT_DECAY, True, True)[0] for k in P}
-    return float(loss), g, updated
-
-
-def _minunet_step(params, x, target, weight, device, dtype):
-    """The same step through minunet.functional and the backend's sgd_update on `device`."""
-    P = {k: tensor(v.astype(dtype), device=device, requires_grad=True) for k, v in params.items()}
-    a1 = F.relu(F.conv2d(tensor(x.astype(dtype), device=device), P["w1"], P["b1"], padding=1))
-    a2 = F.relu(F.conv2d(a1, P["w2"], P["b2"], padding=1))
-    a3 = F.relu(F.conv2d(F.max_pool2d(a2, 2), P["w3"], P["b3"], padding=1))
-    u = F.conv_transpose2d(a3, P["wt"], P["bt"], stride=2)
-    a4 = F.relu(F.conv2d(F.cat([a2, u], dim=1), P["w4"], P["b4"], padding=1))
-    z = F.conv2d(a4, P["w5"], P["b5"])
-    loss = F.cross_entropy(z, tensor(target, device=device), weight=tensor(weight.astype(dtype), device=device),
-                           ignore_index=IGNORE)
-    loss.backward()
-    grads = {k: backend.to_numpy(p.grad) for k, p in P.items()}
-    for p in P.values():
-        xp, k = backend.array_module(p.data), backend.kernels_for(p.data)
-        k.sgd_update(p.data, p.grad, xp.empty_like(p.data), LR, MOMENTUM, 0.0, WEIGHT_DECAY, True, True)
-    return loss.item(), grads, {k: p.numpy() for k, p in P.items()}
-
-
-@pytest.mark.parametrize("version", [1, 2])
-def test_unet_training_step_matches_reference_on_cpu_and_gpu(version, rng, monkeypatch):
-    """float64: the loss, every gradient and every updated parameter agree with the reference
-    to 1e-9 on both devices (and so with each other), with the convolutions of `version`."""
-    for op in CONV_OPS:
-        monkeypatch.setitem(cuda.DEFAULT_VERSION, op, version)
-    params, x, target, weight = _problem(rng)
-    loss_ref, grads_ref, updated_ref = _reference_step(params, x, target, weight)
-    results = {device: _minunet_step(params, x, target, weight, device, np.float64) for device in ("cpu", "cuda")}
-    for device, (loss, grads, updated) in results.items():
-        np.testing.assert_allclose(loss, loss_ref, rtol=1e-9, err_msg=f"{device}: loss")
-        for k in params:
-            scale = np.abs(grads_ref[k]).max()
-            np.testing.assert_allclose(grads[k], grads_ref[k], rtol=1e-9, atol=1e-9 * scale, err_msg=f"{device}: grad {k}")
-            np.testing.assert_allclose(updated[k], updated_ref[k], rtol=1e-9, atol=1e-12, err_msg=f"{device}: updated {k}")
-
-
-def test_unet_training_step_float32_loss(rng):
-    """float32 on the GPU: the loss of the same step within float32 rounding of the reference."""
-    params, x, target, weight = _problem(rng)
-    loss_ref, _, _ = _reference_step(params, x, target, weight)
-    loss, _, _ = _minunet_step(params, x, target, weight, "cuda", np.float32)
-    np.testing.assert_allclose(loss, loss_ref, rtol=1e-4)

@@ -244,10 +244,10 @@ def test_mixed_devices_are_refused():
         F.cross_entropy(t(2, 3, 4, 4).to("cuda"), mn.tensor(np.zeros((2, 4, 4), int)))
 
 
-def test_ops_accept_non_contiguous_inputs(rng):
-    x = mn.tensor(rng.standard_normal((2, 3, 8, 12)))[:, :, :, ::2]  # a strided view
-    w = mn.tensor(rng.standard_normal((4, 3, 3, 3)), requires_grad=True)
+def test_ops_accept_non_contiguous_inputs(device, rng):
+    x = mn.tensor(rng.standard_normal((2, 3, 8, 12)), device=device)[:, :, :, ::2]  # a strided view
+    w = mn.tensor(rng.standard_normal((4, 3, 3, 3)), device=device, requires_grad=True)
     y = F.max_pool2d(F.relu(F.conv2d(x, w, padding=1)), 2)
-    dense = F.max_pool2d(F.relu(F.conv2d(mn.tensor(x.numpy().copy()), w, padding=1)), 2)
+    dense = F.max_pool2d(F.relu(F.conv2d(mn.tensor(x.numpy().copy(), device=device), w, padding=1)), 2)
     np.testing.assert_array_equal(y.numpy(), dense.numpy())
     assert mn.tensor(np.zeros((3, 4)).T).data.flags.c_contiguous

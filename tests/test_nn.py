@@ -223,9 +223,9 @@ def test_to_moves_and_casts_in_place(device):
     assert all(p.dtype == np.float32 and p.device == "cpu" for p in net.parameters())
 
 
-def test_zero_grad_and_backward_through_layers(rng):
-    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 1))
-    x = tensor(rng.standard_normal((1, 1, 5, 5)).astype(np.float32))
+def test_zero_grad_and_backward_through_layers(device, rng):
+    net = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Conv2d(2, 1, 1)).to(device)
+    x = tensor(rng.standard_normal((1, 1, 5, 5)).astype(np.float32), device=device)
     net(x).sum().backward()
     assert all(p.grad is not None and p.grad.shape == p.shape for p in net.parameters())
     net.zero_grad(set_to_none=False)

@@ -165,13 +165,14 @@ def test_tiny_unet_forward_backward_reaches_every_parameter(device, padding, bat
         assert np.all(np.isfinite(g)) and np.any(g != 0), name
 
 
-def test_batch_norm_eval_output_does_not_depend_on_the_batch(rng):
+def test_batch_norm_eval_output_does_not_depend_on_the_batch(device, rng):
     nn.manual_seed(2)
-    model = UNet(in_channels=1, num_classes=2, base_channels=2, depth=2, batch_norm=True)
+    model = UNet(in_channels=1, num_classes=2, base_channels=2, depth=2, batch_norm=True).to(device)
     assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d) and m is not model.head)
     x = rng.standard_normal((3, 1, 8, 8)).astype(np.float32)
-    model(tensor(x))  # one training step moves the running statistics
+    run = lambda a: model(tensor(a, device=device)).numpy()  # noqa: E731
+    run(x)  # one training step moves the running statistics
     model.eval()
-    np.testing.assert_allclose(model(tensor(x[:1])).numpy(), model(tensor(x)).numpy()[:1], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(run(x[:1]), run(x)[:1], rtol=1e-5, atol=1e-6)
     model.train()
-    assert not np.allclose(model(tensor(x[:1])).numpy(), model(tensor(x)).numpy()[:1], atol=1e-3)
+    assert not np.allclose(run(x[:1]), run(x)[:1], atol=1e-3)

@@ -142,8 +142,12 @@ struct State {
     void (*body)(void*);
     void* body_ctx;
     int failed;
+    int unwritten_read, unwritten_tid;  // a read of shared memory no thread of the block wrote
+    size_t unwritten_byte;
     Launch* launch;
     unsigned long long* shadow;  // two words per 4 bytes of shared memory: last writer, readers
+    unsigned long long* range_shadow[MAX_RANGES];  // per 4 bytes of a writable array: its last writer
+    unsigned long long block_linear;
     Thread threads[MAX_THREADS];
 };
 State g;
@@ -260,8 +264,13 @@ EMU_RT static inline void shared_access(uintptr_t a, size_t n, bool write) {
             }
             W = e << 11 | tid;
         } else {
-            if (w_epoch < g.block_epoch)
-                fail_in_thread("read of shared byte %zu, which no thread of this block has written", w * 4);
+            if (w_epoch < g.block_epoch && !g.unwritten_read) {
+                // reported when the epoch ends, unless a write by another thread in this epoch
+                // shows the real bug first: a race
+                g.unwritten_read = 1;
+                g.unwritten_byte = w * 4;
+                g.unwritten_tid = g.cur_tid;
+            }
             if (w_epoch == e && w_tid != tid) {
                 thread_name(other, sizeof other, (int)w_tid);
                 fail_in_thread("shared-memory race: read of shared byte %zu, which %s wrote since the last "
@@ -273,6 +282,39 @@ EMU_RT static inline void shared_access(uintptr_t a, size_t n, bool write) {
                 R = e << 12 | tid;
             }
         }
+    }
+}
+
+// ---- global memory: writes by two blocks, reads of another block's writes ------------------
+// range_shadow[i][w] = (block + 1) << 32 | (epoch within the block) << 10 | tid of the last writer
+EMU_RT static void block_name(char* out, size_t n, unsigned long long b) {
+    snprintf(out, n, "block (%llu,%llu,%llu)", b % g.grid_dim.x, b / g.grid_dim.x % g.grid_dim.y,
+             b / g.grid_dim.x / g.grid_dim.y);
+}
+
+EMU_RT static inline void global_access(int i, uintptr_t a, size_t n, bool write) {
+    unsigned long long* shadow = g.range_shadow[i];
+    const Range& r = g.ranges[i];
+    const unsigned long long block = g.block_linear + 1, epoch = (g.epoch - g.block_epoch) & 0x3fffff;
+    const unsigned long long me = block << 32 | epoch << 10 | (unsigned long long)g.cur_tid;
+    char other[64];
+    for (size_t w = (a - r.lo) >> 2; w <= (a + n - 1 - r.lo) >> 2; ++w) {
+        const unsigned long long s = shadow[w];
+        if (!s) {
+            if (write) shadow[w] = me;
+            continue;
+        }
+        if (s >> 32 != block) {
+            block_name(other, sizeof other, (s >> 32) - 1);
+            fail_in_thread("%s of byte %zu of argument %d, which %s wrote in this launch: the result depends on the "
+                           "order in which blocks run", write ? "write" : "read", w * 4, r.arg, other);
+        }
+        if ((s >> 10 & 0x3fffff) == epoch && (s & 1023) != (unsigned long long)g.cur_tid) {
+            thread_name(other, sizeof other, (int)(s & 1023));
+            fail_in_thread("global-memory race: %s of byte %zu of argument %d, which %s of the same block wrote "
+                           "since the last __syncthreads()", write ? "write" : "read", w * 4, r.arg, other);
+        }
+        if (write) shadow[w] = me;
     }
 }
 
@@ -289,7 +331,7 @@ EMU_RT static size_t range_len_of(int arg) {
     return 0;
 }
 
-EMU_RT static inline void access(const void* p, size_t n, bool write) {
+EMU_RT static inline void access(const void* p, size_t n, bool write, bool atomic = false) {
     if (!g.in_fiber) return;
     const uintptr_t a = (uintptr_t)p;
     if (a - g.shared_lo < g.shared_len) return shared_access(a, n, write);
@@ -297,7 +339,10 @@ EMU_RT static inline void access(const void* p, size_t n, bool write) {
     for (int i = 0; i < g.nranges; ++i) {
         const Range& r = g.ranges[i];
         if (a - r.lo < r.len && a + n - r.lo <= r.len) {
-            if (!write || r.writable) return;
+            if (!write || r.writable) {
+                if (g.range_shadow[i] && !atomic) global_access(i, a, n, write);
+                return;
+            }
             read_only_hit = true;
         }
     }
@@ -476,7 +521,16 @@ EMU_RT static bool resolve_warp(int w, bool* resolved) {
     return true;
 }
 
+EMU_RT static bool check_unwritten_reads() {
+    if (!g.unwritten_read) return true;
+    const Thread& t = g.threads[g.unwritten_tid];
+    fail("read of shared byte %zu, which no thread of this block has written, by thread (%u,%u,%u) of block "
+         "(%u,%u,%u)", g.unwritten_byte, t.idx.x, t.idx.y, t.idx.z, g.block_idx.x, g.block_idx.y, g.block_idx.z);
+    return false;
+}
+
 EMU_RT static bool run_block() {
+    g.unwritten_read = 0;
     ++g.epoch;
     g.block_epoch = g.epoch;
     memset((void*)g.shared_lo, 0xff, g.shared_len);  // poison: NaN in float and double
@@ -511,6 +565,7 @@ EMU_RT static bool run_block() {
                 first_bar = tid;
             }
         }
+        if (!check_unwritten_reads()) return false;
         if (done == g.nthreads) return true;
         const Thread& f = g.threads[first_bar];
         char who[64], who2[64];
@@ -562,6 +617,17 @@ EMU_RT static int run_grid(Launch* L) {
     }
     g.nranges = L->nranges;
     memcpy(g.ranges, L->ranges, sizeof(Range) * (size_t)L->nranges);
+    for (int i = 0; i < g.nranges; ++i) {  // a last-writer shadow per array the kernel may write
+        g.range_shadow[i] = nullptr;
+        bool writable = false;
+        for (int j = 0; j < g.nranges; ++j)
+            if (g.ranges[j].lo == g.ranges[i].lo && g.ranges[j].len == g.ranges[i].len) writable |= g.ranges[j].writable;
+        if (!writable || !g.ranges[i].len) continue;
+        for (int j = 0; j < i && !g.range_shadow[i]; ++j)  // arguments that alias share one shadow
+            if (g.ranges[j].lo == g.ranges[i].lo && g.ranges[j].len == g.ranges[i].len) g.range_shadow[i] = g.range_shadow[j];
+        if (!g.range_shadow[i])
+            g.range_shadow[i] = (unsigned long long*)calloc(g.ranges[i].len / 4 + 2, sizeof(unsigned long long));
+    }
     g.grid_dim = grid;
     g.block_dim = block;
     g.nthreads = (int)nthreads;
@@ -582,9 +648,16 @@ EMU_RT static int run_grid(Launch* L) {
     for (unsigned long long k = 0; k < nblocks; ++k) {
         const unsigned long long b = order ? order[k] : L->order == EMU_ORDER_REVERSE ? nblocks - 1 - k : k;
         g.block_idx = uint3{(unsigned)(b % grid.x), (unsigned)(b / grid.x % grid.y), (unsigned)(b / grid.x / grid.y)};
+        g.block_linear = b;
         if (!run_block()) { rc = 1; break; }
     }
     free(order);
+    for (int i = 0; i < g.nranges; ++i) {
+        bool shared_with_earlier = false;
+        for (int j = 0; j < i; ++j) shared_with_earlier |= g.range_shadow[j] == g.range_shadow[i];
+        if (!shared_with_earlier) free(g.range_shadow[i]);
+        g.range_shadow[i] = nullptr;
+    }
     g.nranges = 0;
     g.extra_lo = 0;
     g.extra_len = 0;
@@ -671,11 +744,11 @@ inline unsigned int emu_mask_or_full() { return 0xffffffffu; }
 inline unsigned int emu_mask_or_full(unsigned int m) { return m; }
 
 // atomics: one fiber runs at a time, so a plain read-modify-write is atomic; the access is
-// bounds-checked like any other (and, on shared memory, exempt from the race check)
+// bounds-checked like any other, and exempt from the race and cross-block checks
 namespace emu {
 EMU_RT static inline void atomic_access(const void* p, size_t n) {
     const uintptr_t a = (uintptr_t)p;
-    if (g.in_fiber && !(a - g.shared_lo < g.shared_len)) access(p, n, true);
+    if (g.in_fiber && !(a - g.shared_lo < g.shared_len)) access(p, n, true, true);
 }
 }  // namespace emu
 #define EMU_ATOMIC_ADD(T)                                                                   \

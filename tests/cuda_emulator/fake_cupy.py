@@ -36,6 +36,7 @@ import ctypes
 import hashlib
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,7 @@ class _Settings:
         self.block_order = os.environ.get("MINUNET_EMU_BLOCK_ORDER", "shuffle")
         self.sms = int(os.environ.get("MINUNET_EMU_SMS", "1"))
         self.launches = 0
+        self.launched = set()  # the name expressions of every kernel launched
         if self.block_order not in ORDERS:
             raise ValueError(f"MINUNET_EMU_BLOCK_ORDER={self.block_order!r}: expected one of {sorted(ORDERS)}")
 
@@ -399,15 +401,35 @@ class RawModule:
             for i, e in enumerate(self.name_expressions))
         source = (f'#line 1 "cuda_model.h"\n{HEADER.read_text()}\n#line 1 "<RawModule code>"\n{code}\n'
                   f'#line 1 "<emulator launchers>"\n{launchers}')
-        self._lib = ctypes.CDLL(str(_compile(source, _gxx_options(options))))
+        self._path = _compile(source, _gxx_options(options))
+        self._lib = ctypes.CDLL(str(self._path))
         self._functions = {}
+        self._shared = None
+
+    def shared_variable(self, offset):
+        """'byte b of NAME in FUNCTION' for byte `offset` of the module's shared memory (from nm)."""
+        if self._shared is None:
+            r = subprocess.run(["nm", "-C", "-S", "--defined-only", str(self._path)], capture_output=True, text=True)
+            symbols, begin = [], None
+            for line in r.stdout.splitlines():
+                parts = line.split(" ", 3)
+                if len(parts) == 3 and parts[2] == "__emu_shared_begin":
+                    begin = int(parts[0], 16)
+                elif len(parts) == 4 and "::" in parts[3]:
+                    symbols.append((int(parts[0], 16), int(parts[1], 16), parts[3]))
+            self._shared = [(a - begin, n, name) for a, n, name in symbols] if begin is not None else []
+        for start, size, name in self._shared:
+            if start <= offset < start + size:
+                function, _, variable = name.rpartition("::")
+                return f"byte {offset - start} of {variable} in {function.split('(')[0]}"
+        return "unknown variable"
 
     def get_function(self, name):
         if name not in self.name_expressions:
             raise KeyError(f"cupy (emulated): {name!r} is not one of this module's name expressions "
                            f"{self.name_expressions}")
         if name not in self._functions:
-            self._functions[name] = Kernel(self._lib, self.name_expressions.index(name), name)
+            self._functions[name] = Kernel(self, self.name_expressions.index(name), name)
         return self._functions[name]
 
 
@@ -415,8 +437,9 @@ _SCALAR_KIND = {"f": "f", "i": "i", "u": "u", "b": "b"}
 
 
 class Kernel:
-    def __init__(self, lib, index, name):
-        self.name = name
+    def __init__(self, module, index, name):
+        self.name, self.module = name, module
+        lib = module._lib
         self._launch = getattr(lib, f"emu_launch_{index}")
         self._launch.argtypes = [ctypes.POINTER(_Launch), ctypes.POINTER(ctypes.c_void_p)]
         sig = ctypes.create_string_buffer(4096)
@@ -474,6 +497,7 @@ class Kernel:
             raise ValueError(f"{self.name}: grid and block have at most 3 dimensions")
         L.order = ORDERS[settings.block_order]
         settings.launches += 1
+        settings.launched.add(self.name)
         L.seed = settings.launches
         L.nranges = len(ranges)
         for k, (lo, n, writable, arg) in enumerate(ranges):
@@ -481,4 +505,7 @@ class Kernel:
         kernel_name = self.name.encode()
         L.kernel = kernel_name
         if self._launch(ctypes.byref(L), argv) != 0:
-            raise EmulatorError(f"CUDA emulator: {L.message.decode(errors='replace')}")
+            message = re.sub(r"shared byte (\d+)",
+                             lambda m: f"{m[0]} ({self.module.shared_variable(int(m[1]))})",
+                             L.message.decode(errors="replace"))
+            raise EmulatorError(f"CUDA emulator: {message}")

@@ -3,7 +3,7 @@ PyTorch's cuDNN kernels timed on the same data in the same run as a yardstick.
 
     PYTHONPATH=. python -m pytest benchmarks/bench_gpu.py --benchmark-only
     PYTHONPATH=. python -m pytest benchmarks/bench_gpu.py --benchmark-only -k "conv2d_forward and v2"
-    python benchmarks/gpu_report.py        # tests + these benches -> benchmarks/results/*.json
+    python3 benchmarks/gpu_check.py        # tests, sanitizers, these benches, train step -> benchmarks/results/*.json
 
 Skipped as a whole where no GPU is usable. Shapes come from benchmarks/flops.py (the same as
 bench_cpu.py, so CPU and GPU figures compare); everything is float32.

@@ -28,6 +28,8 @@ if __name__ == "__main__":  # run as a script from a source checkout: find the p
 # as it would alone (benchmarks/isolated.py); a process timing minunet never imports PyTorch.
 import isolated  # noqa: E402  (beside this file: sys.path[0] for a script, rootdir/conftest for pytest)
 
+isolated.use_cuda_emulator_if_asked()
+
 torch = None
 if isolated.library_in_argv() != "minunet":
     try:
@@ -108,10 +110,11 @@ def _torch_unet(cfg):
     return TorchUNet()
 
 
-def torch_step(cfg, device):
-    """A closure running one PyTorch training step of the same network on `device`."""
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+def torch_step(cfg, device, tf32=False):
+    """A closure running one PyTorch training step of the same network on `device` (with TF32
+    tensor-core arithmetic in cuDNN and matmul only if `tf32`)."""
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
     if device == "cpu":
         import numba
         torch.set_num_threads(numba.get_num_threads())
@@ -178,13 +181,16 @@ def main():
                    help="minunet/PyTorch measurements, alternating, each in its own process (the median ratio counts)")
     p.add_argument("--library", choices=["minunet", "pytorch"],
                    help="time only this library, in this process, and print one JSON line (used by the pairs)")
+    p.add_argument("--torch-tf32", action="store_true",
+                   help="let PyTorch use TF32 tensor cores (off by default: both sides then do true float32)")
     args = p.parse_args()
     device = backend.normalize_device(args.device)
     cfg = dict(CONFIG, base_channels=args.base_channels, size=args.size, batch=args.batch, depth=args.depth)
     if args.library:
-        make = minunet_step if args.library == "minunet" else torch_step
+        step = minunet_step(cfg, device) if args.library == "minunet" else torch_step(cfg, device, args.torch_tf32)
         print(json.dumps({"library": args.library, "device": device, "config": cfg,
-                          "images_per_s": images_per_second(make(cfg, device), cfg["batch"], args.rounds)}))
+                          "torch_tf32": args.torch_tf32 if args.library == "pytorch" else None,
+                          "images_per_s": images_per_second(step, cfg["batch"], args.rounds)}))
         return
     print(f"U-Net train step, {device}: base_channels={cfg['base_channels']} depth={cfg['depth']} "
           f"{cfg['size']}x{cfg['size']} batch {cfg['batch']}, SGD momentum {cfg['momentum']}; "

@@ -9,9 +9,13 @@ yardstick, or None where PyTorch is not installed (the bench then times minunet 
 `rng` is a seeded generator, so every run times the same data. pytest puts this folder on
 sys.path, so a bench can `import flops`.
 """
-import minunet  # noqa: F401  (before numpy: minunet configures numpy's BLAS as it loads, see its __init__)
-import numpy as np
-import pytest
+import isolated
+
+isolated.use_cuda_emulator_if_asked()  # MINUNET_CUDA_EMULATOR=1: the CUDA emulator stands in for a GPU
+
+import minunet  # noqa: E402,F401  (before numpy: minunet configures numpy's BLAS as it loads, see its __init__)
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

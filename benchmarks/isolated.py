@@ -24,6 +24,16 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def use_cuda_emulator_if_asked():
+    """With MINUNET_CUDA_EMULATOR=1, put the CUDA emulator (tests/cuda_emulator) in CuPy's place
+    before minunet is imported, as tests/conftest.py does: the GPU check's plumbing then runs
+    without a GPU (its timings mean nothing there)."""
+    if os.environ.get("MINUNET_CUDA_EMULATOR") == "1" and "cupy" not in sys.modules:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import cuda_emulator
+        cuda_emulator.install()
+
+
 def library_in_argv():
     """The --library=NAME this process was started with, or None: read from sys.argv before
     argparse runs, so that the script can import that library first."""

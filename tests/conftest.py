@@ -15,8 +15,16 @@ if EMULATED:
     import cuda_emulator
 
     cuda_emulator.install()
+    collect_ignore = ["test_cuda_compile.py"]  # NVRTC needs the real CuPy: the plain run compiles with it
 
 from minunet import backend  # noqa: E402
+
+if os.environ.get("MINUNET_CUPY_POOL") == "0" and backend.cuda_available():
+    # every array its own device allocation, so that compute-sanitizer's memcheck sees each
+    # array's bounds (benchmarks/gpu_check.py sets this); CuPy's pool would hide them
+    import cupy
+
+    cupy.cuda.set_allocator(None)
 
 DATA = pathlib.Path(os.environ.get("MINUNET_DATA", pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 

@@ -313,6 +313,7 @@ def get_elapsed_time(start, end):
 
 cuda.Device, cuda.Stream, cuda.Event, cuda.get_elapsed_time = Device, Stream, Event, get_elapsed_time
 cuda.get_current_stream = lambda: Stream.null
+cuda.set_allocator = lambda allocator=None: None  # no memory pool here: every array is its own allocation
 cuda.CompileException = CompileException
 runtime.getDeviceCount = lambda: 1
 runtime.runtimeGetVersion = lambda: 0

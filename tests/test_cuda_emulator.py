@@ -12,6 +12,7 @@ and a scalar argument of the wrong C type.
 
 These tests need g++ on x86-64 Linux, not a GPU, and run in the ordinary CPU suite.
 """
+import pathlib
 import platform
 import shutil
 
@@ -275,3 +276,59 @@ def test_device_arrays_behave_like_cupy_arrays():
     with pytest.raises(TypeError, match="mixes a host numpy.ndarray with device arrays"):
         b + np.ones((2, 3))
     assert type(b.get()) is np.ndarray and type(cp.asnumpy(b)) is np.ndarray
+
+
+# ---- the same checks on minunet's own kernels, each with one line of it broken ---------------
+
+KERNEL_DIR = pathlib.Path(__file__).resolve().parents[1] / "kernels"
+
+
+def _conv2d_forward_v2(common, conv2d, K=70):
+    """Compile common.cuh + conv2d.cu as given and run conv2d_forward_v2<float> as minunet.cuda
+    launches it: x (1, 3, 9, 9), w (K, 3, 3, 3), padding 1; returns y as NumPy."""
+    source = f'#line 1 "common.cuh"\n{common}\n#line 1 "conv2d.cu"\n{conv2d}'
+    kernel = cp.RawModule(code=source, options=("--std=c++17",),
+                          name_expressions=["conv2d_forward_v2<float>"]).get_function("conv2d_forward_v2<float>")
+    N, C, H, W, kh, kw = 1, 3, 9, 9, 3, 3
+    x, w, b = data(N * C * H * W).reshape(N, C, H, W), data(K * C * kh * kw, 1).reshape(K, C, kh, kw), data(K, 2)
+    y = cp.empty((N, K, H, W), np.float32)
+    dims = (N, C, H, W, K, kh, kw, 1, 1, 1, 1, H, W)
+    kernel((-(-N * H * W // 64), -(-K // 64)), (256,), (x, w, b, y, *(np.int32(d) for d in dims)))
+    return cp.asnumpy(y)
+
+
+def _break(text, old, new):
+    assert text.count(old) >= 1, f"{old!r} not found: the test no longer matches the kernel source"
+    return text.replace(old, new, 1)
+
+
+def test_minunet_kernel_unbroken_runs_clean(emulator):
+    y = _conv2d_forward_v2((KERNEL_DIR / "common.cuh").read_text(), (KERNEL_DIR / "conv2d.cu").read_text())
+    assert np.isfinite(y).all()
+
+
+def test_minunet_kernel_missing_barrier_is_a_race(emulator):
+    conv2d = (KERNEL_DIR / "conv2d.cu").read_text()
+    start = conv2d.index("conv2d_forward_v2(")
+    broken = conv2d[:start] + _break(conv2d[start:], "tile_mma(As, Bs, acc, tx, ty);\n        __syncthreads();",
+                                     "tile_mma(As, Bs, acc, tx, ty);")
+    with pytest.raises(cp.EmulatorError, match=r"conv2d_forward_v2<float>: shared-memory race: .* of shared byte \d+ "
+                                               r"\(byte \d+ of [AB]s in conv2d_forward_v2<float>\)"):
+        _conv2d_forward_v2((KERNEL_DIR / "common.cuh").read_text(), broken)
+
+
+def test_minunet_kernel_missing_edge_guard_is_out_of_bounds(emulator):
+    conv2d = (KERNEL_DIR / "conv2d.cu").read_text()
+    start = conv2d.index("conv2d_forward_v2(")
+    broken = conv2d[:start] + _break(conv2d[start:], "if (k < K) y[", "y[")  # K = 70: the second tile has 6 rows
+    with pytest.raises(cp.EmulatorError, match=r"conv2d_forward_v2<float>: out-of-bounds (read|write) of 4 bytes"):
+        _conv2d_forward_v2((KERNEL_DIR / "common.cuh").read_text(), broken)
+
+
+def test_minunet_tile_loader_off_by_one_reads_unwritten_shared_memory(emulator):
+    common = _break((KERNEL_DIR / "common.cuh").read_text(), "for (int kk = 0; kk < GEMM_TILE_K; ++kk)",
+                    "for (int kk = 0; kk <= GEMM_TILE_K; ++kk)")  # one reduction step too many
+    # As[16][...] lies past As: in Bs (a race or a read of unwritten words) or past all shared memory
+    with pytest.raises(cp.EmulatorError, match=r"conv2d_forward_v2<float>: (shared-memory race|read of shared byte|"
+                                               r"out-of-bounds read of 4 bytes of shared memory)"):
+        _conv2d_forward_v2(common, (KERNEL_DIR / "conv2d.cu").read_text())

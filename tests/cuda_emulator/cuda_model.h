@@ -350,6 +350,12 @@ EMU_RT static inline void access(const void* p, size_t n, bool write, bool atomi
     if (read_only_hit)
         fail_in_thread("write of %zu bytes into argument %d, which the kernel takes as a const pointer", n,
                        range_arg_at(a));
+    const uintptr_t shared_end = g.shared_lo + g.shared_len;
+    if (a + 4096 >= g.shared_lo && a < shared_end + 4096)
+        fail_in_thread("out-of-bounds %s of %zu bytes of shared memory, %lld bytes %s the __shared__ variables",
+                       write ? "write" : "read", n,
+                       a < g.shared_lo ? (long long)(g.shared_lo - a) : (long long)(a - shared_end),
+                       a < g.shared_lo ? "before" : "past the end of");
     // name the argument whose bytes lie nearest
     long long best = -1;
     int best_arg = -1;
@@ -363,11 +369,11 @@ EMU_RT static inline void access(const void* p, size_t n, bool write, bool atomi
         if (a >= r.lo && a < r.lo + r.len) { d = (long long)(a + n - (r.lo + r.len)); s = "straddling the end"; }
         if (best < 0 || d < best) { best = d; best_arg = r.arg; side = s; }
     }
-    if (best_arg >= 0)
+    if (best_arg >= 0 && best < (1 << 20))
         fail_in_thread("out-of-bounds %s of %zu bytes, %lld bytes %s of argument %d (%zu bytes)",
                        write ? "write" : "read", n, best, side, best_arg, range_len_of(best_arg));
-    fail_in_thread("out-of-bounds %s of %zu bytes at %p (the kernel has no array arguments)", write ? "write" : "read",
-                   n, p);
+    fail_in_thread("out-of-bounds %s of %zu bytes at %p, far from every array argument, shared variable and stack",
+                   write ? "write" : "read", n, p);
 }
 
 }  // namespace emu

@@ -13,6 +13,11 @@ chain 10,000 ops deep never touches Python's recursion limit), walks it from the
 back, and sums the gradients of every tensor used more than once. Only leaves (tensors made
 by the user, such as parameters) keep `.grad`, and they accumulate into it with `+=`, as in
 PyTorch and micrograd.
+
+A leaf is reached once in that walk, after every op that used it, so the moment its `.grad`
+is written it is final for this backward pass. `register_post_accumulate_grad_hook` (PyTorch's
+name) lets code act at that moment: data-parallel training (minunet.distributed) starts summing
+a layer's gradients over the processes there, while backward goes on with the layers below.
 """
 import contextlib
 
@@ -78,6 +83,17 @@ class Function:
         return getattr(cls, "name", cls.__name__.lower())
 
 
+class _HookHandle:
+    """What register_post_accumulate_grad_hook returns: remove() takes the hook out again."""
+
+    def __init__(self, hooks, hook):
+        self.hooks, self.hook = hooks, hook
+
+    def remove(self):
+        if self.hook in self.hooks:
+            self.hooks.remove(self.hook)
+
+
 def unbroadcast(g, shape):
     """Sum a broadcast gradient `g` back down to `shape` (NumPy broadcasting in reverse)."""
     if g.shape == tuple(shape):
@@ -93,6 +109,7 @@ class Tensor:
     """An n-dimensional array on 'cpu' or 'cuda' that can record its history."""
 
     __array_priority__ = 100  # numpy scalars on the left defer to Tensor's reflected ops
+    _grad_hooks = ()  # register_post_accumulate_grad_hook gives a leaf a list of its own
 
     def __init__(self, data, requires_grad=False):
         self.data = data
@@ -172,6 +189,18 @@ class Tensor:
         return Cast.apply(self, dtype=np.dtype(dtype))
 
     # ---- autograd --------------------------------------------------------------------
+    def register_post_accumulate_grad_hook(self, hook):
+        """Call hook(self) whenever backward() has accumulated this leaf's `.grad`; returns a
+        handle whose remove() unregisters it."""
+        if not (self.is_leaf and self.requires_grad):
+            raise RuntimeError(f"register_post_accumulate_grad_hook: only a leaf tensor that requires grad "
+                               f"has a .grad to hook, this one (shape {self.shape}) is "
+                               f"{'not a leaf' if not self.is_leaf else 'not requiring grad'}")
+        if not self._grad_hooks:
+            self._grad_hooks = []
+        self._grad_hooks.append(hook)
+        return _HookHandle(self._grad_hooks, hook)
+
     def backward(self, gy=None):
         """Accumulate d(self)/d(leaf) * gy into the .grad of every leaf that requires it."""
         if not self.requires_grad:
@@ -197,6 +226,8 @@ class Tensor:
                     node.grad = g.copy()
                 else:
                     node.grad += g
+                for hook in node._grad_hooks:
+                    hook(node)
                 continue
             ctx = node._ctx
             gxs = ctx.backward(g)

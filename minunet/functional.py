@@ -463,9 +463,12 @@ def binary_cross_entropy_with_logits(logits, target, weight=None, pos_weight=Non
     return loss.sum() if reduction == "sum" else loss.mean()
 
 
-def dice_loss(logits, target, ignore_index=None, eps=1.0):
+def dice_loss(logits, target, ignore_index=None, eps=1.0, all_sum=None):
     """Soft multi-class Dice loss: 1 - mean over classes of (2|P∩T| + eps) / (|P| + |T| + eps),
-    with P = softmax(logits) and T the one-hot target, summed over the batch and the pixels."""
+    with P = softmax(logits) and T the one-hot target, summed over the batch and the pixels.
+    all_sum: a differentiable function the per-class sums pass through before the ratio; data-
+    parallel training gives the sum over the processes (minunet.distributed.all_sum), so that
+    the loss is the Dice of the global batch."""
     op = "dice_loss"
     _check_tensor(logits, op, "logits", 4)
     target = _check_target(logits, target, op)
@@ -480,6 +483,8 @@ def dice_loss(logits, target, ignore_index=None, eps=1.0):
     p = softmax(logits, 1) * valid[:, None].astype(logits.dtype)
     inter = (p * onehot).sum(axis=(0, 2, 3))
     denom = p.sum(axis=(0, 2, 3)) + onehot.sum(axis=(0, 2, 3))
+    if all_sum is not None:
+        inter, denom = all_sum(inter), all_sum(denom)
     dice = (inter * 2 + eps) / (denom + eps)
     return 1 - dice.mean()
 

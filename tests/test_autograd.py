@@ -161,3 +161,24 @@ def test_to_device_round_trip_carries_gradients():
     np.testing.assert_allclose(x.grad, 2 * np.arange(3.0))
     with pytest.raises(ValueError, match="different devices"):
         x + y
+
+
+def test_post_accumulate_grad_hook_sees_each_final_gradient_once_in_backward_order():
+    # y = sum(w2 * relu(w1 * x)) with w1 also used a second time: its hook must fire once,
+    # after both contributions, and after w2's (which backward reaches first)
+    x = mn.tensor(np.array([1.0, -2.0, 3.0]))
+    w1, w2 = leaf(np, (3,), seed=1), leaf(np, (3,), seed=2)
+    seen = []
+    handles = [w.register_post_accumulate_grad_hook(lambda t, name=name: seen.append((name, host(t.grad).copy())))
+               for w, name in ((w1, "w1"), (w2, "w2"))]
+    h = w1 * x
+    ((w2 * h).sum() + (w1 * w1).sum()).backward()
+    assert [name for name, _ in seen] == ["w2", "w1"]
+    np.testing.assert_allclose(seen[1][1], host(w2.data) * host(x.data) + 2 * host(w1.data))
+    np.testing.assert_allclose(seen[0][1], host(h.data))
+    handles[0].remove()
+    seen.clear()
+    (w1 * w2).sum().backward()
+    assert [name for name, _ in seen] == ["w2"]
+    with pytest.raises(RuntimeError, match="only a leaf"):
+        h.register_post_accumulate_grad_hook(print)

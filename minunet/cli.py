@@ -3,6 +3,7 @@
     minunet train                      train on the built-in synthetic set (no download)
     minunet train --data DIR ...       train on DIR/images + DIR/masks
     minunet train --resume RUN_DIR     continue an interrupted run exactly where it stopped
+    mpiexec -n 4 minunet train ...     the same, data-parallel over 4 processes (GPUs)
     minunet predict --model CKPT --input FILE_OR_DIR --output DIR [--tile N] [--overlay]
     minunet eval --model CKPT [--data DIR ...] [--json FILE]
 
@@ -15,6 +16,10 @@ only parses the command line and reports.
 Exit status: 0 done; 1 training diverged (a NaN or infinite loss or gradient: the message
 names the step and the likely cause); 2 bad input; 130 stopped by Ctrl-C; 143 stopped by
 SIGTERM (both save last.safetensors first, and --resume goes on from there).
+
+Under mpiexec every process runs this command and only rank 0 prints. A process that fails
+alone reports its error (one line, naming its rank) and then ends the whole job with
+MPI_Abort: the others may be waiting for it in a collective and would wait forever.
 """
 import argparse
 import dataclasses
@@ -25,7 +30,7 @@ import sys
 
 import numpy as np
 
-from minunet import backend
+from minunet import backend, distributed
 from minunet.checkpoint import read_checkpoint
 from minunet.data import split_indices
 from minunet.metrics import format_table
@@ -143,8 +148,12 @@ def build_parser():
                    help=f"'same' keeps sizes, 'valid' is the paper's (default {d.padding})")
     g.add_argument("--batch-norm", action=argparse.BooleanOptionalAction,
                    help=f"BatchNorm after each convolution (default {_on(d.batch_norm)})")
+    g.add_argument("--sync-batch-norm", action=argparse.BooleanOptionalAction,
+                   help="under mpiexec: BatchNorm statistics of the global batch, not of each process's share "
+                        f"(default {_on(d.sync_batch_norm)})")
     g.add_argument("--epochs", type=_positive_int, help=f"default {d.epochs}")
-    g.add_argument("--batch-size", type=_positive_int, help=f"default {d.batch_size}")
+    g.add_argument("--batch-size", type=_positive_int,
+                   help=f"default {d.batch_size}; under mpiexec the global batch, shared by the processes")
     g.add_argument("--lr", type=_positive_float, help=f"peak learning rate (default {d.lr})")
     g.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], help=f"default {d.optimizer}")
     g.add_argument("--momentum", type=_non_negative_float, help=f"SGD momentum (default {d.momentum})")
@@ -235,14 +244,20 @@ def cmd_train(args):
     try:
         with np.errstate(all="ignore"):  # the loop itself reports a NaN or an infinity, once and clearly
             result = train(cfg, resume=resume, overwrite=args.overwrite)
-    except Diverged as e:
-        print(f"minunet train: {e}", file=sys.stderr)
+    except Diverged as e:  # every rank sees the same loss and gradients, so all of them stop here
+        if distributed.init().rank == 0:
+            print(f"minunet train: {e}", file=sys.stderr)
         return 1
+    status = 0
+    if result["interrupted"]:
+        status = 128 + (signal.SIGTERM if result["interrupted"] == "SIGTERM" else signal.SIGINT)
+    if distributed.init().rank != 0:  # under mpiexec rank 0 speaks for all
+        return status
     final = result["final"]
     if result["interrupted"]:
         print(f"interrupted by {result['interrupted']} with {result['epochs']} epoch(s) complete; "
               f"run folder {result['run_dir']}")
-        return 128 + (signal.SIGTERM if result["interrupted"] == "SIGTERM" else signal.SIGINT)
+        return status
     best = result["best_mean_dice"]
     print(f"done: {result['epochs']} epochs in {result['seconds']:.1f} s; validation mean Dice "
           f"{final['mean_dice']:.4f} (best {best:.4f} at epoch {result['best_epoch']}), mIoU {final['mean_iou']:.4f}, "
@@ -314,10 +329,22 @@ def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
-    except (UsageError, ValueError, OSError) as e:  # bad input: data, paths, checkpoints, options
+    except (UsageError, ValueError, OSError, distributed.DistributedError) as e:  # bad input, paths, setup
         message = str(e) if isinstance(e, UsageError) else f"minunet: error: {e}"
-        print(message.splitlines()[0] if message else "minunet: error", file=sys.stderr)
-        return 2
+        return _fail(message.splitlines()[0] if message else "minunet: error", 2)
     except KeyboardInterrupt:
-        print("minunet: interrupted", file=sys.stderr)
-        return 130
+        return _fail("minunet: interrupted", 130)
+    except Exception as e:  # a bug or an exhausted resource: alone, Python's traceback; in a job, end the job
+        if distributed.active() is None:
+            raise
+        return _fail(f"minunet: error: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", 1)
+
+
+def _fail(message, status):
+    """Report an error on stderr; one of several processes then ends the whole job (MPI_Abort)."""
+    group = distributed.active()
+    if group is None:
+        print(message, file=sys.stderr)
+        return status
+    print(f"{message} [rank {group.rank} of {group.size}]", file=sys.stderr, flush=True)
+    group.abort(status)

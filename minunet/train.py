@@ -52,6 +52,7 @@ last good epoch stay as they were. A checkpoint is never written from non-finite
 """
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import pathlib
@@ -62,7 +63,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from minunet import backend, nn, optim
+from minunet import backend, distributed, nn, optim
 from minunet import functional as F
 from minunet.autograd import Tensor, tensor
 from minunet.checkpoint import atomic_write, check_finite, load_checkpoint, read_checkpoint, save_checkpoint
@@ -104,6 +105,7 @@ class TrainConfig:
     depth: int = 3
     padding: str = "same"
     batch_norm: bool = True               # converges in far fewer steps on the synthetic task
+    sync_batch_norm: bool = False         # several processes: statistics of the global batch, not the share
     # optimisation
     epochs: int = 10
     batch_size: int = 8
@@ -226,27 +228,44 @@ def _valid_crop(y, out_hw):
     return y[..., top:top + out_hw[0], left:left + out_hw[1]]
 
 
-def segmentation_loss(logits, y, cfg, class_weights, pixel_weights=None):
-    """Cross-entropy (class weights, ignore label, optional per-pixel weights) + dice_weight x Dice."""
+def segmentation_loss(logits, y, cfg, class_weights, pixel_weights=None, group=None):
+    """Cross-entropy (class weights, ignore label, optional per-pixel weights) + dice_weight x Dice.
+
+    The cross-entropy is a sum over the pixels divided by how many count (their summed class
+    weights, with class weights). In data-parallel training (`group` of N > 1 processes, each
+    with its share of the global batch) the divisor is the count over all the processes and
+    the Dice term is 1/N of the global batch's Dice: the N losses add up to the loss of the
+    global batch, and their gradients to its gradient (see minunet.distributed)."""
+    group = group or distributed.ProcessGroup()
     ignore = -100 if cfg.ignore_index is None else cfg.ignore_index
+    xp = backend.array_module(logits.data)
+    valid = y != ignore
     if pixel_weights is None:
-        loss = F.cross_entropy(logits, y, weight=class_weights, ignore_index=ignore)
+        total = F.cross_entropy(logits, y, weight=class_weights, ignore_index=ignore, reduction="sum")
+        count = valid.sum() if class_weights is None else (class_weights[xp.where(valid, y, 0)] * valid).sum()
     else:
-        xp = backend.array_module(logits.data)
         per_pixel = F.cross_entropy(logits, y, weight=class_weights, ignore_index=ignore, reduction="none")
-        counted = max(int((y != ignore).sum()), 1)
-        loss = (per_pixel * xp.asarray(pixel_weights, dtype=logits.dtype)).sum() / counted
+        total = (per_pixel * xp.asarray(pixel_weights, dtype=logits.dtype)).sum()
+        count = valid.sum()
+    count = float(group.sum_values([float(count)])[0])
+    loss = total / (count if pixel_weights is None else max(count, 1.0))
     if cfg.dice_weight:
-        loss = loss + cfg.dice_weight * F.dice_loss(logits, y, ignore_index=cfg.ignore_index)
+        all_sum = None if group.size == 1 else functools.partial(distributed.all_sum, group=group)
+        dice = F.dice_loss(logits, y, ignore_index=cfg.ignore_index, all_sum=all_sum)
+        loss = loss + (cfg.dice_weight / group.size) * dice
     return loss
 
 
 # ---- evaluation ------------------------------------------------------------------------
 
-def evaluate(model, dataset, indices, cfg, tile=None, keep=0, should_stop=None):
+def evaluate(model, dataset, indices, cfg, tile=None, keep=0, should_stop=None, group=None):
     """Score `model` on the items `indices` of `dataset`; returns (summary dict with 'loss',
     the first `keep` (image, target, prediction) triples). tile: the input tile size, by
-    default auto_tile's choice for each image size."""
+    default auto_tile's choice for each image size. With a process group each rank scores
+    its contiguous share of `indices` and the confusion matrices and losses are summed over
+    the ranks (rank 0's share holds the first images: its triples are one process's)."""
+    group = group or distributed.ProcessGroup()
+    indices = np.asarray(indices)[distributed.share(len(indices), group.rank, group.size)]
     num_classes = model.config["num_classes"]
     tilers = {}  # one per image size
     cm = ConfusionMatrix(num_classes, ignore_index=cfg.ignore_index)
@@ -272,6 +291,8 @@ def evaluate(model, dataset, indices, cfg, tile=None, keep=0, should_stop=None):
                 raise _Stop
     finally:
         batches.close()
+    group.allreduce(cm.matrix)
+    loss_sum, count = group.sum_values([loss_sum, count])
     summary = cm.summary()
     summary["loss"] = loss_sum / max(count, 1)
     return summary, samples
@@ -453,12 +474,27 @@ def train(cfg, log=print, resume=None, overwrite=False):
     """Run training as `cfg` says; `resume` is a checkpoint (or run folder) to continue from;
     `overwrite` lets the run replace another run in cfg.out. Returns a dict: run_dir, epochs,
     interrupted (None, 'Ctrl-C' or 'SIGTERM'), final (last epoch's record), best_mean_dice,
-    best_epoch, seconds. Raises Diverged when the loss or a gradient stops being finite."""
+    best_epoch, seconds. Raises Diverged when the loss or a gradient stops being finite.
+
+    Started as several processes (`mpiexec -n N minunet train`), the processes train one
+    model data-parallel (minunet.distributed): `batch_size` is the global batch, each process
+    takes its contiguous share of it, and only rank 0 logs and writes the run folder."""
+    group = distributed.init()
+    with distributed.cpu_threads(group):
+        return _train(cfg, log if group.rank == 0 else (lambda *args, **kwargs: None), resume, overwrite, group)
+
+
+def _train(cfg, log, resume, overwrite, group):
     check_config(cfg)
+    if cfg.batch_size < group.size:
+        raise ValueError(f"--batch-size {cfg.batch_size} is the global batch, shared by {group.size} processes: "
+                         f"it must be at least {group.size}")
     ckpt = _read_resume(resume, cfg) if resume is not None else None
     resumed_from = pathlib.Path(ckpt.path).parent if ckpt is not None else None
     check_out(cfg.out, overwrite=overwrite, resumed_from=resumed_from)
     device = backend.normalize_device(cfg.device)
+    if device == "cuda":
+        group.use_gpu()
     if cfg.device == "auto" and device == "cpu":
         log(f"device: cpu ({backend.cuda_status()[1]})")
     else:
@@ -468,11 +504,16 @@ def train(cfg, log=print, resume=None, overwrite=False):
     model = build_model(cfg, dataset)
     out_hw = model.check_input_size(cfg.image_size, cfg.image_size)  # the training crop must fit
     model.to(device)
+    if cfg.sync_batch_norm:
+        distributed.convert_sync_batch_norm(model, group)
     optimizer = build_optimizer(cfg, model)
     crop = None if cfg.is_synthetic() else cfg.image_size
     augment = Augment(flip=cfg.augment, rot90=cfg.augment, crop=crop, elastic=cfg.elastic, seed=cfg.seed)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment,
-                        drop_last=len(train_idx) >= cfg.batch_size, indices=train_idx)
+    if len(train_idx) < group.size:
+        raise ValueError(f"{len(train_idx)} training images cannot be shared by {group.size} processes")
+    loader = distributed.ShardedLoader(dataset, rank=group.rank, size=group.size, batch_size=cfg.batch_size,
+                                       shuffle=True, seed=cfg.seed, augment=augment,
+                                       drop_last=len(train_idx) >= cfg.batch_size, indices=train_idx)
     scheduler = build_scheduler(cfg, optimizer, len(loader))
     class_weights = None
     if cfg.class_weights is not None:
@@ -484,7 +525,8 @@ def train(cfg, log=print, resume=None, overwrite=False):
     epoch, done, loss_sum, loss_count, history = 0, 0, 0.0, 0, []
     best, best_epoch = -math.inf, None
     if ckpt is not None:
-        load_checkpoint(ckpt.path, model, optimizer, scheduler)
+        if group.rank == 0:  # broadcast_state below gives the other ranks what it reads
+            load_checkpoint(ckpt.path, model, optimizer, scheduler)
         if scheduler is not None:
             replan_schedule(scheduler, cfg.epochs * len(loader))
         state = ckpt.train_state
@@ -493,7 +535,9 @@ def train(cfg, log=print, resume=None, overwrite=False):
         best = ckpt.best_metric if ckpt.best_metric is not None else -math.inf
         best_epoch = state["best_epoch"]
         log(f"resuming from {ckpt.path}: epoch {epoch + 1}, batch {done}")
-    run_dir = pathlib.Path(cfg.out) if cfg.out else default_run_dir()
+    distributed.broadcast_state(group, model, optimizer, scheduler)  # every rank starts from rank 0's state
+    reducer = distributed.Reducer(group, model.parameters())  # sums the gradients over the ranks
+    run_dir = pathlib.Path(group.broadcast_object(str(cfg.out or default_run_dir())))  # one folder for all
     own = resumed_from is not None and run_dir.resolve() == resumed_from.resolve()
     folder = RunFolder(run_dir, clear=overwrite and not own)
     cfg = dataclasses.replace(cfg, out=str(run_dir))  # so the checkpoints name their folder
@@ -501,6 +545,9 @@ def train(cfg, log=print, resume=None, overwrite=False):
     arch = ", ".join(f"{k}={v!r}" for k, v in model.config.items())
     log(f"data: {'synthetic' if cfg.is_synthetic() else 'folder'}, {len(train_idx)} train / {len(val_idx)} "
         f"validation images, {dataset.num_classes} classes; model: UNet({arch})")
+    if group.size > 1:
+        log(f"data parallel: {group.size} processes, each with its share of the global batch of {cfg.batch_size}; "
+            f"batch norm {'over the global batch' if cfg.sync_batch_norm else 'per process'}")
     saved_epoch = epoch if ckpt is not None else None  # the epoch the newest last.safetensors holds
     last_loss = None  # (step, value) of the last finite training loss
 
@@ -509,6 +556,8 @@ def train(cfg, log=print, resume=None, overwrite=False):
         if bad is not None:
             raise Diverged(f"training diverged in epoch {epoch}: {bad} holds NaN or infinite values, so it is not "
                            f"saved; {_likely_cause(cfg)} {_kept(folder, saved_epoch)}")
+        if group.rank != 0:  # the weights are the same on every rank (so is the check above)
+            return
         state = dict(epoch=epoch, batch=done, loss_sum=loss_sum, loss_count=loss_count, history=history,
                      best_epoch=best_epoch)
         save_checkpoint(folder.file(name), model, optimizer, scheduler, epoch=epoch, best_metric=best_metric,
@@ -521,6 +570,17 @@ def train(cfg, log=print, resume=None, overwrite=False):
         return Diverged(f"training diverged at epoch {epoch + 1}, batch {done + 1} (step {step}): {what}; {before}. "
                         f"{_likely_cause(cfg)} The step was not taken. {_kept(folder, saved_epoch)}")
 
+    def stop_asked():
+        """Whether to stop now. Several ranks must stop at the same step: they vote, and a
+        signal that reached any of them stops them all."""
+        if group.size == 1:
+            return stop.requested is not None
+        ctrl_c, sigterm = group.sum_values([stop.requested == "Ctrl-C", stop.requested == "SIGTERM"])
+        voted = "SIGTERM" if sigterm else "Ctrl-C" if ctrl_c else None
+        if voted:
+            stop.requested = voted
+        return voted is not None
+
     start = time.perf_counter()
     interrupted = None
     with StopRequest(log) as stop:
@@ -530,7 +590,8 @@ def train(cfg, log=print, resume=None, overwrite=False):
                 model.train()
                 loader.set_epoch(epoch)
                 bar = tqdm(total=len(loader), initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                           unit="batch", disable=not cfg.progress, leave=False, dynamic_ncols=True)
+                           unit="batch", disable=not cfg.progress or group.rank != 0, leave=False,
+                           dynamic_ncols=True)
                 batches = iter(loader)
                 try:
                     for b, (x, y, *w) in enumerate(batches):
@@ -541,11 +602,14 @@ def train(cfg, log=print, resume=None, overwrite=False):
                         x, y = tensor(x, device=device), backend.to_device(y, device)
                         weights = backend.to_device(w[0], device) if w else None
                         optimizer.zero_grad()
-                        loss = segmentation_loss(model(x), y, cfg, class_weights, weights)
-                        value = loss.item()
+                        loss = segmentation_loss(model(x), y, cfg, class_weights, weights, group)
+                        value, images = loss.item(), x.shape[0]
+                        if group.size > 1:  # the global batch's loss and size: every rank decides alike
+                            value, images = (float(v) for v in group.sum_values([value, images]))
                         if not math.isfinite(value):
                             raise diverged(f"the loss is {value}")
                         loss.backward()
+                        reducer.wait()  # the gradients summed over the ranks
                         bad = first_nonfinite((n, p.grad) for n, p in model.named_parameters())
                         if bad is not None:
                             raise diverged(f"the gradient of {bad} holds NaN or infinite values (loss {value:.4g})")
@@ -554,18 +618,19 @@ def train(cfg, log=print, resume=None, overwrite=False):
                             scheduler.step()
                         loss_sum, loss_count, done = loss_sum + value, loss_count + 1, done + 1
                         last_loss = (epoch * len(loader) + done, value)
-                        seen += x.shape[0]
+                        seen += int(images)
                         rate = seen / (time.perf_counter() - t0)
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}", img_s=f"{rate:.1f}")
-                        if stop.requested:
+                        if stop_asked():
                             raise _Stop
                 finally:
                     batches.close()
                     bar.close()
                 train_seconds = time.perf_counter() - t0
-                val, samples = evaluate(model, dataset, val_idx, cfg, keep=cfg.previews,
-                                        should_stop=lambda: stop.requested)
+                distributed.average_buffers(group, model)  # batch norm's running statistics
+                val, samples = evaluate(model, dataset, val_idx, cfg, keep=cfg.previews, group=group,
+                                        should_stop=(lambda: stop.requested) if group.size == 1 else None)
                 record = dict(epoch=epoch + 1, train_loss=loss_sum / max(loss_count, 1), val_loss=val["loss"],
                               dice=val["dice"], iou=val["iou"], mean_iou=val["mean_iou"],
                               mean_dice=val["mean_dice"], pixel_accuracy=val["pixel_accuracy"],
@@ -580,21 +645,24 @@ def train(cfg, log=print, resume=None, overwrite=False):
                 saved_epoch = epoch
                 if improved:
                     checkpoint("best.safetensors", best)
-                write_metrics(folder.file("metrics.jsonl"), history)
-                plot_curves(folder.file("curves.png"), history, dataset.class_names)
-                if samples:
-                    plot_predictions(folder.file("predictions.png"), samples, dataset.num_classes)
+                if group.rank == 0:
+                    write_metrics(folder.file("metrics.jsonl"), history)
+                    plot_curves(folder.file("curves.png"), history, dataset.class_names)
+                    if samples:
+                        plot_predictions(folder.file("predictions.png"), samples, dataset.num_classes)
                 log(f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "
                     f"val loss {record['val_loss']:.4f}, mean Dice {record['mean_dice']:.4f}, "
                     f"mIoU {record['mean_iou']:.4f}, pixel acc {record['pixel_accuracy']:.4f}, "
                     f"{record['seconds']:.1f} s")
-                if stop.requested:
+                if stop_asked():
                     raise _Stop
         except _Stop:
             interrupted = stop.requested
+            distributed.average_buffers(group, model)
             checkpoint("last.safetensors", best if best > -math.inf else None)
             log(f"stopped at epoch {epoch + 1}, batch {done}: saved {run_dir / 'last.safetensors'}; "
                 f"continue with: minunet train --resume {run_dir}")
+    reducer.remove()
     return dict(run_dir=str(run_dir), epochs=epoch, interrupted=interrupted, final=history[-1] if history else None,
                 best_mean_dice=best if best > -math.inf else None, best_epoch=best_epoch,
                 seconds=time.perf_counter() - start)

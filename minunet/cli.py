@@ -34,6 +34,7 @@ from minunet import backend, distributed
 from minunet.checkpoint import read_checkpoint
 from minunet.data import split_indices
 from minunet.metrics import format_table
+from minunet.options import check_writable_file
 from minunet.predict import load_model, predict_files
 from minunet.train import (RESUMABLE_CHANGES, Diverged, TrainConfig, build_dataset, evaluate, json_safe,
                            resolve_resume, train)
@@ -191,12 +192,16 @@ def build_parser():
 
     e = sub.add_parser("eval", help="score a checkpoint: per-class Dice and IoU, mIoU, pixel accuracy",
                        description="Score a checkpoint on a labelled folder, or by default on the validation "
-                                   "split of the data it was trained on.")
+                                   "split of the data it was trained on. On a folder, the data options not given "
+                                   "(mask format, prefix, class names, ...) are the checkpoint's, and eval "
+                                   "names each one it takes.")
     e.add_argument("--model", required=True, metavar="CKPT")
     _add_data_options(e, "default: the checkpoint's validation split")
     e.add_argument("--tile", type=_positive_int, metavar="N", help=TILE_HELP)
     e.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass (default 4)")
-    e.add_argument("--json", metavar="FILE", help="also write the scores as JSON to FILE ('-' prints them)")
+    e.add_argument("--json", metavar="FILE",
+                   help="also write the scores as JSON to FILE; '-' prints them, and only them, on stdout "
+                        "(the table then goes to stderr)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
@@ -278,28 +283,73 @@ def cmd_predict(args):
     return 0
 
 
-def cmd_eval(args):
-    device = _device(args.device)
-    model, ckpt = load_model(args.model, device)
-    given = _given(args, {"data", "images", "masks", "pairing", "mask_prefix", "mask_suffix", "mask_mode",
-                          "gray_levels", "palette", "ignore_index", "channels", "classes", "class_names"})
+SOURCE_FIELDS = ("data", "images", "masks")
+FORMAT_FIELDS = ("pairing", "mask_prefix", "mask_suffix", "mask_mode", "gray_levels", "palette", "ignore_index",
+                 "channels", "classes", "class_names")
+MODE_FIELDS = {"gray": "gray_levels", "palette": "palette"}  # options that only one --mask-mode reads
+
+
+def _shown(value):
+    """An option value as it is typed on the command line."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "''" if value == "" else str(value)
+
+
+def _eval_config(args, model, ckpt, say):
+    """The TrainConfig to score `model` with (own_data: whether a labelled folder was given).
+    On a labelled folder, the format options not given take the checkpoint's values, and `say`
+    names each one taken; --classes, --channels and --class-names must fit the model."""
+    classes, channels = model.config["num_classes"], model.config["in_channels"]
+    given = _given(args, set(SOURCE_FIELDS + FORMAT_FIELDS))
+    if given.get("classes", classes) != classes:
+        raise UsageError(f"eval: --classes {given['classes']}, but the model {args.model} has {classes} classes")
+    if given.get("channels", channels) != channels:
+        raise UsageError(f"eval: --channels {given['channels']}, but the model {args.model} takes {channels}")
+    if len(given.get("class_names", [None] * classes)) != classes:
+        raise UsageError(f"eval: --class-names gives {len(given['class_names'])} names, but the model "
+                         f"{args.model} has {classes} classes")
     saved = {k: v for k, v in (ckpt.train_config or {}).items() if k in TRAIN_FIELDS}
     cfg = TrainConfig(**saved)
-    if "class_names" in given and not cfg.is_synthetic():  # names change no data: fine for the saved split too
-        cfg = dataclasses.replace(cfg, class_names=given.pop("class_names"))
-    own_data = bool({"data", "images", "masks"} & set(given))
-    if own_data:  # a labelled folder: all of it is scored, with the given format options
-        source = {k: None for k in ("data", "images", "masks")}
-        cfg = dataclasses.replace(cfg, **{**source, **given, "channels": model.config["in_channels"]})
-    elif given:
-        raise UsageError(f"eval: {', '.join('--' + k.replace('_', '-') for k in given)} need --data "
-                         f"(or --images and --masks)")
-    elif not saved:
-        raise UsageError(f"eval: checkpoint {ckpt.path} records no training data; give --data")
+    own_data = bool(set(SOURCE_FIELDS) & set(given))
+    if not own_data:
+        if "class_names" in given and not cfg.is_synthetic():  # names change no data: fine for the saved split
+            cfg = dataclasses.replace(cfg, class_names=given.pop("class_names"))
+        if given:
+            raise UsageError(f"eval: {', '.join('--' + k.replace('_', '-') for k in given)} need --data "
+                             f"(or --images and --masks)")
+        if not saved:
+            raise UsageError(f"eval: checkpoint {ckpt.path} records no training data; give --data")
+        return cfg, False
+    # a labelled folder: all of it is scored; what is not given comes from the checkpoint
+    default = TrainConfig()
+    mode = given.get("mask_mode", cfg.mask_mode)
+    taken = {k: getattr(cfg, k) for k in FORMAT_FIELDS
+             if k not in given and getattr(cfg, k) != getattr(default, k) and k not in ("classes", "channels")
+             and not (k in MODE_FIELDS.values() and MODE_FIELDS.get(mode) != k)}
+    if mode == "index" and "classes" not in given:
+        taken["classes"] = classes  # the model's
+    if taken:
+        say("eval: from the checkpoint: " + ", ".join(f"--{k.replace('_', '-')} {_shown(v)}" for k, v in taken.items())
+            + " (an option given here replaces its value)")
+    fresh = {k: None for k in SOURCE_FIELDS + tuple(MODE_FIELDS.values())}
+    cfg = dataclasses.replace(default, **{**saved, **fresh, "classes": None, **taken, **given, "channels": channels})
+    return cfg, True
+
+
+def cmd_eval(args):
+    # with --json -, stdout holds the JSON alone and everything meant for people goes to stderr
+    say = (lambda text: print(text, file=sys.stderr)) if args.json == "-" else print
+    if args.json not in (None, "-"):
+        check_writable_file(args.json, "--json")
+    device = _device(args.device)
+    model, ckpt = load_model(args.model, device)
+    cfg, own_data = _eval_config(args, model, ckpt, say)
     cfg = dataclasses.replace(cfg, batch_size=args.batch_size, border_weights=False)
     dataset = build_dataset(cfg)
     if dataset.num_classes != model.config["num_classes"]:
-        raise UsageError(f"eval: the data has {dataset.num_classes} classes, the model {model.config['num_classes']}")
+        raise UsageError(f"eval: the masks define {dataset.num_classes} classes (--mask-mode {cfg.mask_mode}), "
+                         f"but the model {args.model} has {model.config['num_classes']}")
     if own_data:
         indices = list(range(len(dataset)))
     else:
@@ -307,9 +357,9 @@ def cmd_eval(args):
     summary, _ = evaluate(model, dataset, indices, cfg, args.tile)
     names = list(dataset.class_names) if dataset.class_names else None
     source = cfg.data or cfg.images or "the synthetic set"
-    print(f"{len(indices)} images from {source}" if own_data else
-          f"{len(indices)} images: the validation split of {source}")
-    print(format_table(summary, names))
+    say(f"{len(indices)} images from {source}" if own_data else
+        f"{len(indices)} images: the validation split of {source}")
+    say(format_table(summary, names))
     if args.json:
         doc = dict(model=str(args.model), images=len(indices), class_names=names, **summary)
         text = json.dumps({k: json_safe(v) for k, v in doc.items()}, indent=2)
@@ -317,7 +367,7 @@ def cmd_eval(args):
             print(text)
         else:
             pathlib.Path(args.json).write_text(text + "\n")
-            print(f"scores written to {args.json}")
+            say(f"scores written to {args.json}")
     return 0
 
 

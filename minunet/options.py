@@ -8,6 +8,7 @@ built or a folder made: a bad value costs the user a second, not a run.
     flag(field)          TrainConfig field -> its command-line flag ('val_fraction' -> '--val-fraction')
     check_config(cfg)    ranges, signs, choices and lengths of every TrainConfig value
     check_out(...)       the run folder: not a file, creatable, not already holding a run
+    check_writable_file  an output file (eval --json FILE) can be written, before the work that fills it
 
 The data options (folders, mask formats, palettes, class counts) are checked by
 minunet.train.check_data, which needs to look at the files.
@@ -102,3 +103,16 @@ def check_out(path, overwrite=False, resumed_from=None):
         raise ValueError(f"--out {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out {path}: cannot create it, {parent} is not writable (read-only or not yours)")
+
+
+def check_writable_file(path, option):
+    """The file `path` that `option` names can be written: its folder exists and is writable,
+    and it is not itself a folder."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: that is a folder; give a file name")
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"{option} {path}: not writable")

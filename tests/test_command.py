@@ -244,3 +244,48 @@ def test_a_non_finite_gradient_stops_before_the_step(tmp_path, monkeypatch, caps
     err = capsys.readouterr().err
     assert "step 1): the gradient of" in err and "holds NaN or infinite values" in err, err
     assert "no finite loss came before it" in err and not (tmp_path / "run").exists()
+
+
+# ---- 6, 7. eval: JSON alone on stdout; the options it takes from the checkpoint, named ----------
+
+def test_eval_json_dash_prints_only_json_on_stdout(run):
+    r = minunet("eval", "--model", run / "best.safetensors", "--json", "-", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(r.stdout)  # the whole of stdout
+    assert scores["images"] == 3 and len(scores["dice"]) == 3
+    assert "pixel accuracy" in r.stderr  # the table, for people, beside it
+
+
+@pytest.fixture(scope="module")
+def prefixed(folder, tmp_path_factory):
+    """The folder's data with masks named m_<stem>.png, and a 1-epoch run trained on it with
+    --mask-prefix m_ and class names."""
+    root = tmp_path_factory.mktemp("prefixed")
+    shutil.copytree(folder / "images", root / "images")
+    (root / "masks").mkdir()
+    for p in (folder / "masks").iterdir():
+        shutil.copy(p, root / "masks" / f"m_{p.name}")
+    r = minunet("train", *TINY, "--epochs", "1", "--data", root, "--classes", "3", "--mask-prefix", "m_",
+                "--class-names", "a,b,c", "--out", root / "run")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+def test_eval_names_the_options_it_takes_from_the_checkpoint(prefixed, folder):
+    model = prefixed / "run" / "best.safetensors"
+    r = minunet("eval", "--model", model, "--data", prefixed, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    taken = next(line for line in r.stdout.splitlines() if line.startswith("eval: from the checkpoint:"))
+    for fragment in ("--mask-prefix m_", "--class-names a,b,c", "--classes 3"):
+        assert fragment in taken, taken
+    # options given win: the plain folder has no prefix, and the classes get other names
+    r = minunet("eval", "--model", model, "--data", folder, "--mask-prefix", "", "--class-names", "x,y,z",
+                "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert "--mask-prefix" not in r.stdout and "--class-names" not in r.stdout
+    assert [line.split()[0] for line in r.stdout.splitlines()[3:6]] == ["x", "y", "z"], r.stdout
+
+
+def test_eval_classes_that_differ_from_the_model(prefixed, folder):
+    r = minunet("eval", "--model", prefixed / "run" / "best.safetensors", "--data", folder, "--classes", "5")
+    one_error_line(r, "--classes 5, but the model", "has 3 classes")

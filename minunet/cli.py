@@ -34,8 +34,8 @@ from minunet import backend, distributed
 from minunet.checkpoint import read_checkpoint
 from minunet.data import split_indices
 from minunet.metrics import format_table
-from minunet.options import check_writable_file
-from minunet.predict import load_model, predict_files
+from minunet.options import check_folder, check_writable_file
+from minunet.predict import check_tile, load_model, predict_files
 from minunet.train import (RESUMABLE_CHANGES, Diverged, TrainConfig, build_dataset, evaluate, json_safe,
                            resolve_resume, train)
 
@@ -103,8 +103,13 @@ def _add_data_options(p, defaults_from):
     g.add_argument("--gray-levels", type=_number_list(int), metavar="V0,V1,...",
                    help="mask value of each class (--mask-mode gray)")
     g.add_argument("--palette", metavar="FILE",
-                   help="class colours, JSON or 'r g b [name]' lines (--mask-mode palette)")
-    g.add_argument("--ignore-index", type=int, metavar="L", help="mask label that is not scored (e.g. 255)")
+                   help="class colours (--mask-mode palette): JSON {\"name\": [r, g, b], ...}, [[r, g, b], ...], "
+                        "[{\"name\": [r, g, b]}, ...] or [{\"name\": ..., \"color\": [r, g, b]}, ...], or text "
+                        "lines 'r g b [name]'. A void colour (pixels not to score) is left out of the palette "
+                        "and needs --ignore-index: a colour not in the palette is an error without it")
+    g.add_argument("--ignore-index", type=int, metavar="L",
+                   help="mask label that is not scored (e.g. 255); with --mask-mode binary, gray or palette, every "
+                        "pixel whose value or colour is not a class gets this label (a void colour)")
     g.add_argument("--channels", type=int, choices=[1, 3], help="convert images to 1 or 3 channels")
     g.add_argument("--classes", type=_positive_int, metavar="K",
                    help="number of classes (index masks; synthetic 2-5, default 3)")
@@ -272,6 +277,7 @@ def cmd_train(args):
 
 def cmd_predict(args):
     device = _device(args.device)
+    check_folder(args.output, "--output")
 
     def report(path, labels):
         present = [int(k) for k in np.unique(labels)]
@@ -344,6 +350,7 @@ def cmd_eval(args):
         check_writable_file(args.json, "--json")
     device = _device(args.device)
     model, ckpt = load_model(args.model, device)
+    check_tile(model, args.tile)
     cfg, own_data = _eval_config(args, model, ckpt, say)
     cfg = dataclasses.replace(cfg, batch_size=args.batch_size, border_weights=False)
     dataset = build_dataset(cfg)

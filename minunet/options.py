@@ -8,14 +8,25 @@ built or a folder made: a bad value costs the user a second, not a run.
     flag(field)          TrainConfig field -> its command-line flag ('val_fraction' -> '--val-fraction')
     check_config(cfg)    ranges, signs, choices and lengths of every TrainConfig value
     check_out(...)       the run folder: not a file, creatable, not already holding a run
+    check_folder         an output folder (predict --output) is a writable folder or can be made
     check_writable_file  an output file (eval --json FILE) can be written, before the work that fills it
 
-The data options (folders, mask formats, palettes, class counts) are checked by
-minunet.train.check_data, which needs to look at the files.
+    check_data(cfg)      the data options: folders that exist and hold images, what each
+                         --mask-mode needs, class counts that agree (--classes, --gray-levels,
+                         --palette, --class-names, --class-weights, --ignore-index), and, for
+                         training, a split that leaves images on both sides; it reads only file
+                         headers, and returns what it found
+    check_crop           the training crop (--image-size) fits every image of the dataset
+    read_palette_file    a --palette file in any of its accepted forms
 """
+import dataclasses
+import json
 import math
 import os
 import pathlib
+
+from minunet.data import IMAGE_EXTENSIONS, list_images, read_palette, split_indices
+from minunet.data.io import image_channels, open_image
 
 # The files a run folder receives; a folder holding any of them holds a run.
 RUN_FILES = ("last.safetensors", "best.safetensors", "metrics.jsonl", "curves.png", "predictions.png")
@@ -84,8 +95,6 @@ def check_out(path, overwrite=False, resumed_from=None):
     if path is None:
         return
     path = pathlib.Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path}: a file of that name exists; give a folder")
     if path.is_dir():
         held = [name for name in RUN_FILES if (path / name).exists()]
         own = resumed_from is not None and path.resolve() == pathlib.Path(resumed_from).resolve()
@@ -93,16 +102,25 @@ def check_out(path, overwrite=False, resumed_from=None):
             raise ValueError(f"--out {path} already holds a run ({', '.join(held)}); continue it with "
                              f"`minunet train --resume {path}`, give another --out, or add --overwrite "
                              f"to replace it")
+    check_folder(path, "--out")
+
+
+def check_folder(path, option):
+    """The output folder `path` that `option` names is a writable folder, or can be made."""
+    path = pathlib.Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path}: a file of that name exists; give a folder")
+    if path.is_dir():
         if not os.access(path, os.W_OK | os.X_OK):
-            raise ValueError(f"--out {path}: the folder is not writable")
+            raise ValueError(f"{option} {path}: the folder is not writable")
         return
     parent = path.parent
     while not parent.exists():  # the nearest folder that exists must let us create the rest
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"--out {path}: {parent} is a file, not a folder")
+        raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {path}: cannot create it, {parent} is not writable (read-only or not yours)")
+        raise ValueError(f"{option} {path}: cannot create it, {parent} is not writable (read-only or not yours)")
 
 
 def check_writable_file(path, option):
@@ -116,3 +134,184 @@ def check_writable_file(path, option):
         raise ValueError(f"{option} {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise ValueError(f"{option} {path}: not writable")
+
+
+# ---- the data options -----------------------------------------------------------------------------
+
+PALETTE_FORMS = ('a JSON file: {"name": [r, g, b], ...}, [[r, g, b], ...], [{"name": [r, g, b]}, ...] or '
+                 '[{"name": ..., "color": [r, g, b]}, ...]; or a text file of "r g b [name]" lines')
+SYNTHETIC_ONLY_NOT = ("pairing", "mask_prefix", "mask_suffix", "mask_mode", "gray_levels", "palette", "ignore_index")
+
+
+@dataclasses.dataclass
+class DataPlan:
+    """What check_data found: the folders, the number of classes and images, the palette
+    colours (palette masks) and the class names (given, or from the palette file)."""
+    images: pathlib.Path = None
+    masks: pathlib.Path = None
+    classes: int = None
+    count: int = None
+    colours: list = None
+    class_names: tuple = None
+
+
+def read_palette_file(path, option="--palette"):
+    """(colours [[r, g, b], ...], names or None) from a palette file in any accepted form."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ValueError(f"{option} {path}: no such file")
+    if path.suffix.lower() != ".json":
+        try:
+            colours, names = read_palette(path)  # text: "r g b [name]" lines
+        except ValueError as e:
+            raise ValueError(f"{option}: {e}; accepted: {PALETTE_FORMS}") from None
+        return colours.tolist(), names
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{option} {path}: not valid JSON ({e})") from None
+    entries = list(doc.items()) if isinstance(doc, dict) else doc if isinstance(doc, list) else None
+    colours, names = [], []
+    for entry in entries or [None]:
+        name, rgb = None, entry
+        if isinstance(entry, tuple):                                  # {"name": [r, g, b], ...}
+            name, rgb = entry
+        elif isinstance(entry, dict) and len(entry) == 1:             # [{"name": [r, g, b]}, ...]
+            (name, rgb), = entry.items()
+        elif isinstance(entry, dict):                                 # [{"name": ..., "color": [r, g, b]}]
+            name = entry.get("name")
+            rgb = next((entry[k] for k in ("color", "colour", "rgb") if k in entry), None)
+        if not (isinstance(rgb, list) and len(rgb) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in rgb)):
+            raise ValueError(f"{option} {path}: {json.dumps(entry)} is not a colour of three integers 0..255; "
+                             f"accepted: {PALETTE_FORMS}")
+        colours.append(rgb)
+        names.append(None if name is None else str(name))
+    if len({tuple(c) for c in colours}) != len(colours):
+        raise ValueError(f"{option} {path}: the same colour is listed for two classes")
+    return colours, (tuple(names) if all(names) else None)
+
+
+def _folders(cfg):
+    """(images folder, masks folder, how the user named each) from --data / --images / --masks."""
+    if cfg.data is not None:
+        root = pathlib.Path(cfg.data)
+        if not root.is_dir():
+            raise ValueError(f"--data {root}: not a folder")
+    for field in ("images", "masks"):
+        given = getattr(cfg, field)
+        if given is None and cfg.data is None:
+            raise ValueError("give --data DIR (with DIR/images and DIR/masks) or both --images and --masks")
+        path = pathlib.Path(given) if given is not None else pathlib.Path(cfg.data) / field
+        named = f"--{field} {path}" if given is not None else f"--data {cfg.data} (its {field}/ folder)"
+        if not path.is_dir():
+            raise ValueError(f"{named}: not a folder" if given is not None else f"{named}: there is no {path}")
+        yield path, named
+
+
+def _class_count(cfg):
+    """The number of classes the mask options define, and the palette found (colours, names)."""
+    mode, classes = cfg.mask_mode, cfg.classes
+    for field, wanted in (("gray_levels", "gray"), ("palette", "palette")):
+        if getattr(cfg, field) is not None and mode != wanted:
+            raise ValueError(f"{flag(field)} is for --mask-mode {wanted}, but the mask mode is {mode}")
+    colours = names = None
+    if mode == "index":
+        if classes is None:
+            raise ValueError("--mask-mode index (the default) needs --classes K, the number of classes in the masks")
+        return classes, None, None
+    if mode == "binary":
+        k, what = 2, "--mask-mode binary (0 and 255)"
+    elif mode == "gray":
+        if cfg.gray_levels is None:
+            raise ValueError("--mask-mode gray needs --gray-levels V0,V1,..., the mask value of each class")
+        levels = list(cfg.gray_levels)
+        if len(set(levels)) != len(levels) or min(levels) < 0 or max(levels) > 65535:
+            raise ValueError(f"--gray-levels {','.join(map(str, levels))}: the values must be distinct and lie "
+                             f"in 0..65535")
+        k, what = len(levels), f"--gray-levels {','.join(map(str, levels))}"
+    else:
+        if cfg.palette is None:
+            raise ValueError("--mask-mode palette needs --palette FILE, the colour of each class")
+        colours, names = read_palette_file(cfg.palette)
+        k, what = len(colours), f"--palette {cfg.palette}"
+    if classes is not None and classes != k:
+        raise ValueError(f"--classes {classes}, but {what} defines {k} classes")
+    return k, colours, names
+
+
+def check_crop(cfg, image_paths):
+    """The training crop (--image-size) fits every one of the images (read: their headers)."""
+    headers = list(_headers(image_paths))
+    if headers:
+        path, (w, h), _ = min(headers, key=lambda e: min(e[1]))
+        if cfg.image_size > min(w, h):
+            raise ValueError(f"--image-size {cfg.image_size}, the training crop, is larger than image {path} "
+                             f"({w}x{h}); give at most --image-size {min(w, h)}")
+
+
+def _check_classes(cfg, k):
+    """The options whose length or value depends on the number of classes k."""
+    if cfg.class_names is not None and len(cfg.class_names) != k:
+        raise ValueError(f"--class-names gives {len(cfg.class_names)} names for {k} classes")
+    if cfg.ignore_index is not None and 0 <= cfg.ignore_index < k:
+        raise ValueError(f"--ignore-index {cfg.ignore_index} is one of the classes 0..{k - 1}; "
+                         f"give a label outside them (e.g. 255)")
+    if cfg.class_weights is not None and len(cfg.class_weights) != k:
+        raise ValueError(f"--class-weights gives {len(cfg.class_weights)} values for {k} classes")
+
+
+def _headers(files):
+    """(W, H, channels) of each image file that opens; the data layer reports the ones that don't."""
+    for path in files:
+        try:
+            with open_image(path, "image") as im:
+                yield path, im.size, image_channels(im)
+        except ValueError:
+            continue
+
+
+def check_data(cfg, training=True):
+    """Check the data options of `cfg` before any data is read; returns a DataPlan.
+    training: also check the training crop (--image-size) and the validation split."""
+    default = type(cfg)()
+    if cfg.is_synthetic():
+        given = [flag(k) for k in SYNTHETIC_ONLY_NOT if getattr(cfg, k) != getattr(default, k)]
+        if given:
+            raise ValueError(f"{', '.join(given)} describe folder data, and no folder is given: add --data DIR "
+                             f"(or --images and --masks)")
+        if cfg.class_names is not None:
+            raise ValueError("--class-names names the classes of a folder dataset; the synthetic set names its own")
+        k = cfg.num_classes()
+        if not 2 <= k <= 5:
+            raise ValueError(f"--classes {k}: the synthetic set draws 2 to 5 classes")
+        if cfg.image_size < 16:
+            raise ValueError(f"--image-size {cfg.image_size}: the synthetic images are 16 pixels at least")
+        plan = DataPlan(classes=k, count=cfg.samples)
+    else:
+        (images, images_named), (masks, masks_named) = _folders(cfg)
+        files = {}
+        for path, named in ((images, images_named), (masks, masks_named)):
+            try:
+                files[path] = list_images(path, named)
+            except ValueError:
+                kinds = ", ".join(e[1:].upper() for e in IMAGE_EXTENSIONS)
+                raise ValueError(f"{named}: holds no image files ({kinds})") from None
+        k, colours, palette_names = _class_count(cfg)
+        names = cfg.class_names if cfg.class_names is not None else palette_names
+        plan = DataPlan(images, masks, k, len(files[images]), colours, None if names is None else tuple(names))
+    _check_classes(cfg, plan.classes)
+    if not cfg.is_synthetic() and cfg.channels is None:
+        kinds = {}
+        for path, _, c in _headers(files[plan.images]):
+            kinds.setdefault(c, path)  # the first image of each kind
+        if len(kinds) > 1:
+            raise ValueError(f"the images in {plan.images} mix grayscale ({kinds[1].name}) and colour "
+                             f"({kinds[3].name}); give --channels 1 or --channels 3")
+    if training:
+        try:
+            split_indices(plan.count, cfg.val_fraction, cfg.val_split, seed=cfg.seed)
+        except ValueError:
+            n_val = int(round(plan.count * cfg.val_fraction))
+            raise ValueError(f"--val-fraction {cfg.val_fraction} holds out {n_val} of the {plan.count} images; it "
+                             f"must leave at least one for validation and one for training") from None
+    return plan

@@ -200,6 +200,15 @@ def load_model(path, device="cpu"):
     return model.to(device).eval(), ckpt
 
 
+def check_tile(model, tile):
+    """The --tile option: None (auto_tile chooses) or an input size the model accepts."""
+    if tile is not None:
+        try:
+            model.check_input_size(tile, tile)
+        except ValueError as e:
+            raise ValueError(f"--tile {tile} does not fit the model: {e}") from None
+
+
 def auto_tile(model, image_hw, at_least):
     """The input tile for an image of size image_hw: at least `at_least` (the training crop)
     and 256 pixels, since fewer, larger tiles waste less on overlap, but no larger than the
@@ -212,9 +221,9 @@ def list_inputs(path):
     """The image files to predict: `path` itself, or the images in the folder `path`."""
     path = pathlib.Path(path)
     if path.is_dir():
-        return data.list_images(path, who="predict")
+        return data.list_images(path, who=f"--input {path}")
     if not path.exists():
-        raise ValueError(f"predict: input {path} does not exist")
+        raise ValueError(f"--input {path} does not exist")
     return [path]
 
 
@@ -233,6 +242,7 @@ def predict_files(model_path, inputs, out_dir, tile=None, overlay_images=False, 
     """Predict every image of `inputs` (a file or a folder) into `out_dir`; returns the written
     stems. tile: the input tile size, by default auto_tile's choice for each image."""
     model, ckpt = load_model(model_path, device)
+    check_tile(model, tile)
     tc = ckpt.train_config or {}
     channels = model.config["in_channels"]
     normalize = tc.get("normalize", "image")

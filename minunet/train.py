@@ -70,7 +70,7 @@ from minunet.checkpoint import atomic_write, check_finite, load_checkpoint, read
 from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, split_indices,
                           unet_weight_map)
 from minunet.metrics import ConfusionMatrix
-from minunet.options import RUN_FILES, check_config, check_out
+from minunet.options import RUN_FILES, check_config, check_crop, check_data, check_out
 from minunet.predict import Tiler, auto_tile, overlay, to_display
 from minunet.unet import UNet
 
@@ -159,36 +159,27 @@ class BorderWeights:
         return x, y, unet_weight_map(cells, self.w0, self.sigma, ignore_index=self.ignore_index)
 
 
-def build_dataset(cfg):
-    """The dataset a config names (synthetic or folder), with weight maps if asked."""
+def build_dataset(cfg, training=False):
+    """The dataset a config names (synthetic or folder), with weight maps if asked. Its options
+    are checked first (options.check_data; with `training`, the crop and the split too)."""
+    plan = check_data(cfg, training=training)
     if cfg.is_synthetic():
-        if cfg.class_names is not None:
-            raise ValueError("--class-names names the classes of a folder dataset; the synthetic set names its own")
-        ds = SyntheticDataset(num_samples=cfg.samples, image_size=cfg.image_size, num_classes=cfg.num_classes(),
+        ds = SyntheticDataset(num_samples=cfg.samples, image_size=cfg.image_size, num_classes=plan.classes,
                               in_channels=cfg.channels or 1, seed=cfg.seed)
         if cfg.border_weights:
             ds = BorderWeights(ds, cfg.border_w0, cfg.border_sigma)
         return ds
-    images, masks = cfg.images, cfg.masks
-    if cfg.data is not None:
-        root = pathlib.Path(cfg.data)
-        if not root.is_dir():
-            raise ValueError(f"--data {root}: not a folder")
-        images = images or root / "images"
-        masks = masks or root / "masks"
-    if images is None or masks is None:
-        raise ValueError("give --data DIR (with DIR/images and DIR/masks) or both --images and --masks")
-    for what, path in (("images", images), ("masks", masks)):
-        if not pathlib.Path(path).is_dir():
-            raise ValueError(f"{what} folder {path} does not exist")
     weight_map = None
     if cfg.border_weights:
         weight_map = dict(w0=cfg.border_w0, sigma=cfg.border_sigma, ignore_index=cfg.ignore_index)
-    return FolderDataset(images, masks, pairing=cfg.pairing, mask_prefix=cfg.mask_prefix,
-                         mask_suffix=cfg.mask_suffix, mask_mode=cfg.mask_mode, num_classes=cfg.classes,
-                         gray_levels=cfg.gray_levels, palette=cfg.palette, ignore_index=cfg.ignore_index,
-                         channels=cfg.channels, normalize=cfg.normalize, weight_map=weight_map,
-                         class_names=cfg.class_names)
+    ds = FolderDataset(plan.images, plan.masks, pairing=cfg.pairing, mask_prefix=cfg.mask_prefix,
+                       mask_suffix=cfg.mask_suffix, mask_mode=cfg.mask_mode, num_classes=cfg.classes,
+                       gray_levels=cfg.gray_levels, palette=plan.colours, ignore_index=cfg.ignore_index,
+                       channels=cfg.channels, normalize=cfg.normalize, weight_map=weight_map,
+                       class_names=plan.class_names)
+    if training:
+        check_crop(cfg, [image for image, _ in ds.pairs])
+    return ds
 
 
 def build_model(cfg, dataset):
@@ -499,10 +490,13 @@ def _train(cfg, log, resume, overwrite, group):
         log(f"device: cpu ({backend.cuda_status()[1]})")
     else:
         log(f"device: {device}")
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(cfg, training=True)
     train_idx, val_idx = split_indices(len(dataset), cfg.val_fraction, cfg.val_split, seed=cfg.seed)
     model = build_model(cfg, dataset)
-    out_hw = model.check_input_size(cfg.image_size, cfg.image_size)  # the training crop must fit
+    try:
+        out_hw = model.check_input_size(cfg.image_size, cfg.image_size)  # the training crop must fit
+    except ValueError as e:
+        raise ValueError(f"--image-size {cfg.image_size} does not fit the model: {e}") from None
     model.to(device)
     if cfg.sync_batch_norm:
         distributed.convert_sync_batch_norm(model, group)
@@ -517,8 +511,6 @@ def _train(cfg, log, resume, overwrite, group):
     scheduler = build_scheduler(cfg, optimizer, len(loader))
     class_weights = None
     if cfg.class_weights is not None:
-        if len(cfg.class_weights) != dataset.num_classes:
-            raise ValueError(f"--class-weights has {len(cfg.class_weights)} values for {dataset.num_classes} classes")
         class_weights = backend.to_device(np.asarray(cfg.class_weights, np.float32), device)
 
     # where we are: epoch index, batches done in it, and the running train loss of that epoch

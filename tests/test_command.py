@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -289,3 +288,151 @@ def test_eval_names_the_options_it_takes_from_the_checkpoint(prefixed, folder):
 def test_eval_classes_that_differ_from_the_model(prefixed, folder):
     r = minunet("eval", "--model", prefixed / "run" / "best.safetensors", "--data", folder, "--classes", "5")
     one_error_line(r, "--classes 5, but the model", "has 3 classes")
+
+
+# ---- 8. errors name the flag the user typed ------------------------------------------------------
+
+PYTHON_SPEAK = ("mask_mode=", "num_classes", "gray_levels", "channels=", "val_fraction", "split_indices",
+                "FolderDataset", "SyntheticDataset", "Augment", "Errno", "--previews")
+
+
+@pytest.fixture(scope="module")
+def odd_folders(folder, tmp_path_factory):
+    """An empty data folder, and one whose images mix grayscale and colour."""
+    root = tmp_path_factory.mktemp("odd")
+    for sub in ("images", "masks"):
+        (root / "empty" / sub).mkdir(parents=True)
+    shutil.copytree(folder, root / "mixed")
+    Image.open(root / "mixed" / "images" / "im0.png").convert("RGB").save(root / "mixed" / "images" / "im0.png")
+    return root
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--data", "{odd}/empty"], ["--data", "images/ folder", "holds no image files"]),
+    (["--data", "{data}", "--mask-mode", "gray"], ["--mask-mode gray needs --gray-levels"]),
+    (["--data", "{data}", "--mask-mode", "palette"], ["--mask-mode palette needs --palette FILE"]),
+    (["--data", "{data}"], ["--mask-mode index (the default) needs --classes K"]),
+    (["--data", "{odd}/mixed", "--classes", "3"], ["mix grayscale (im1.png) and colour (im0.png)",
+                                                  "give --channels 1 or --channels 3"]),
+    (["--data", "{data}", "--classes", "3", "--val-fraction", "0.01"], ["--val-fraction 0.01 holds out 0 of the 6"]),
+])
+def test_data_errors_name_the_flag(folder, odd_folders, tmp_path, args, fragments):
+    args = [a.format(odd=odd_folders, data=folder) for a in args]
+    err = one_error_line(minunet("train", *TINY, *args, cwd=tmp_path), *fragments)
+    assert not any(p in err for p in PYTHON_SPEAK), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_resumed_run_lists_the_flags_that_may_change(run):
+    err = one_error_line(minunet("train", "--resume", run, "--lr", "0.1"), "--lr 0.1 differs from the resumed run's",
+                         "only --epochs, --device, --out, --progress may change")
+    assert "--previews" not in err
+
+
+# ---- 9. palette masks: a void colour, and every palette form -------------------------------------------
+
+COLOURS = [[10, 20, 30], [200, 0, 0], [0, 200, 0]]
+VOID = [255, 255, 255]
+
+
+@pytest.fixture(scope="module")
+def palette_folder(folder, tmp_path_factory):
+    """The folder's masks drawn as RGB colours, with a void (white) block in each corner."""
+    root = tmp_path_factory.mktemp("palette")
+    shutil.copytree(folder / "images", root / "images")
+    (root / "masks").mkdir()
+    for p in (folder / "masks").iterdir():
+        rgb = np.asarray(COLOURS, np.uint8)[np.asarray(Image.open(p))]
+        rgb[:4, :4] = VOID
+        Image.fromarray(rgb).save(root / "masks" / p.name)
+    return root
+
+
+@pytest.mark.parametrize("form", [
+    [{"sky": COLOURS[0]}, {"road": COLOURS[1]}, {"car": COLOURS[2]}],
+    [{"name": "sky", "color": COLOURS[0]}, {"name": "road", "color": COLOURS[1]}, {"name": "car", "color": COLOURS[2]}],
+])
+def test_palette_forms_and_a_void_colour_left_unscored(palette_folder, tmp_path, form):
+    (tmp_path / "palette.json").write_text(json.dumps(form))
+    out = tmp_path / "run"
+    r = minunet("train", *TINY, "--epochs", "1", "--data", palette_folder, "--mask-mode", "palette",
+                "--palette", tmp_path / "palette.json", "--ignore-index", "255", "--out", out)
+    assert r.returncode == 0, r.stderr
+    r = minunet("eval", "--model", out / "best.safetensors", "--json", "-", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["class_names"] == ["sky", "road", "car"]
+
+
+def test_help_says_how_to_leave_a_void_colour_unscored():
+    r = minunet("train", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "A void colour (pixels not to score) is left out of the palette and needs --ignore-index" in text
+    assert '{"name": [r, g, b], ...}' in text and '[{"name": [r, g, b]}, ...]' in text
+
+
+def test_a_palette_in_no_accepted_form_lists_the_forms(palette_folder, tmp_path):
+    (tmp_path / "palette.json").write_text(json.dumps({"colours": "red"}))
+    one_error_line(minunet("train", *TINY, "--data", palette_folder, "--mask-mode", "palette", "--palette",
+                           tmp_path / "palette.json"), "--palette", "is not a colour", "accepted: a JSON file")
+
+
+# ---- 10. every option's value is checked for what it means, before any work ------------------------
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--data", "{data}", "--classes", "3", "--image-size", "64"],
+     ["--image-size 64, the training crop, is larger than image", "give at most --image-size 32"]),
+    (["--seed", "-1"], ["--seed must be an integer >= 0, got -1"]),
+    (["--class-weights", "1,-2,1"], ["--class-weights 1.0,-2.0,1.0: expected numbers >= 0"]),
+])
+def test_option_values_are_checked_for_meaning(folder, tmp_path, args, fragments):
+    args = [a.format(data=folder) for a in args]
+    err = one_error_line(minunet("train", *TINY, *args, cwd=tmp_path), *fragments)
+    assert not any(p in err for p in PYTHON_SPEAK), err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_predict_tile_and_output_are_checked_first(run, folder, tmp_path):
+    one_error_line(minunet("predict", "--model", run / "best.safetensors", "--input", folder / "images",
+                           "--output", tmp_path / "p", "--tile", "30", "--device", "cpu"),
+                   "--tile 30 does not fit the model", "nearest valid input sizes: 28, 32")
+    (tmp_path / "file").write_text("x")
+    one_error_line(minunet("predict", "--model", run / "best.safetensors", "--input", folder / "images",
+                           "--output", tmp_path / "file", "--device", "cpu"), "--output", "a file of that name exists")
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["train", "--momentum", "1.5"], ["--momentum must lie in [0, 1), got 1.5"]),
+    (["train", "--lr", "inf"], ["--lr must be a positive number, got inf"]),
+    (["train", "--classes", "7"], ["--classes 7: the synthetic set draws 2 to 5 classes"]),
+    (["train", "--image-size", "8"], ["--image-size 8: the synthetic images are 16 pixels at least"]),
+    (["train", "--image-size", "30"], ["--image-size 30 does not fit the model", "nearest valid input sizes: 28, 32"]),
+    (["train", "--mask-mode", "gray", "--ignore-index", "9"], ["--mask-mode, --ignore-index describe folder data"]),
+    (["train", "--data", "{data}", "--classes", "3", "--class-names", "a,b"], ["--class-names gives 2 names for 3"]),
+    (["train", "--data", "{data}", "--classes", "3", "--class-names", "a,b,a"], ["a named twice"]),
+    (["train", "--data", "{data}", "--classes", "3", "--ignore-index", "1"], ["--ignore-index 1 is one of"]),
+    (["train", "--data", "{data}", "--classes", "3", "--class-weights", "1,2"], ["--class-weights gives 2 values"]),
+    (["train", "--data", "{data}", "--mask-mode", "gray", "--gray-levels", "0,1,1"], ["--gray-levels 0,1,1: the"]),
+    (["train", "--data", "{data}", "--mask-mode", "gray", "--gray-levels", "0,1,2", "--classes", "4"],
+     ["--classes 4, but --gray-levels 0,1,2 defines 3 classes"]),
+    (["train", "--data", "{data}", "--classes", "3", "--gray-levels", "0,1,2"],
+     ["--gray-levels is for --mask-mode gray, but the mask mode is index"]),
+    (["train", "--data", "{data}", "--mask-mode", "palette", "--palette", "{data}/none.json"], ["no such file"]),
+    (["train", "--data", "{data}", "--mask-mode", "binary", "--classes", "3"], ["--classes 3, but --mask-mode binary"]),
+    (["eval", "--model", "{run}/best.safetensors", "--json", "{data}/no/such/s.json"], ["--json", "does not exist"]),
+    (["eval", "--model", "{run}/best.safetensors", "--tile", "30"], ["--tile 30 does not fit the model"]),
+    (["predict", "--model", "{run}/best.safetensors", "--input", "{data}/nothing", "--output", "{data}/p"],
+     ["--input", "does not exist"]),
+])
+def test_more_option_values_are_checked_for_meaning(run, folder, tmp_path, monkeypatch, capsys, args, fragments):
+    from minunet.cli import main
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(data=folder, run=run) for a in args]
+    extra = TINY if args[0] == "train" else ["--device", "cpu"]
+    rc = main([args[0], *extra, *args[1:]])  # the case's options last: they win
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    for f in fragments:
+        assert f in err, err
+    assert not any(p in err for p in PYTHON_SPEAK), err
+    assert not (tmp_path / "runs").exists()

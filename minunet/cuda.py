@@ -81,11 +81,11 @@ FAMILIES = {
                "conv2d_backward_input_v2", "conv2d_backward_weight_v1", "conv2d_backward_weight_v2"),
     "conv_transpose2d": ("conv_transpose2d_forward_v2", "conv_transpose2d_backward_input_v2",
                          "conv_transpose2d_backward_weight_v2"),
-    "maxpool2d": ("max_pool2d_forward", "max_pool2d_backward"),
+    "max_pool2d": ("max_pool2d_forward", "max_pool2d_backward"),
     "concat": ("concat_forward", "concat_backward"),
     "activation": ("relu_forward", "relu_backward", "bias_backward"),
     "loss": ("softmax_cross_entropy_forward", "softmax_cross_entropy_backward"),
-    "batchnorm": ("batch_norm_stats", "batch_norm_forward", "batch_norm_backward_reduce", "batch_norm_backward"),
+    "batch_norm": ("batch_norm_stats", "batch_norm_forward", "batch_norm_backward_reduce", "batch_norm_backward"),
     "optim": ("sgd_update", "adam_update"),
 }
 _CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
@@ -417,7 +417,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding):
     y = cupy.empty((N, C, Ho, Wo), dtype)
     argmax = cupy.empty((N, C, Ho, Wo), np.int64)
     # (const T* x, T* y, int64* argmax, int64 planes, int H, W, Ho, Wo, kh, kw, sh, sw, ph, pw)
-    _launch("maxpool2d", "max_pool2d_forward", dtype, _grid_1d(y.size), (THREADS,),
+    _launch("max_pool2d", "max_pool2d_forward", dtype, _grid_1d(y.size), (THREADS,),
             (x, y, argmax, np.int64(N * C), *(np.int32(d) for d in (H, W, Ho, Wo, kh, kw, sh, sw, ph, pw))))
     return y, argmax
 
@@ -433,7 +433,7 @@ def max_pool2d_backward(gy, argmax, x_shape):
         raise ValueError(f"{op}: gy has shape {gy.shape} but x_shape {tuple(x_shape)} has (N, C) = {(N, C)}")
     gx = cupy.zeros((N, C, H, W), dtype)  # the kernel adds into it
     # (const T* gy, const int64* argmax, T* gx, int64 planes, int H, W, Ho, Wo)
-    _launch("maxpool2d", "max_pool2d_backward", dtype, _grid_1d(gy.size), (THREADS,),
+    _launch("max_pool2d", "max_pool2d_backward", dtype, _grid_1d(gy.size), (THREADS,),
             (gy, argmax, gx, np.int64(N * C), *(np.int32(d) for d in (H, W, *gy.shape[2:]))))
     return gx
 
@@ -600,7 +600,7 @@ def batch_norm_forward(x, gamma, beta, mean, var, eps, training):
     if training:
         mean, var = cupy.empty((C,), dtype), cupy.empty((C,), dtype)
         # (const T* x, T* mean, T* var, int N, int C, int64 HW): one block per channel
-        _launch("batchnorm", "batch_norm_stats", dtype, (C,), (THREADS,),
+        _launch("batch_norm", "batch_norm_stats", dtype, (C,), (THREADS,),
                 (x, mean, var, np.int32(N), np.int32(C), np.int64(HW)))
     else:
         if mean is None or var is None:
@@ -609,7 +609,7 @@ def batch_norm_forward(x, gamma, beta, mean, var, eps, training):
     y = cupy.empty_like(x)
     # (const T* x, const T* gamma, const T* beta, const T* mean, const T* var, T* y, T eps, int64 total,
     #  int C, int64 HW)
-    _launch("batchnorm", "batch_norm_forward", dtype, _grid_1d(x.size), (THREADS,),
+    _launch("batch_norm", "batch_norm_forward", dtype, _grid_1d(x.size), (THREADS,),
             (x, gamma, beta, mean, var, y, dtype.type(eps), np.int64(x.size), np.int32(C), np.int64(HW)))
     return y, mean, var
 
@@ -628,12 +628,12 @@ def batch_norm_backward(gy, x, gamma, mean, var, eps, training):
     ggamma, gbeta = cupy.empty((C,), dtype), cupy.empty((C,), dtype)
     # (const T* gy, const T* x, const T* mean, const T* var, T* ggamma, T* gbeta, T eps, int N, int C,
     #  int64 HW): one block per channel
-    _launch("batchnorm", "batch_norm_backward_reduce", dtype, (C,), (THREADS,),
+    _launch("batch_norm", "batch_norm_backward_reduce", dtype, (C,), (THREADS,),
             (gy, x, mean, var, ggamma, gbeta, dtype.type(eps), np.int32(N), np.int32(C), np.int64(HW)))
     gx = cupy.empty_like(x)
     # (const T* gy, const T* x, const T* gamma, const T* mean, const T* var, const T* ggamma,
     #  const T* gbeta, T* gx, T eps, int training, int64 total, int C, int64 HW, int64 M)
-    _launch("batchnorm", "batch_norm_backward", dtype, _grid_1d(x.size), (THREADS,),
+    _launch("batch_norm", "batch_norm_backward", dtype, _grid_1d(x.size), (THREADS,),
             (gy, x, gamma, mean, var, ggamma, gbeta, gx, dtype.type(eps), np.int32(bool(training)),
              np.int64(x.size), np.int32(C), np.int64(HW), np.int64(N * HW)))
     return gx, ggamma, gbeta

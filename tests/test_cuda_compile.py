@@ -14,6 +14,7 @@ Skips only where CuPy or the NVRTC library cannot be loaded. On a fresh machine:
     pip install cupy-cuda12x nvidia-cuda-nvrtc-cu12
 (cupy-cuda12x 14 pulls in cuda-pathfinder, which finds libnvrtc inside the wheel.)
 """
+import pathlib
 import re
 
 import pytest
@@ -91,6 +92,14 @@ def test_every_kernel_source_is_a_family():
     """Each kernels/*.cu is compiled by the loader (and so by this test), none is forgotten."""
     on_disk = sorted(p.stem for p in cuda._kernel_dir().glob("*.cu"))
     assert on_disk == sorted(FAMILIES), f"kernels/*.cu {on_disk} vs minunet.cuda.FAMILIES {sorted(FAMILIES)}"
+
+
+def test_each_kernel_family_shares_its_name_with_a_cpu_module():
+    """An op family's CUDA file and its CPU module have one stem: kernels/max_pool2d.cu and
+    minunet/cpu/max_pool2d.py (minunet/cpu/runtime.py is the CPU's thread set-up, no family)."""
+    cpu_dir = pathlib.Path(cuda.__file__).resolve().parent / "cpu"
+    cpu_modules = sorted(p.stem for p in cpu_dir.glob("*.py") if p.stem not in ("__init__", "runtime"))
+    assert sorted(FAMILIES) == cpu_modules, f"minunet.cuda.FAMILIES {sorted(FAMILIES)} vs minunet/cpu/ {cpu_modules}"
 
 
 def test_sources_include_no_headers_and_open_with_a_teaching_comment():

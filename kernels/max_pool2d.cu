@@ -1,4 +1,4 @@
-/* maxpool2d.cu: 2-D max pooling that records where each maximum came from, and its gradient.
+/* max_pool2d.cu: 2-D max pooling that records where each maximum came from, and its gradient.
 
 What it computes
 ----------------

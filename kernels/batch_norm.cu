@@ -1,4 +1,4 @@
-/* batchnorm.cu: batch normalisation over (N, H, W) for each channel, forward and backward.
+/* batch_norm.cu: batch normalisation over (N, H, W) for each channel, forward and backward.
 
 What it computes
 ----------------

@@ -20,8 +20,11 @@ What is here
   get a compare-and-swap loop).
 - block_sum: the sum of one double per thread over a block (warp shuffles, then one shared
   slot per warp), used by the per-channel reductions.
-- The tiled-GEMM building blocks of every `_v2` convolution kernel: the tile sizes, the
-  thread layout, and tile_mma, the inner product of two staged shared-memory tiles.
+- The tiled GEMM of every `_v2` convolution kernel, written once: the tile sizes, the
+  thread layout, tile_mma (the inner product of two staged shared-memory tiles),
+  gemm_main_loop (stage, barrier, multiply, barrier, over the reduction) and gemm_epilogue
+  (each thread's outputs that lie inside the matrix). A kernel brings only what is its own:
+  how to load its operand tiles and where an output element goes, as two lambdas.
 
 The tiled implicit GEMM (the `_v2` convolution kernels)
 -------------------------------------------------------
@@ -30,11 +33,14 @@ materialised: the kernel computes the tensor index of A[m, r] or B[r, n] on the 
 what "implicit" means; im2col would write B out to memory first). One block of GEMM_THREADS =
 256 threads computes one TILE_M x TILE_N = 64 x 64 tile of C:
 
-    for r0 in steps of TILE_K = 16 over the reduction:
+    for r0 in steps of TILE_K = 16 over the reduction:                 (gemm_main_loop)
         all 256 threads load A[m0:m0+64, r0:r0+16] and B[r0:r0+16, n0:n0+64] into shared
         memory (4 elements of each per thread; zeros outside the matrix, so edges need no
-        special case in the arithmetic), __syncthreads(),
+        special case in the arithmetic)                                    (the kernel's loader)
+        __syncthreads(),
         every thread multiplies its 4 x 4 register tile (tile_mma), __syncthreads().
+    every thread writes its outputs that lie inside the matrix          (gemm_epilogue and
+                                                                         the kernel's store)
 
 Thread t is (tx, ty) = (t % 16, t / 16) and owns the 16 outputs
 C[m0 + ty + 16 i, n0 + tx + 16 j] for i, j in 0..3. The stride-16 (not contiguous) layout
@@ -159,5 +165,71 @@ __device__ __forceinline__ void tile_mma(const T (&As)[GEMM_TILE_K][GEMM_TILE_M 
         for (int i = 0; i < GEMM_MICRO; ++i)
 #pragma unroll
             for (int j = 0; j < GEMM_MICRO; ++j) acc[i][j] += a[i] * b[j];
+    }
+}
+
+// One staged reduction step of each operand, padded by one column (see the header).
+template <typename T> using TileA = T[GEMM_TILE_K][GEMM_TILE_M + 1];  // [kk][m] = A[m0 + m, r0 + kk]
+template <typename T> using TileB = T[GEMM_TILE_K][GEMM_TILE_N + 1];  // [kk][n] = B[r0 + kk, n0 + n]
+
+// Output or input pixel p of a batch of planes of width W and size HW, as (n, i, j):
+// p = n * HW + i * W + j.
+struct Pixel {
+    int n, i, j;
+};
+__device__ __forceinline__ Pixel pixel_of(int p, int W, int HW) {
+    const int n = p / HW, ij = p - n * HW, i = ij / W;
+    return Pixel{n, i, ij - i * W};
+}
+
+// The A tile of a GEMM whose A is a dense row-major M x R matrix `a` (a convolution's weight
+// seen as rows of taps), staged along the reduction: thread t takes column r0 + t % 16 of rows
+// m0 + t / 16 + 16 s, so consecutive threads read consecutive addresses; zeros outside A.
+template <typename T>
+__device__ __forceinline__ void stage_dense_a(TileA<T>& As, const T* __restrict__ a, int m0, int M, int r0, int R) {
+    const int kk = threadIdx.x % GEMM_TILE_K, row = threadIdx.x / GEMM_TILE_K, r = r0 + kk;
+#pragma unroll
+    for (int s = 0; s < GEMM_LOADS; ++s) {
+        const int m = m0 + row + ALONG_RED_ROWS * s;
+        As[kk][row + ALONG_RED_ROWS * s] = (m < M && r < R) ? a[(int64)m * R + r] : T(0);
+    }
+}
+
+// The main loop of every tiled kernel: acc += A[m0:m0+64, r_begin:r_end] B[r_begin:r_end, n0:n0+64]
+// on this thread's 4 x 4 register tile. load_tiles(As, Bs, r0) is the kernel's own loader: every
+// thread stages its share of A[:, r0:r0+16] into As and of B[r0:r0+16, :] into Bs, zeros outside
+// the matrices and past r_end. The shared tiles belong to the calling kernel (each kernel's loader
+// is a type of its own, so each kernel gets its own instantiation and its own tiles).
+template <typename T, typename LoadTiles>
+__device__ __forceinline__ void gemm_main_loop(int r_begin, int r_end, T (&acc)[GEMM_MICRO][GEMM_MICRO],
+                                               LoadTiles load_tiles) {
+    __shared__ TileA<T> As;
+    __shared__ TileB<T> Bs;
+    const int tx = threadIdx.x % GEMM_STRIDE, ty = threadIdx.x / GEMM_STRIDE;
+    for (int r0 = r_begin; r0 < r_end; r0 += GEMM_TILE_K) {
+        load_tiles(As, Bs, r0);
+        __syncthreads();
+        tile_mma(As, Bs, acc, tx, ty);
+        __syncthreads();  // before the next step's loads overwrite the tiles
+    }
+}
+
+// The epilogue of every tiled kernel: store(m, n, value) for each of this thread's 16 results
+// C[m, n] = acc[i][j], m = m0 + ty + 16 i, n = n0 + tx + 16 j, that lie inside the M x N matrix.
+// For one (i, j), neighbouring threads store neighbouring columns n (coalesced where the kernel's
+// columns are contiguous).
+template <typename T, typename Store>
+__device__ __forceinline__ void gemm_epilogue(const T (&acc)[GEMM_MICRO][GEMM_MICRO], int m0, int n0, int M, int N,
+                                              Store store) {
+    const int tx = threadIdx.x % GEMM_STRIDE, ty = threadIdx.x / GEMM_STRIDE;
+#pragma unroll
+    for (int jj = 0; jj < GEMM_MICRO; ++jj) {
+        const int n = n0 + tx + GEMM_STRIDE * jj;
+        if (n >= N) continue;
+#pragma unroll
+        for (int ii = 0; ii < GEMM_MICRO; ++ii) {
+            const int m = m0 + ty + GEMM_STRIDE * ii;
+            if (m < M) store(m, n, acc[ii][jj]);
+        }
     }
 }

@@ -130,38 +130,30 @@ __global__ void conv2d_backward_weight_v1(const T* __restrict__ x, const T* __re
 }
 
 // ---------------------------------------------------------------------------------- _v2
+// Each kernel brings its loader (which thread stages which element of A and B) and its store
+// (where C[m, n] goes) as lambdas; the loop and the epilogue are common.cuh's.
+
 template <typename T>
 __global__ void __launch_bounds__(GEMM_THREADS)
 conv2d_forward_v2(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                   T* __restrict__ y, int N, int C, int H, int W, int K, int kh, int kw,
                   int sh, int sw, int ph, int pw, int Ho, int Wo) {
     // y[k, p] = sum_r w[k, r] * col[r, p]; this block: k in [m0, m0+64), p in [p0, p0+64)
-    __shared__ T As[GEMM_TILE_K][GEMM_TILE_M + 1];  // As[kk][m] = w[m0 + m, r0 + kk]
-    __shared__ T Bs[GEMM_TILE_K][GEMM_TILE_N + 1];  // Bs[kk][q] = col[r0 + kk, p0 + q]
+    // As[kk][m] = w[m0 + m, r0 + kk], Bs[kk][q] = col[r0 + kk, p0 + q]
     const int khw = kh * kw, R = C * khw, HoWo = Ho * Wo, P = N * HoWo;
     const int m0 = blockIdx.y * GEMM_TILE_M, p0 = blockIdx.x * GEMM_TILE_N;
-    const int t = threadIdx.x, tx = t % GEMM_STRIDE, ty = t / GEMM_STRIDE;
+    const int t = threadIdx.x;
 
-    const int a_k = t % GEMM_TILE_K, a_m = t / GEMM_TILE_K;  // w: along the reduction
     const int b_q = t % GEMM_TILE_N, b_k = t / GEMM_TILE_N;  // col: along the pixels
     const int p = p0 + b_q;
     const bool p_in = p < P;
-    int n = 0, h0 = 0, w0 = 0;  // this thread's output pixel, as the corner of its receptive field
-    if (p_in) {
-        n = p / HoWo;
-        const int i = (p - n * HoWo) / Wo, j = p - n * HoWo - i * Wo;
-        h0 = i * sh - ph;
-        w0 = j * sw - pw;
-    }
-    const T* xn = x + (int64)n * C * H * W;
+    const Pixel out = p_in ? pixel_of(p, Wo, HoWo) : Pixel{0, 0, 0};  // this thread's output pixel
+    const int h0 = out.i * sh - ph, w0 = out.j * sw - pw;  // the corner of its receptive field
+    const T* xn = x + (int64)out.n * C * H * W;
 
     T acc[GEMM_MICRO][GEMM_MICRO] = {};
-    for (int r0 = 0; r0 < R; r0 += GEMM_TILE_K) {
-#pragma unroll
-        for (int s = 0; s < GEMM_LOADS; ++s) {
-            const int m = m0 + a_m + ALONG_RED_ROWS * s, r = r0 + a_k;
-            As[a_k][a_m + ALONG_RED_ROWS * s] = (m < K && r < R) ? w[(int64)m * R + r] : T(0);
-        }
+    gemm_main_loop(0, R, acc, [&](TileA<T>& As, TileB<T>& Bs, int r0) {
+        stage_dense_a(As, w, m0, K, r0, R);  // w as K rows of R taps
 #pragma unroll
         for (int s = 0; s < GEMM_LOADS; ++s) {
             const int kk = b_k + ALONG_PIX_ROWS * s, r = r0 + kk;
@@ -173,21 +165,11 @@ conv2d_forward_v2(const T* __restrict__ x, const T* __restrict__ w, const T* __r
             }
             Bs[kk][b_q] = val;
         }
-        __syncthreads();
-        tile_mma(As, Bs, acc, tx, ty);
-        __syncthreads();
-    }
-#pragma unroll
-    for (int jj = 0; jj < GEMM_MICRO; ++jj) {
-        const int q = p0 + tx + GEMM_STRIDE * jj;
-        if (q >= P) continue;
+    });
+    gemm_epilogue(acc, m0, p0, K, P, [&](int k, int q, T value) {
         const int nq = q / HoWo, ij = q - nq * HoWo;
-#pragma unroll
-        for (int ii = 0; ii < GEMM_MICRO; ++ii) {
-            const int k = m0 + ty + GEMM_STRIDE * ii;
-            if (k < K) y[((int64)nq * K + k) * HoWo + ij] = acc[ii][jj] + (b ? b[k] : T(0));
-        }
-    }
+        y[((int64)nq * K + k) * HoWo + ij] = value + (b ? b[k] : T(0));
+    });
 }
 
 template <typename T>
@@ -197,11 +179,10 @@ conv2d_backward_input_v2(const T* __restrict__ gy, const T* __restrict__ w, cons
                          int sh, int sw, int ph, int pw, int Ho, int Wo) {
     // gx[c, q] = b[c] + sum_r w'[c, r] * gcol[r, q], r = (k, u, v), q = (n, h, w);
     // this block: c in [m0, m0+64), q in [q0, q0+64)
-    __shared__ T As[GEMM_TILE_K][GEMM_TILE_M + 1];  // As[kk][m] = w[k, m0 + m, u, v], (k,u,v) = r0 + kk
-    __shared__ T Bs[GEMM_TILE_K][GEMM_TILE_N + 1];  // Bs[kk][q] = gcol[r0 + kk, q0 + q]
+    // As[kk][m] = w[k, m0 + m, u, v] with (k,u,v) = r0 + kk, Bs[kk][q] = gcol[r0 + kk, q0 + q]
     const int khw = kh * kw, R = K * khw, HW = H * W, Q = N * HW, HoWo = Ho * Wo;
     const int m0 = blockIdx.y * GEMM_TILE_M, q0 = blockIdx.x * GEMM_TILE_N;
-    const int t = threadIdx.x, tx = t % GEMM_STRIDE, ty = t / GEMM_STRIDE;
+    const int t = threadIdx.x;
 
     const int a_k = t % GEMM_TILE_K, a_m = t / GEMM_TILE_K;  // w: along the reduction
     const int b_q = t % GEMM_TILE_N, b_k = t / GEMM_TILE_N;  // gcol: along the pixels
@@ -217,7 +198,7 @@ conv2d_backward_input_v2(const T* __restrict__ gy, const T* __restrict__ w, cons
     const T* gyn = gy + (int64)n * K * HoWo;
 
     T acc[GEMM_MICRO][GEMM_MICRO] = {};
-    for (int r0 = 0; r0 < R; r0 += GEMM_TILE_K) {
+    gemm_main_loop(0, R, acc, [&](TileA<T>& As, TileB<T>& Bs, int r0) {
 #pragma unroll
         for (int s = 0; s < GEMM_LOADS; ++s) {
             const int c = m0 + a_m + ALONG_RED_ROWS * s, r = r0 + a_k;
@@ -243,21 +224,11 @@ conv2d_backward_input_v2(const T* __restrict__ gy, const T* __restrict__ w, cons
             }
             Bs[kk][b_q] = val;
         }
-        __syncthreads();
-        tile_mma(As, Bs, acc, tx, ty);
-        __syncthreads();
-    }
-#pragma unroll
-    for (int jj = 0; jj < GEMM_MICRO; ++jj) {
-        const int qq = q0 + tx + GEMM_STRIDE * jj;
-        if (qq >= Q) continue;
+    });
+    gemm_epilogue(acc, m0, q0, C, Q, [&](int c, int qq, T value) {
         const int nq = qq / HW, hw = qq - nq * HW;
-#pragma unroll
-        for (int ii = 0; ii < GEMM_MICRO; ++ii) {
-            const int c = m0 + ty + GEMM_STRIDE * ii;
-            if (c < C) gx[((int64)nq * C + c) * HW + hw] = acc[ii][jj] + (b ? b[c] : T(0));
-        }
-    }
+        gx[((int64)nq * C + c) * HW + hw] = value + (b ? b[c] : T(0));
+    });
 }
 
 template <typename T>
@@ -267,12 +238,11 @@ conv2d_backward_weight_v2(const T* __restrict__ x, const T* __restrict__ gy, T* 
                           int sh, int sw, int ph, int pw, int Ho, int Wo, int chunk) {
     // gw[k, r] = sum_p gy[k, p] * col[r, p] over this block's pixels p in [p_begin, p_end);
     // this block: k in [m0, m0+64), r in [r0, r0+64); writes slice blockIdx.z of gw_parts (Z, K, R)
-    __shared__ T As[GEMM_TILE_K][GEMM_TILE_M + 1];  // As[kk][m] = gy[n, m0 + m, i, j], (n,i,j) = pk + kk
-    __shared__ T Bs[GEMM_TILE_K][GEMM_TILE_N + 1];  // Bs[kk][q] = col[r0 + q, pk + kk]
+    // As[kk][m] = gy[n, m0 + m, i, j] with (n,i,j) = pk + kk, Bs[kk][q] = col[r0 + q, pk + kk]
     const int khw = kh * kw, R = C * khw, HoWo = Ho * Wo, P = N * HoWo;
     const int m0 = blockIdx.y * GEMM_TILE_M, r0 = blockIdx.x * GEMM_TILE_N;
     const int p_begin = blockIdx.z * chunk, p_end = min(P, p_begin + chunk);
-    const int t = threadIdx.x, tx = t % GEMM_STRIDE, ty = t / GEMM_STRIDE;
+    const int t = threadIdx.x;
 
     // both tiles are loaded along the reduction: thread t takes pixel pk + t % 16 for rows t / 16 + 16 s
     const int l_k = t % GEMM_TILE_K, l_row = t / GEMM_TILE_K;
@@ -286,18 +256,13 @@ conv2d_backward_weight_v2(const T* __restrict__ x, const T* __restrict__ gy, T* 
     }
 
     T acc[GEMM_MICRO][GEMM_MICRO] = {};
-    for (int pk = p_begin; pk < p_end; pk += GEMM_TILE_K) {
+    gemm_main_loop(p_begin, p_end, acc, [&](TileA<T>& As, TileB<T>& Bs, int pk) {
         const int p = pk + l_k;
         const bool p_in = p < p_end;
-        int n = 0, i = 0, j = 0;
-        if (p_in) {
-            n = p / HoWo;
-            i = (p - n * HoWo) / Wo;
-            j = p - n * HoWo - i * Wo;
-        }
-        const T* gyp = gy + (int64)n * K * HoWo + i * Wo + j;  // gy[n, 0, i, j]
-        const T* xn = x + (int64)n * C * H * W;
-        const int h0 = i * sh - ph, w0 = j * sw - pw;
+        const Pixel px = p_in ? pixel_of(p, Wo, HoWo) : Pixel{0, 0, 0};
+        const T* gyp = gy + (int64)px.n * K * HoWo + px.i * Wo + px.j;  // gy[n, 0, i, j]
+        const T* xn = x + (int64)px.n * C * H * W;
+        const int h0 = px.i * sh - ph, w0 = px.j * sw - pw;
 #pragma unroll
         for (int s = 0; s < GEMM_LOADS; ++s) {
             const int k = m0 + l_row + ALONG_RED_ROWS * s;
@@ -312,18 +277,7 @@ conv2d_backward_weight_v2(const T* __restrict__ x, const T* __restrict__ gy, T* 
             }
             Bs[l_k][l_row + ALONG_RED_ROWS * s] = val;
         }
-        __syncthreads();
-        tile_mma(As, Bs, acc, tx, ty);
-        __syncthreads();
-    }
+    });
     T* gw = gw_parts + (int64)blockIdx.z * K * R;
-#pragma unroll
-    for (int ii = 0; ii < GEMM_MICRO; ++ii) {
-        const int k = m0 + ty + GEMM_STRIDE * ii;
-#pragma unroll
-        for (int jj = 0; jj < GEMM_MICRO; ++jj) {
-            const int r = r0 + tx + GEMM_STRIDE * jj;
-            if (k < K && r < R) gw[(int64)k * R + r] = acc[ii][jj];
-        }
-    }
+    gemm_epilogue(acc, m0, r0, K, R, [&](int k, int r, T value) { gw[(int64)k * R + r] = value; });
 }

@@ -44,19 +44,19 @@ _v2: the U-Net's up-convolution, where the kernel equals the stride and there is
 */
 
 // ---------------------------------------------------------------------------------- _v2
-// kernel == stride, padding 0: no overlap, one GEMM per pass (see the header).
+// kernel == stride, padding 0: no overlap, one GEMM per pass (see the header). As in conv2d.cu,
+// each kernel brings its loader and its store; the loop and the epilogue are common.cuh's.
 
 template <typename T>
 __global__ void __launch_bounds__(GEMM_THREADS)
 conv_transpose2d_forward_v2(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
                             T* __restrict__ y, int N, int Cin, int H, int W, int Cout, int kh, int kw) {
     // Y[q, p] = b[o] + sum_c w[c, q] * x[n, c, i, j]; this block: q in [m0, m0+64), p in [p0, p0+64)
-    __shared__ T As[GEMM_TILE_K][GEMM_TILE_M + 1];  // As[kk][m] = w[c0 + kk, m0 + m]
-    __shared__ T Bs[GEMM_TILE_K][GEMM_TILE_N + 1];  // Bs[kk][q] = x[n, c0 + kk, i, j], (n,i,j) = p0 + q
+    // As[kk][m] = w[c0 + kk, m0 + m], Bs[kk][q] = x[n, c0 + kk, i, j] with (n,i,j) = p0 + q
     const int khw = kh * kw, Q = Cout * khw, HW = H * W, P = N * HW;
     const int Ho = H * kh, Wo = W * kw;
     const int m0 = blockIdx.y * GEMM_TILE_M, p0 = blockIdx.x * GEMM_TILE_N;
-    const int t = threadIdx.x, tx = t % GEMM_STRIDE, ty = t / GEMM_STRIDE;
+    const int t = threadIdx.x;
 
     // both tiles along their columns (w rows are contiguous in q, x rows in p)
     const int l_col = t % GEMM_TILE_N, l_k = t / GEMM_TILE_N;
@@ -66,31 +66,19 @@ conv_transpose2d_forward_v2(const T* __restrict__ x, const T* __restrict__ w, co
     const T* xp = x + (int64)n * Cin * HW + (p_in ? p - n * HW : 0);  // x[n, 0, i, j]
 
     T acc[GEMM_MICRO][GEMM_MICRO] = {};
-    for (int c0 = 0; c0 < Cin; c0 += GEMM_TILE_K) {
+    gemm_main_loop(0, Cin, acc, [&](TileA<T>& As, TileB<T>& Bs, int c0) {
 #pragma unroll
         for (int s = 0; s < GEMM_LOADS; ++s) {
             const int kk = l_k + ALONG_PIX_ROWS * s, c = c0 + kk, q = m0 + l_col;
             As[kk][l_col] = (c < Cin && q < Q) ? w[(int64)c * Q + q] : T(0);
             Bs[kk][l_col] = (c < Cin && p_in) ? xp[(int64)c * HW] : T(0);
         }
-        __syncthreads();
-        tile_mma(As, Bs, acc, tx, ty);
-        __syncthreads();
-    }
-#pragma unroll
-    for (int ii = 0; ii < GEMM_MICRO; ++ii) {
-        const int q = m0 + ty + GEMM_STRIDE * ii;
-        if (q >= Q) continue;
+    });
+    gemm_epilogue(acc, m0, p0, Q, P, [&](int q, int pp, T value) {
         const int o = q / khw, u = (q - o * khw) / kw, v = q - o * khw - u * kw;
-        const T bias = b ? b[o] : T(0);
-#pragma unroll
-        for (int jj = 0; jj < GEMM_MICRO; ++jj) {
-            const int pp = p0 + tx + GEMM_STRIDE * jj;
-            if (pp >= P) continue;
-            const int np = pp / HW, i = (pp - np * HW) / W, j = pp - np * HW - i * W;
-            y[(((int64)np * Cout + o) * Ho + i * kh + u) * Wo + j * kw + v] = acc[ii][jj] + bias;
-        }
-    }
+        const Pixel in = pixel_of(pp, W, HW);
+        y[(((int64)in.n * Cout + o) * Ho + in.i * kh + u) * Wo + in.j * kw + v] = value + (b ? b[o] : T(0));
+    });
 }
 
 template <typename T>
@@ -99,31 +87,20 @@ conv_transpose2d_backward_input_v2(const T* __restrict__ gy, const T* __restrict
                                    int N, int Cin, int H, int W, int Cout, int kh, int kw, int Ho, int Wo) {
     // gx[c, p] = sum_q w[c, q] * gy[n, o, i*kh+u, j*kw+v]; this block: c in [m0, m0+64), p in [p0, p0+64).
     // Ho, Wo are gy's real sizes (>= H*kh, W*kw when output_padding added rows no input reaches).
-    __shared__ T As[GEMM_TILE_K][GEMM_TILE_M + 1];  // As[kk][m] = w[m0 + m, q0 + kk]
-    __shared__ T Bs[GEMM_TILE_K][GEMM_TILE_N + 1];  // Bs[kk][q] = gy[q0 + kk, p0 + q]
+    // As[kk][m] = w[m0 + m, q0 + kk], Bs[kk][q] = gy[q0 + kk, p0 + q]
     const int khw = kh * kw, Q = Cout * khw, HW = H * W, P = N * HW;
     const int m0 = blockIdx.y * GEMM_TILE_M, p0 = blockIdx.x * GEMM_TILE_N;
-    const int t = threadIdx.x, tx = t % GEMM_STRIDE, ty = t / GEMM_STRIDE;
+    const int t = threadIdx.x;
 
-    const int a_k = t % GEMM_TILE_K, a_m = t / GEMM_TILE_K;  // w: along the reduction
     const int b_p = t % GEMM_TILE_N, b_k = t / GEMM_TILE_N;  // gy: along the pixels
     const int p = p0 + b_p;
     const bool p_in = p < P;
-    int n = 0, i = 0, j = 0;
-    if (p_in) {
-        n = p / HW;
-        i = (p - n * HW) / W;
-        j = p - n * HW - i * W;
-    }
-    const T* gyp = gy + (int64)n * Cout * Ho * Wo + (int64)i * kh * Wo + j * kw;  // gy[n, 0, i*kh, j*kw]
+    const Pixel px = p_in ? pixel_of(p, W, HW) : Pixel{0, 0, 0};
+    const T* gyp = gy + (int64)px.n * Cout * Ho * Wo + (int64)px.i * kh * Wo + px.j * kw;  // gy[n, 0, i*kh, j*kw]
 
     T acc[GEMM_MICRO][GEMM_MICRO] = {};
-    for (int q0 = 0; q0 < Q; q0 += GEMM_TILE_K) {
-#pragma unroll
-        for (int s = 0; s < GEMM_LOADS; ++s) {
-            const int c = m0 + a_m + ALONG_RED_ROWS * s, q = q0 + a_k;
-            As[a_k][a_m + ALONG_RED_ROWS * s] = (c < Cin && q < Q) ? w[(int64)c * Q + q] : T(0);
-        }
+    gemm_main_loop(0, Q, acc, [&](TileA<T>& As, TileB<T>& Bs, int q0) {
+        stage_dense_a(As, w, m0, Cin, q0, Q);  // w as Cin rows of Q = Cout*kh*kw taps
 #pragma unroll
         for (int s = 0; s < GEMM_LOADS; ++s) {
             const int kk = b_k + ALONG_PIX_ROWS * s, q = q0 + kk;
@@ -134,21 +111,11 @@ conv_transpose2d_backward_input_v2(const T* __restrict__ gy, const T* __restrict
             }
             Bs[kk][b_p] = val;
         }
-        __syncthreads();
-        tile_mma(As, Bs, acc, tx, ty);
-        __syncthreads();
-    }
-#pragma unroll
-    for (int jj = 0; jj < GEMM_MICRO; ++jj) {
-        const int pp = p0 + tx + GEMM_STRIDE * jj;
-        if (pp >= P) continue;
+    });
+    gemm_epilogue(acc, m0, p0, Cin, P, [&](int c, int pp, T value) {
         const int np = pp / HW, ij = pp - np * HW;
-#pragma unroll
-        for (int ii = 0; ii < GEMM_MICRO; ++ii) {
-            const int c = m0 + ty + GEMM_STRIDE * ii;
-            if (c < Cin) gx[((int64)np * Cin + c) * HW + ij] = acc[ii][jj];
-        }
-    }
+        gx[((int64)np * Cin + c) * HW + ij] = value;
+    });
 }
 
 template <typename T>
@@ -159,12 +126,12 @@ conv_transpose2d_backward_weight_v2(const T* __restrict__ x, const T* __restrict
     // gw[c, q] = sum_p x[n, c, i, j] * gy[n, o, i*kh+u, j*kw+v] over this block's pixels p in
     // [p_begin, p_end); this block: c in [m0, m0+64), q in [q0, q0+64); writes slice blockIdx.z
     // of gw_parts (Z, Cin, Cout*kh*kw)
-    __shared__ T As[GEMM_TILE_K][GEMM_TILE_M + 1];  // As[kk][m] = x[n, m0 + m, i, j], (n,i,j) = pk + kk
-    __shared__ T Bs[GEMM_TILE_K][GEMM_TILE_N + 1];  // Bs[kk][q] = gy[n, o, i*kh+u, j*kw+v], (o,u,v) = q0 + q
+    // As[kk][m] = x[n, m0 + m, i, j] with (n,i,j) = pk + kk, Bs[kk][q] = gy[n, o, i*kh+u, j*kw+v]
+    // with (o,u,v) = q0 + q
     const int khw = kh * kw, Q = Cout * khw, HW = H * W, P = N * HW;
     const int m0 = blockIdx.y * GEMM_TILE_M, q0 = blockIdx.x * GEMM_TILE_N;
     const int p_begin = blockIdx.z * chunk, p_end = min(P, p_begin + chunk);
-    const int t = threadIdx.x, tx = t % GEMM_STRIDE, ty = t / GEMM_STRIDE;
+    const int t = threadIdx.x;
 
     // both tiles along the reduction: thread t takes pixel pk + t % 16 for rows t / 16 + 16 s
     const int l_k = t % GEMM_TILE_K, l_row = t / GEMM_TILE_K;
@@ -176,35 +143,19 @@ conv_transpose2d_backward_weight_v2(const T* __restrict__ x, const T* __restrict
     }
 
     T acc[GEMM_MICRO][GEMM_MICRO] = {};
-    for (int pk = p_begin; pk < p_end; pk += GEMM_TILE_K) {
+    gemm_main_loop(p_begin, p_end, acc, [&](TileA<T>& As, TileB<T>& Bs, int pk) {
         const int p = pk + l_k;
         const bool p_in = p < p_end;
-        int n = 0, i = 0, j = 0;
-        if (p_in) {
-            n = p / HW;
-            i = (p - n * HW) / W;
-            j = p - n * HW - i * W;
-        }
-        const T* xp = x + (int64)n * Cin * HW + i * W + j;                                  // x[n, 0, i, j]
-        const T* gyp = gy + (int64)n * Cout * Ho * Wo + (int64)i * kh * Wo + j * kw;      // gy[n, 0, i*kh, j*kw]
+        const Pixel px = p_in ? pixel_of(p, W, HW) : Pixel{0, 0, 0};
+        const T* xp = x + (int64)px.n * Cin * HW + px.i * W + px.j;                              // x[n, 0, i, j]
+        const T* gyp = gy + (int64)px.n * Cout * Ho * Wo + (int64)px.i * kh * Wo + px.j * kw;  // gy[n, 0, i*kh, j*kw]
 #pragma unroll
         for (int s = 0; s < GEMM_LOADS; ++s) {
             const int c = m0 + l_row + ALONG_RED_ROWS * s;
             As[l_k][l_row + ALONG_RED_ROWS * s] = (p_in && c < Cin) ? xp[(int64)c * HW] : T(0);
             Bs[l_k][l_row + ALONG_RED_ROWS * s] = (p_in && tap_offset[s] >= 0) ? gyp[tap_offset[s]] : T(0);
         }
-        __syncthreads();
-        tile_mma(As, Bs, acc, tx, ty);
-        __syncthreads();
-    }
+    });
     T* gw = gw_parts + (int64)blockIdx.z * Cin * Q;
-#pragma unroll
-    for (int ii = 0; ii < GEMM_MICRO; ++ii) {
-        const int c = m0 + ty + GEMM_STRIDE * ii;
-#pragma unroll
-        for (int jj = 0; jj < GEMM_MICRO; ++jj) {
-            const int q = q0 + tx + GEMM_STRIDE * jj;
-            if (c < Cin && q < Q) gw[(int64)c * Q + q] = acc[ii][jj];
-        }
-    }
+    gemm_epilogue(acc, m0, q0, Cin, Q, [&](int c, int q, T value) { gw[(int64)c * Q + q] = value; });
 }

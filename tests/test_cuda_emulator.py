@@ -307,22 +307,18 @@ def test_minunet_kernel_unbroken_runs_clean(emulator):
     assert np.isfinite(y).all()
 
 
-def test_minunet_kernel_missing_barrier_is_a_race(emulator):
-    conv2d = (KERNEL_DIR / "conv2d.cu").read_text()
-    start = conv2d.index("conv2d_forward_v2(")
-    broken = conv2d[:start] + _break(conv2d[start:], "tile_mma(As, Bs, acc, tx, ty);\n        __syncthreads();",
-                                     "tile_mma(As, Bs, acc, tx, ty);")
+def test_minunet_gemm_loop_missing_barrier_is_a_race(emulator):
+    common = _break((KERNEL_DIR / "common.cuh").read_text(), "tile_mma(As, Bs, acc, tx, ty);\n        __syncthreads();",
+                    "tile_mma(As, Bs, acc, tx, ty);")
     with pytest.raises(cp.EmulatorError, match=r"conv2d_forward_v2<float>: shared-memory race: .* of shared byte \d+ "
-                                               r"\(byte \d+ of [AB]s in conv2d_forward_v2<float>\)"):
-        _conv2d_forward_v2((KERNEL_DIR / "common.cuh").read_text(), broken)
+                                               r"\(byte \d+ of [AB]s in gemm_main_loop<float, conv2d_forward_v2<float>"):
+        _conv2d_forward_v2(common, (KERNEL_DIR / "conv2d.cu").read_text())
 
 
-def test_minunet_kernel_missing_edge_guard_is_out_of_bounds(emulator):
-    conv2d = (KERNEL_DIR / "conv2d.cu").read_text()
-    start = conv2d.index("conv2d_forward_v2(")
-    broken = conv2d[:start] + _break(conv2d[start:], "if (k < K) y[", "y[")  # K = 70: the second tile has 6 rows
+def test_minunet_gemm_epilogue_missing_edge_guard_is_out_of_bounds(emulator):
+    common = _break((KERNEL_DIR / "common.cuh").read_text(), "if (m < M) store(", "store(")  # K = 70: 6 rows in tile 2
     with pytest.raises(cp.EmulatorError, match=r"conv2d_forward_v2<float>: out-of-bounds (read|write) of 4 bytes"):
-        _conv2d_forward_v2((KERNEL_DIR / "common.cuh").read_text(), broken)
+        _conv2d_forward_v2(common, (KERNEL_DIR / "conv2d.cu").read_text())
 
 
 def test_minunet_tile_loader_off_by_one_reads_unwritten_shared_memory(emulator):

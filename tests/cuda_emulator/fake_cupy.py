@@ -388,6 +388,21 @@ def _compile(source, flags):
     return lib
 
 
+def _function_name(signature):
+    """'void f<float, g<float>(int)::{lambda(int)#1}>(int, float*)' -> 'f<float, g<float>(int)::{lambda(int)#1}>':
+    the demangled name without its return type and parameter list."""
+    depth = 0
+    for i, ch in enumerate(signature):
+        if ch in "<{":
+            depth += 1
+        elif ch in ">}":
+            depth -= 1
+        elif ch == "(" and depth == 0:
+            signature = signature[:i]
+            break
+    return signature.removeprefix("void ")
+
+
 class RawModule:
     def __init__(self, code=None, *, path=None, options=(), backend="nvrtc", translate_cucomplex=False,
                  enable_cooperative_groups=False, name_expressions=None, jitify=False):
@@ -422,8 +437,9 @@ class RawModule:
         for start, size, name in self._shared:
             if start <= offset < start + size:
                 function, _, variable = name.rpartition("::")
-                return f"byte {offset - start} of {variable} in {function.split('(')[0]}"
+                return f"byte {offset - start} of {variable} in {_function_name(function)}"
         return "unknown variable"
+
 
     def get_function(self, name):
         if name not in self.name_expressions:

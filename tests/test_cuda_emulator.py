@@ -328,3 +328,20 @@ def test_minunet_tile_loader_off_by_one_reads_unwritten_shared_memory(emulator):
     with pytest.raises(cp.EmulatorError, match=r"conv2d_forward_v2<float>: (shared-memory race|read of shared byte|"
                                                r"out-of-bounds read of 4 bytes of shared memory)"):
         _conv2d_forward_v2(common, (KERNEL_DIR / "conv2d.cu").read_text())
+
+
+def test_common_double_atomic_add_compare_and_swap_path_before_sm60(emulator):
+    """common.cuh's atomic_add(double*) as compiled for a device before sm_60 (a CAS loop)."""
+    kernel_source = (KERNEL_DIR / "common.cuh").read_text() + r"""
+    template <typename T>
+    __global__ void sum_all(const T* x, T* total, int n) {
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) atomic_add(total, x[i]);
+    }
+    """
+    for arch in ("500", "900"):
+        module = cp.RawModule(code=kernel_source, options=("--std=c++17", f"-D__CUDA_ARCH__={arch}"),
+                              name_expressions=["sum_all<double>"])
+        x = cp.asarray(np.random.default_rng(3).standard_normal(5000))
+        total = cp.zeros(1, np.float64)
+        module.get_function("sum_all<double>")((4,), (256,), (x, total, np.int32(5000)))
+        np.testing.assert_allclose(cp.asnumpy(total)[0], cp.asnumpy(x).sum(), rtol=1e-12, err_msg=f"sm_{arch}")

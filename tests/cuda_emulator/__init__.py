@@ -26,9 +26,10 @@ What it catches, and what it cannot
 Out-of-bounds reads and writes of arrays, writes through const pointers, elements of an
 output never written (NaN), shared-memory races within a block, shared memory read before
 any thread of the block wrote it, __syncthreads() not reached by every thread, warp
-collectives not reached by their lanes, results that depend on block order (see
-MINUNET_EMU_BLOCK_ORDER), grid-stride loops that never iterate (MINUNET_EMU_SMS=1, the
-default, so grids capped by SM count are small), and arguments of the wrong C type.
+collectives not reached by their lanes, a block reading or writing what another block of the
+same launch wrote, other results that depend on block order (MINUNET_EMU_BLOCK_ORDER runs
+blocks in reverse or shuffled order), grid-stride loops that never iterate (MINUNET_EMU_SMS=1,
+the default, so grids capped by SM count are small), and arguments of the wrong C type.
 It cannot see: timing, occupancy and register limits, races between blocks that the
 block order does not expose, the GPU's rounding (no flush-to-zero, FMA contraction differs),
 and anything the host compiler accepts that NVRTC does not (tests/test_cuda_compile.py

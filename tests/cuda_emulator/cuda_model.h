@@ -41,13 +41,24 @@ linked: this header defines those hooks itself (EMU_HOOK) and checks each access
     an access outside all of them (and outside the fibers' stacks and this runtime's own
     state) is an OUT-OF-BOUNDS error naming the kernel, the thread, the block, and the
     nearest argument; a store through a range only passed as `const T*` is an error too.
+    Each array the kernel may write has a shadow word per 4 bytes naming its last writer
+    (block, epoch, thread): a block reading or writing a word another block wrote in this
+    launch is an ERROR (the result would depend on the order blocks run in; atomics are
+    exempt), and so is a thread touching a word another thread of its block wrote in the
+    same barrier epoch.
 An error stops the launch at once (the faulting access is not performed) and the launcher
 returns its message, which the Python side raises as an exception.
 
-Limits (documented, not hidden): no dynamic (`extern __shared__`) shared memory; float
-arithmetic is the host's (no -ftz, no fused multiply-add unless g++ contracts one); the
-warp collectives order no memory (as on Volta and later, only __syncthreads does here);
-blocks never run concurrently, so a race between blocks shows only through block order.
+__CUDA_ARCH__ is 900 (an H200) unless the options define it (-D__CUDA_ARCH__=500 compiles the
+pre-sm_60 paths). __launch_bounds__ is accepted and not enforced.
+
+Limits (documented, not hidden): no dynamic (`extern __shared__`) shared memory, and no limit
+on the static amount; an index past one __shared__ array into the next is not a bounds error
+(the race and never-written checks often catch it); the cross-block and race checks of global
+memory work on 4-byte words; float arithmetic is the host's (no -ftz, no fused multiply-add
+unless g++ contracts one); the warp collectives order no memory (as on Volta and later, only
+__syncthreads does here); blocks never run concurrently, so a block that reads a word BEFORE
+another block writes it shows only through the block order.
 */
 #include <cmath>
 #include <cstdarg>

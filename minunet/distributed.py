@@ -423,7 +423,7 @@ class Reducer:
         self.exposed_seconds += time.perf_counter() - start
         if self._order is not None:  # after the first step: buckets in the order backward produced
             seen = self.group.broadcast_object(self._order)  # rank 0's, so that all ranks agree
-            rest = [i for i in range(len(self.params))[::-1] if i not in set(seen)]
+            rest = sorted(set(range(len(self.params))) - set(seen), reverse=True)
             self._order = None
             self._build(seen + rest)
 

@@ -134,6 +134,30 @@ def test_one_process_without_mpi4py_trains_and_imports_nothing(tmp_path):
     assert len(err) == 1 and "PMI_SIZE=2" in err[0] and "pip install 'minunet[mpi]'" in err[0], err
 
 
+NCCL_ONE_GPU = r"""
+import cupy, numpy as np
+from minunet import distributed
+group = distributed.MPIProcessGroup()  # a singleton MPI job: one rank, through MPI's and NCCL's code paths
+a = cupy.arange(6, dtype=cupy.float32)
+group.allreduce(a)
+group.allreduce_async(a).wait()
+group.broadcast(a)
+host = group.allreduce(np.arange(3, dtype=np.int64))
+cupy.cuda.get_current_stream().synchronize()
+assert group.size == 1 and a.get().tolist() == list(range(6)) and host.tolist() == [0, 1, 2]
+print("nccl ok")
+"""
+
+
+@pytest.mark.gpu
+def test_nccl_path_runs_on_one_gpu():
+    from minunet import backend
+    if not backend.cuda_available() or MPIEXEC is None:
+        pytest.skip("needs a GPU, mpi4py and NCCL")
+    out = subprocess.run([sys.executable, "-c", NCCL_ONE_GPU], env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "nccl ok" in out.stdout, out.stderr[-3000:]
+
+
 # ---- two processes ----------------------------------------------------------------------------
 
 @needs_mpi

@@ -115,6 +115,8 @@ def _add_data_options(p, defaults_from):
                    help="number of classes (index masks; synthetic 2-5, default 3)")
     g.add_argument("--class-names", type=_name_list, metavar="NAME0,NAME1,...",
                    help="names for the classes in tables and pictures (a palette file may name them too)")
+    g.add_argument("--scale", type=_positive_float, metavar="S",
+                   help="resize images (bilinear) and masks (nearest) by S on loading, e.g. 0.5")
 
 
 def _on(flag):
@@ -291,7 +293,7 @@ def cmd_predict(args):
 
 SOURCE_FIELDS = ("data", "images", "masks")
 FORMAT_FIELDS = ("pairing", "mask_prefix", "mask_suffix", "mask_mode", "gray_levels", "palette", "ignore_index",
-                 "channels", "classes", "class_names")
+                 "channels", "classes", "class_names", "scale")
 MODE_FIELDS = {"gray": "gray_levels", "palette": "palette"}  # options that only one --mask-mode reads
 
 

@@ -26,7 +26,7 @@ import os
 import pathlib
 
 from minunet.data import IMAGE_EXTENSIONS, list_images, read_palette, split_indices
-from minunet.data.io import image_channels, open_image
+from minunet.data.io import image_channels, open_image, scaled_size
 
 # The files a run folder receives; a folder holding any of them holds a run.
 RUN_FILES = ("last.safetensors", "best.safetensors", "metrics.jsonl", "curves.png", "predictions.png")
@@ -72,6 +72,8 @@ def check_config(cfg):
             raise ValueError(f"{flag(name)} {getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")
     if cfg.channels not in (None, 1, 3):
         raise ValueError(f"--channels must be 1 or 3, got {cfg.channels!r}")
+    if cfg.scale is not None and (not _is_number(cfg.scale) or not 0 < cfg.scale <= 16):
+        raise ValueError(f"--scale must be a number in (0, 16], got {cfg.scale!r}")
     if cfg.classes is not None and (not _is_int(cfg.classes) or cfg.classes < 1):
         raise ValueError(f"--classes must be a positive integer, got {cfg.classes!r}")
     if cfg.class_weights is not None:
@@ -140,7 +142,8 @@ def check_writable_file(path, option):
 
 PALETTE_FORMS = ('a JSON file: {"name": [r, g, b], ...}, [[r, g, b], ...], [{"name": [r, g, b]}, ...] or '
                  '[{"name": ..., "color": [r, g, b]}, ...]; or a text file of "r g b [name]" lines')
-SYNTHETIC_ONLY_NOT = ("pairing", "mask_prefix", "mask_suffix", "mask_mode", "gray_levels", "palette", "ignore_index")
+SYNTHETIC_ONLY_NOT = ("pairing", "mask_prefix", "mask_suffix", "mask_mode", "gray_levels", "palette", "ignore_index",
+                      "scale")
 
 
 @dataclasses.dataclass
@@ -240,13 +243,15 @@ def _class_count(cfg):
 
 
 def check_crop(cfg, image_paths):
-    """The training crop (--image-size) fits every one of the images (read: their headers)."""
-    headers = list(_headers(image_paths))
+    """The training crop (--image-size) fits every one of the images (read: their headers),
+    as --scale resizes them."""
+    headers = [(path, scaled_size(wh, cfg.scale or 1)) for path, wh, _ in _headers(image_paths)]
     if headers:
-        path, (w, h), _ = min(headers, key=lambda e: min(e[1]))
+        path, (w, h) = min(headers, key=lambda e: min(e[1]))
         if cfg.image_size > min(w, h):
+            scaled = "" if cfg.scale in (None, 1) else f" at --scale {cfg.scale}"
             raise ValueError(f"--image-size {cfg.image_size}, the training crop, is larger than image {path} "
-                             f"({w}x{h}); give at most --image-size {min(w, h)}")
+                             f"({w}x{h}{scaled}); give at most --image-size {min(w, h)}")
 
 
 def _check_classes(cfg, k):

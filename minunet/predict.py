@@ -249,12 +249,16 @@ def predict_files(model_path, inputs, out_dir, tile=None, overlay_images=False, 
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = list_inputs(inputs)
+    scale = tc.get("scale")  # a model trained on resized images sees them resized the same way
     for path in files:
-        image = data.read_image(path, channels=channels, normalize=normalize)
+        image = data.read_image(path, channels=channels, normalize=normalize, scale=scale)
         if image.shape[0] != channels:
             raise ValueError(f"predict: image {path} has {image.shape[0]} channels, the model takes {channels}")
         size = tile if tile is not None else auto_tile(model, image.shape[1:], tc.get("image_size") or 0)
         labels = Tiler(model, size, batch_size=batch_size).run(image[None])[0]
+        if scale is not None:  # back to the image's own size
+            image = data.read_image(path, channels=channels, normalize=normalize)
+            labels = data.resize_labels(labels, image.shape[1:])
         save_mask(labels, model.config["num_classes"], out_dir, path.stem, image if overlay_images else None)
         if progress is not None:
             progress(path, labels)

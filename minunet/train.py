@@ -94,6 +94,7 @@ class TrainConfig:
     normalize: str = "image"              # per-image standardisation, as the synthetic set
     classes: int = None                   # folder 'index' masks need it; synthetic default 3
     class_names: tuple = None             # folder: names for tables and pictures (else indices)
+    scale: float = None                   # folder: resize images and masks by this factor on loading
     samples: int = 384                    # synthetic images
     image_size: int = 64                  # synthetic size / folder training crop / tile size
     val_fraction: float = 0.2
@@ -176,7 +177,7 @@ def build_dataset(cfg, training=False):
                        mask_suffix=cfg.mask_suffix, mask_mode=cfg.mask_mode, num_classes=cfg.classes,
                        gray_levels=cfg.gray_levels, palette=plan.colours, ignore_index=cfg.ignore_index,
                        channels=cfg.channels, normalize=cfg.normalize, weight_map=weight_map,
-                       class_names=plan.class_names)
+                       class_names=plan.class_names, scale=cfg.scale)
     if training:
         check_crop(cfg, [image for image, _ in ds.pairs])
     return ds

@@ -254,6 +254,23 @@ def test_folder_run_keeps_its_class_names_and_eval_may_rename(folder, tmp_path, 
     assert [line.split()[0] for line in lines[2:5]] == ["x", "y", "z"]  # renamed: same validation split
 
 
+def test_a_scaled_run_is_evaluated_at_its_scale(folder, tmp_path, capsys):
+    out = _train(tmp_path, "half", "--data", str(folder), "--classes", "3", "--scale", "0.5",
+                 "--epochs", "1", "--image-size", "16")
+    assert read_checkpoint(out / "best.safetensors").train_config["scale"] == 0.5
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out / "best.safetensors"), "--data", str(folder), "--classes", "3",
+                 "--json", "-", "--device", "cpu"]) == 0  # the run's --scale 0.5 carries over
+    scores = json.loads((lambda o: o[o.index("{"):])(capsys.readouterr().out))
+    assert scores["images"] == 3 and 0 <= scores["pixel_accuracy"] <= 1
+    assert main(["predict", "--model", str(out / "best.safetensors"), "--input", str(folder / "images"),
+                 "--output", str(tmp_path / "pred"), "--overlay", "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "pred" / "img0_mask.png").size == (70, 50)  # back at the image's size
+    assert Image.open(tmp_path / "pred" / "img0_overlay.png").size == (70, 50)
+    rc = main(["train", "--scale", "0.5", "--out", str(tmp_path / "r"), "--device", "cpu"])
+    _one_error_line(capsys, rc, "--scale", "folder data")
+
+
 def test_class_names_must_match_the_classes(run, folder, capsys):
     rc = main(["eval", "--model", str(run / "best.safetensors"), "--data", str(folder), "--classes", "3",
                "--class-names", "sky,road", "--device", "cpu"])

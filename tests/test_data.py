@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, camvid, connected_components,
-                          drosophila_vnc, isbi2012, read_image, split_indices, unet_weight_map)
+                          drosophila_vnc, isbi2012, read_image, resize_image, resize_labels, scaled_size,
+                          split_indices, unet_weight_map)
 
 
 def save(path, a):
@@ -106,6 +107,34 @@ def test_16bit_rgb_channels_and_normalize(tmp_path):
     z, _ = FolderDataset(tmp_path / "rgb", tmp_path / "m", num_classes=2, normalize="image")[0]
     np.testing.assert_allclose(z.mean(axis=(1, 2)), 0, atol=1e-5)
     np.testing.assert_allclose(z.std(axis=(1, 2)), 1, atol=1e-3)
+
+
+def test_scale_resizes_images_by_area_and_masks_by_nearest(tmp_path):
+    # 2x2 blocks of one value: halving averages each block exactly and keeps each label
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    labels = rng.integers(0, 4, (3, 5), dtype=np.uint8)
+    save(tmp_path / "img" / "a.png", np.kron(blocks, np.ones((2, 2, 1), np.uint8)))
+    save(tmp_path / "lab" / "a.png", np.kron(labels, np.ones((2, 2), np.uint8)))
+    x, y = FolderDataset(tmp_path / "img", tmp_path / "lab", num_classes=4, scale=0.5)[0]
+    assert x.shape == (3, 3, 5) and y.shape == (3, 5)
+    np.testing.assert_allclose(x, blocks.transpose(2, 0, 1) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(y, labels)
+    # shrinking averages areas: a checkerboard halves to its mean, a ramp to its pair means
+    checker = (np.indices((8, 8)).sum(0) % 2 * 200).astype(np.uint16)
+    np.testing.assert_array_equal(resize_image(checker, (4, 4)), np.full((4, 4), 100, np.uint16))
+    ramp = np.tile(np.arange(12, dtype=np.float32), (6, 1))
+    np.testing.assert_allclose(resize_image(ramp, (3, 6)), np.tile(2 * np.arange(6) + 0.5, (3, 1)), atol=1e-5)
+    np.testing.assert_allclose(resize_image(ramp, (12, 24))[:, 1:-1], np.tile(np.arange(1, 23) / 2 - 0.25, (12, 1)),
+                               atol=1e-5)  # bilinear: output x reads input (x + 1/2) / 2 - 1/2
+    # labels take the pixel nearest each output centre; halves round up (5 x 7 -> 3 x 4)
+    a = np.arange(35).reshape(5, 7)
+    assert scaled_size(a.shape, 0.5) == (3, 4) and scaled_size(a.shape, 0.01) == (1, 1)
+    np.testing.assert_array_equal(resize_labels(a, (3, 4)), a[np.ix_([0, 2, 4], [0, 2, 4, 6])])
+    assert np.array_equal(resize_labels(a, (10, 14))[::2, ::2], a)
+    np.testing.assert_array_equal(read_image(tmp_path / "img" / "a.png", scale=0.5), x)
+    with pytest.raises(ValueError, match="scale=0"):
+        FolderDataset(tmp_path / "img", tmp_path / "lab", num_classes=4, scale=0)
 
 
 def test_mask_modes(tmp_path):

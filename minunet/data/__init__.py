@@ -16,7 +16,8 @@ are scipy.ndimage's; this package writes by hand only what is particular to minu
 """
 from minunet.data.augment import Augment
 from minunet.data.folder import FolderDataset
-from minunet.data.io import IMAGE_EXTENSIONS, list_images, read_image, read_palette
+from minunet.data.io import (IMAGE_EXTENSIONS, list_images, read_image, read_palette, resize_image, resize_labels,
+                             scaled_size)
 from minunet.data.loader import DataLoader, split_indices
 from minunet.data.recipes import camvid, drosophila_vnc, isbi2012
 from minunet.data.synthetic import SyntheticDataset
@@ -24,4 +25,4 @@ from minunet.data.weight_map import connected_components, unet_weight_map
 
 __all__ = ["Augment", "DataLoader", "FolderDataset", "IMAGE_EXTENSIONS", "SyntheticDataset", "camvid",
            "connected_components", "drosophila_vnc", "isbi2012", "list_images", "read_image", "read_palette",
-           "split_indices", "unet_weight_map"]
+           "resize_image", "resize_labels", "scaled_size", "split_indices", "unet_weight_map"]

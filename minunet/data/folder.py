@@ -12,7 +12,11 @@ Pairing. `pairing='stem'` (default): image `<stem>.<ext>` pairs with the mask na
 with the i-th mask, both folders in natural order. Items are in the natural order of the
 image names ("2" before "10"), so item i of ISBI is slice i.
 
-Images are read as minunet.data.io describes (`channels`, `normalize`).
+Images are read as minunet.data.io describes (`channels`, `normalize`). `scale=s` resizes
+every image and its mask to round(s * H) x round(s * W) when they are loaded (before caching
+and weight maps): images by area averaging (bilinear when enlarging), masks by taking the
+nearest pixel, so labels stay labels. CamVid at scale=0.5 (240x180) trains about four
+times faster.
 
 Masks (`mask_mode`):
   'index'    pixel value = class index; needs `num_classes`. A value equal to
@@ -34,7 +38,7 @@ import threading
 import numpy as np
 
 from minunet.data.io import (decode_image, decode_mask, image_channels, list_images, open_image, pack_rgb,
-                             read_palette, to_float)
+                             read_palette, resize_image, resize_labels, scaled_size, to_float)
 from minunet.data.loader import check_index
 from minunet.data.weight_map import unet_weight_map
 
@@ -65,8 +69,11 @@ class FolderDataset:
     def __init__(self, image_dir, mask_dir, pairing="stem", mask_prefix="", mask_suffix="",
                  mask_mode="index", num_classes=None, gray_levels=None, palette=None,
                  ignore_index=None, class_names=None, channels=None, normalize=None,
-                 weight_map=None, cache_mb=512):
+                 weight_map=None, cache_mb=512, scale=None):
         who = "FolderDataset"
+        if scale is not None and not (isinstance(scale, (int, float)) and 0 < scale <= 16):
+            raise ValueError(f"{who}: scale={scale!r}; expected a number in (0, 16] (0.5 halves each side)")
+        self.scale = None if scale is None or scale == 1 else float(scale)
         if mask_mode not in ("index", "binary", "gray", "palette"):
             raise ValueError(f"{who}: mask_mode={mask_mode!r}; expected 'index', 'binary', 'gray' or 'palette'")
         if channels not in (None, 1, 3):
@@ -196,6 +203,9 @@ class FolderDataset:
         if pixels.shape[:2] != y.shape:
             raise ValueError(f"FolderDataset: image {image_path} is {pixels.shape[:2]} but mask "
                              f"{mask_path} is {y.shape} (H, W)")
+        if self.scale is not None:
+            hw = scaled_size(y.shape, self.scale)
+            pixels, y = resize_image(pixels, hw), resize_labels(y, hw)
         weight = None if self.weight_map is None else unet_weight_map(
             y, **{"ignore_index": self.ignore_index, **self.weight_map})
         entry = (pixels, scale, y, weight)

@@ -8,6 +8,10 @@ value, and `to_float` turns them into the float32 (C, H, W) array a model reads:
 stored), and normalised (`'image'`: each image per channel to zero mean and unit variance;
 `(mean, std)`: fixed per-channel values). `read_image` is the two in a row, for prediction.
 
+`resize_image` and `resize_labels` resize pixels as stored and class labels (the `scale`
+option of FolderDataset and read_image): images by area averaging when shrinking (bilinear
+when enlarging), labels by taking the nearest pixel, so labels stay labels.
+
 `decode_mask` returns mask pixels as stored (class indices, gray levels, or RGB colours for
 palette masks); minunet.data.folder maps them to classes. `read_palette` reads a palette of
 class colours from a list or a JSON/text file.
@@ -15,6 +19,7 @@ class colours from a list or a JSON/text file.
 Every failure is a ValueError that names the file.
 """
 import json
+import math
 import os
 import pathlib
 import re
@@ -108,12 +113,45 @@ def to_float(pixels, scale, channels, normalize):
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def read_image(path, channels=None, normalize=None):
+def scaled_size(hw, scale):
+    """(H, W) times `scale`, each rounded half up and at least 1: the size `scale` resizes to."""
+    return tuple(max(1, int(math.floor(n * scale + 0.5))) for n in hw)
+
+
+def resize_image(pixels, hw):
+    """Image pixels (H, W) or (H, W, 3), any dtype, resized to hw = (h, w) with Pillow: by area
+    averaging when shrinking (each output pixel the mean of the input area it covers, as
+    OpenCV's INTER_AREA), bilinearly when enlarging; the dtype is kept (integers rounded)."""
+    h, w = hw
+    how = Image.Resampling.BOX if h * w < pixels.shape[0] * pixels.shape[1] else Image.Resampling.BILINEAR
+    planes = pixels[..., None] if pixels.ndim == 2 else pixels
+    out = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(planes[..., c], np.float32)).resize((w, h), how))
+                    for c in range(planes.shape[-1])], -1)
+    if pixels.dtype.kind in "ui":
+        info = np.iinfo(pixels.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
+    out = out.astype(pixels.dtype)
+    return out[..., 0] if pixels.ndim == 2 else out
+
+
+def resize_labels(labels, hw):
+    """Labels (H, W) resized to hw = (h, w): output pixel (i, j) takes the label at the input
+    pixel nearest its centre, ((i + 1/2) H / h, (j + 1/2) W / w), so labels stay labels."""
+    H, W = labels.shape
+    h, w = hw
+    rows = np.minimum(((np.arange(h) + 0.5) * (H / h)).astype(np.int64), H - 1)
+    cols = np.minimum(((np.arange(w) + 0.5) * (W / w)).astype(np.int64), W - 1)
+    return np.ascontiguousarray(labels[rows[:, None], cols[None, :]])
+
+
+def read_image(path, channels=None, normalize=None, scale=None):
     """One image file -> float32 (C, H, W), preprocessed exactly as FolderDataset does it
-    (scaled by bit depth, `channels` 1/3/None, `normalize` None/'image'/(mean, std)): the
-    function to prepare images for a trained model."""
-    pixels, scale = decode_image(path)
-    return to_float(pixels, scale, channels, normalize)
+    (scaled by bit depth, `channels` 1/3/None, `normalize` None/'image'/(mean, std), resized
+    by `scale`): the function to prepare images for a trained model."""
+    pixels, full_scale = decode_image(path)
+    if scale is not None and scale != 1:
+        pixels = resize_image(pixels, scaled_size(pixels.shape[:2], scale))
+    return to_float(pixels, full_scale, channels, normalize)
 
 
 def decode_mask(path, rgb):

@@ -4,8 +4,8 @@
     minunet train --data DIR ...       train on DIR/images + DIR/masks
     minunet train --resume RUN_DIR     continue an interrupted run exactly where it stopped
     mpiexec -n 4 minunet train ...     the same, data-parallel over 4 processes (GPUs)
-    minunet predict --model CKPT --input FILE_OR_DIR --output DIR [--tile N] [--overlay]
-    minunet eval --model CKPT [--data DIR ...] [--json FILE]
+    minunet predict --model CKPT --input FILE_OR_DIR --output DIR [--tile N] [--overlay] [--tta]
+    minunet eval --model CKPT [--data DIR ...] [--json FILE] [--tta] [--metrics challenge]
 
 Every subcommand turns bad input (a missing path, an impossible option value, a damaged
 image, masks that do not pair with images, a truncated checkpoint, a checkpoint of another
@@ -124,6 +124,7 @@ def _on(flag):
 
 
 TILE_HELP = "input tile size (default: at least the training crop and 256, at most the image)"
+TTA_HELP = "test-time augmentation: average the softmax over the 8 flips and quarter turns (8x the time)"
 
 
 def build_parser():
@@ -195,6 +196,7 @@ def build_parser():
     p.add_argument("--tile", type=_positive_int, metavar="N", help=TILE_HELP)
     p.add_argument("--overlay", action="store_true", help="also write the mask blended over the image")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
 
     e = sub.add_parser("eval", help="score a checkpoint: per-class Dice and IoU, mIoU, pixel accuracy",
@@ -209,6 +211,12 @@ def build_parser():
     e.add_argument("--json", metavar="FILE",
                    help="also write the scores as JSON to FILE; '-' prints them, and only them, on stdout "
                         "(the table then goes to stderr)")
+    e.add_argument("--tta", action="store_true", help=TTA_HELP)
+    e.add_argument("--metrics", choices=["auto", "basic", "challenge"], default="auto",
+                   help="'challenge' adds the ISBI 2012 pixel error and Rand error (2-class data: class 1 the "
+                        "objects, class 0 their boundaries); 'auto' (default) adds them for 2-class data")
+    e.add_argument("--threshold", type=_fraction, metavar="T",
+                   help="2-class data: predict class 1 where its probability is at least T (default: the argmax)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     return parser
 
@@ -286,7 +294,7 @@ def cmd_predict(args):
         print(f"{path} -> {pathlib.Path(args.output) / (path.stem + '_mask.png')} "
               f"({labels.shape[0]}x{labels.shape[1]}, classes {present})")
     stems = predict_files(args.model, args.input, args.output, tile=args.tile, overlay_images=args.overlay,
-                          device=device, batch_size=args.batch_size, progress=report)
+                          device=device, batch_size=args.batch_size, progress=report, tta=args.tta)
     print(f"{len(stems)} image(s) predicted into {args.output}")
     return 0
 
@@ -363,14 +371,21 @@ def cmd_eval(args):
         indices = list(range(len(dataset)))
     else:
         indices = split_indices(len(dataset), cfg.val_fraction, cfg.val_split, seed=cfg.seed)[1]
-    summary, _ = evaluate(model, dataset, indices, cfg, args.tile)
+    binary = dataset.num_classes == 2
+    if not binary and (args.metrics == "challenge" or args.threshold is not None):
+        flag = "--metrics challenge" if args.metrics == "challenge" else "--threshold"
+        raise UsageError(f"eval: {flag} is for 2-class data; this data has {dataset.num_classes} classes")
+    challenge = args.metrics == "challenge" or (args.metrics == "auto" and binary)
+    summary, _ = evaluate(model, dataset, indices, cfg, args.tile, tta=args.tta, challenge=challenge,
+                          threshold=args.threshold)
     names = list(dataset.class_names) if dataset.class_names else None
     source = cfg.data or cfg.images or "the synthetic set"
     say(f"{len(indices)} images from {source}" if own_data else
         f"{len(indices)} images: the validation split of {source}")
     say(format_table(summary, names))
     if args.json:
-        doc = dict(model=str(args.model), images=len(indices), class_names=names, **summary)
+        doc = dict(model=str(args.model), images=len(indices), class_names=names, tta=args.tta,
+                   threshold=args.threshold, **summary)
         text = json.dumps({k: json_safe(v) for k, v in doc.items()}, indent=2)
         if args.json == "-":
             print(text)

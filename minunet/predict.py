@@ -25,6 +25,14 @@ image is mirrored (reflected about its edge pixels), which is how the paper extr
 the missing context, so the output covers the whole image, border included. An image
 smaller than a tile is mirrored out to the tile size.
 
+Test-time augmentation (`tta=True`, the --tta option): the image is also predicted turned by
+90, 180 and 270 degrees and mirrored, the 8 symmetries of a square (the dihedral group D4),
+each prediction turned back, and the 8 softmax outputs averaged. Each transformed image goes
+through the same overlap-tile prediction (a non-square image turned by 90 degrees is simply
+tiled the other way round), so TTA costs 8 forward passes and, unlike plain prediction, holds
+the class probabilities of the whole image (K floats a pixel). The U-Net paper averaged over
+rotations for its ISBI 2012 entry; a model that is already symmetric gains nothing.
+
 Predicted masks are written as PNGs: <name>_mask.png holds the class indices (8-bit, or
 16-bit beyond 256 classes), <name>_color.png the same drawn with a fixed palette, and with
 `overlay` <name>_overlay.png the palette blended over the image.
@@ -124,15 +132,37 @@ def _axis_tiles(length, tout, margin):
     return tiles
 
 
+# The 8 symmetries of the square as (quarter turns k, mirror first): x -> rot90(flip?(x), k).
+D4 = tuple((k, mirror) for mirror in (False, True) for k in range(4))
+
+
+def d4_transform(a, k, mirror):
+    """a (..., H, W) mirrored left-right if `mirror`, then turned k quarter turns anticlockwise."""
+    return np.rot90(a[..., ::-1] if mirror else a, k, axes=(-2, -1))
+
+
+def d4_inverse(a, k, mirror):
+    """Undoes d4_transform(., k, mirror): turned back, then mirrored back."""
+    a = np.rot90(a, -k, axes=(-2, -1))
+    return a[..., ::-1] if mirror else a
+
+
+def softmax(logits, axis=1):
+    """Host softmax over the class axis, shifted by the maximum (no overflow)."""
+    e = np.exp(logits - logits.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
 class Tiler:
     """Runs `model` over images of any size tile by tile (see the module docstring).
 
     tile: the input tile size (int or (h, w)), checked against the model; margin: pixels
     dropped at each edge of an output tile (default: tout // 8 for 'same' models, 0 for
-    'valid'); batch_size: tiles per forward pass.
+    'valid'); batch_size: tiles per forward pass; tta: average the softmax over the 8 D4
+    transforms of each image (see the module docstring).
     """
 
-    def __init__(self, model, tile, margin=None, batch_size=4):
+    def __init__(self, model, tile, margin=None, batch_size=4, tta=False):
         self.model = model
         self.tin = (int(tile), int(tile)) if np.isscalar(tile) else tuple(int(t) for t in tile)
         self.tout = model.check_input_size(*self.tin)
@@ -143,6 +173,7 @@ class Tiler:
             raise ValueError(f"predict: margin {margin} leaves nothing of a {self.tout} output tile")
         self.margin = int(margin)
         self.batch_size = int(batch_size)
+        self.tta = bool(tta)
         self.device = next(iter(model.parameters())).device
 
     def _tiles(self, H, W):
@@ -161,8 +192,24 @@ class Tiler:
 
     def run(self, images, logits=False):
         """images: float32 (N, C, H, W) on the host -> labels (N, H, W) (uint8 up to 256 classes,
-        else int32), or with logits=True the class scores float32 (N, K, H, W)."""
+        else int32), or with logits=True the class scores float32 (N, K, H, W): the model's
+        logits, or with TTA the log of the averaged probabilities (whose softmax they are)."""
         images = np.asarray(images, dtype=np.float32)
+        if self.tta:
+            N, _, H, W = images.shape
+            probs = np.zeros((N, self.model.config["num_classes"], H, W), np.float32)
+            for k, mirror in D4:  # predict the transformed image, transform the softmax back
+                x = np.ascontiguousarray(d4_transform(images, k, mirror))
+                probs += d4_inverse(softmax(self._run(x, logits=True)), k, mirror)
+            probs /= len(D4)
+            if logits:
+                return np.log(np.maximum(probs, np.finfo(np.float32).tiny)).astype(np.float32)
+            K = self.model.config["num_classes"]
+            return probs.argmax(axis=1).astype(np.uint8 if K <= 256 else np.int32)
+        return self._run(images, logits)
+
+    def _run(self, images, logits):
+        # images: (N, C, H, W) -> labels (N, H, W) or scores (N, K, H, W), one pass, tile by tile
         N, _, H, W = images.shape
         K = self.model.config["num_classes"]
         shape, dtype = ((N, K, H, W), np.float32) if logits else ((N, H, W), np.uint8 if K <= 256 else np.int32)
@@ -238,9 +285,10 @@ def save_mask(labels, num_classes, out_dir, stem, image=None):
 
 
 def predict_files(model_path, inputs, out_dir, tile=None, overlay_images=False, device="cpu", batch_size=4,
-                  progress=None):
+                  progress=None, tta=False):
     """Predict every image of `inputs` (a file or a folder) into `out_dir`; returns the written
-    stems. tile: the input tile size, by default auto_tile's choice for each image."""
+    stems. tile: the input tile size, by default auto_tile's choice for each image; tta: average
+    over the 8 flips and quarter turns."""
     model, ckpt = load_model(model_path, device)
     check_tile(model, tile)
     tc = ckpt.train_config or {}
@@ -255,7 +303,7 @@ def predict_files(model_path, inputs, out_dir, tile=None, overlay_images=False, 
         if image.shape[0] != channels:
             raise ValueError(f"predict: image {path} has {image.shape[0]} channels, the model takes {channels}")
         size = tile if tile is not None else auto_tile(model, image.shape[1:], tc.get("image_size") or 0)
-        labels = Tiler(model, size, batch_size=batch_size).run(image[None])[0]
+        labels = Tiler(model, size, batch_size=batch_size, tta=tta).run(image[None])[0]
         if scale is not None:  # back to the image's own size
             image = data.read_image(path, channels=channels, normalize=normalize)
             labels = data.resize_labels(labels, image.shape[1:])

@@ -69,7 +69,7 @@ from minunet.autograd import Tensor, tensor
 from minunet.checkpoint import atomic_write, check_finite, load_checkpoint, read_checkpoint, save_checkpoint
 from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, split_indices,
                           unet_weight_map)
-from minunet.metrics import ConfusionMatrix
+from minunet.metrics import ChallengeScores, ConfusionMatrix, binary_prediction
 from minunet.options import RUN_FILES, check_config, check_crop, check_data, check_out
 from minunet.predict import Tiler, auto_tile, overlay, to_display
 from minunet.unet import UNet
@@ -250,17 +250,25 @@ def segmentation_loss(logits, y, cfg, class_weights, pixel_weights=None, group=N
 
 # ---- evaluation ------------------------------------------------------------------------
 
-def evaluate(model, dataset, indices, cfg, tile=None, keep=0, should_stop=None, group=None):
+def evaluate(model, dataset, indices, cfg, tile=None, keep=0, should_stop=None, group=None, tta=False,
+             challenge=False, threshold=None):
     """Score `model` on the items `indices` of `dataset`; returns (summary dict with 'loss',
     the first `keep` (image, target, prediction) triples). tile: the input tile size, by
-    default auto_tile's choice for each image size. With a process group each rank scores
-    its contiguous share of `indices` and the confusion matrices and losses are summed over
-    the ranks (rank 0's share holds the first images: its triples are one process's)."""
+    default auto_tile's choice for each image size; tta: the Tiler's test-time augmentation;
+    challenge: add the ISBI 2012 pixel and Rand errors (2-class data); threshold: 2-class
+    data, predict class 1 where its probability is at least this (None: the argmax). With a
+    process group each rank scores its contiguous share of `indices` and the confusion
+    matrices, losses and challenge sums are summed over the ranks (rank 0's share holds the
+    first images: its triples are one process's)."""
     group = group or distributed.ProcessGroup()
     indices = np.asarray(indices)[distributed.share(len(indices), group.rank, group.size)]
     num_classes = model.config["num_classes"]
     tilers = {}  # one per image size
     cm = ConfusionMatrix(num_classes, ignore_index=cfg.ignore_index)
+    if (challenge or threshold is not None) and num_classes != 2:
+        raise ValueError(f"the challenge scores and --threshold are for 2-class data; the model has "
+                         f"{num_classes} classes")
+    scores = ChallengeScores(ignore_index=cfg.ignore_index) if challenge else None
     class_weights = None if cfg.class_weights is None else np.asarray(cfg.class_weights, np.float32)
     batch = cfg.batch_size if cfg.is_synthetic() else 1  # folder images may differ in size
     loader = DataLoader(dataset, batch_size=batch, shuffle=False, indices=indices, prefetch=1)
@@ -271,12 +279,14 @@ def evaluate(model, dataset, indices, cfg, tile=None, keep=0, should_stop=None, 
             hw = x.shape[2:]
             if hw not in tilers:
                 size = tile or auto_tile(model, hw, cfg.image_size)
-                tilers[hw] = Tiler(model, size, batch_size=cfg.batch_size)
+                tilers[hw] = Tiler(model, size, batch_size=cfg.batch_size, tta=tta)
             logits = tilers[hw].run(x, logits=True)  # (N, K, H, W) on the host, the whole image
             loss = segmentation_loss(tensor(logits), y, cfg, class_weights, w[0] if w else None)
             loss_sum, count = loss_sum + loss.item() * len(x), count + len(x)
-            pred = logits.argmax(axis=1)
+            pred = logits.argmax(axis=1) if threshold is None else binary_prediction(logits, threshold)
             cm.update(pred, y)
+            if scores is not None:
+                scores.update(pred, y)
             for i in range(min(keep - len(samples), len(x))):
                 samples.append((x[i], y[i], pred[i]))
             if should_stop is not None and should_stop():
@@ -286,6 +296,9 @@ def evaluate(model, dataset, indices, cfg, tile=None, keep=0, should_stop=None, 
     group.allreduce(cm.matrix)
     loss_sum, count = group.sum_values([loss_sum, count])
     summary = cm.summary()
+    if scores is not None:
+        scores.totals[...] = group.sum_values(scores.totals)
+        summary.update(scores.summary())
     summary["loss"] = loss_sum / max(count, 1)
     return summary, samples
 

@@ -449,3 +449,19 @@ def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled
     v = beta2 * v + (1 - beta2) * g * g
     denom = np.sqrt(v) / np.sqrt(1 - beta2 ** step) + eps
     return p - lr / (1 - beta1 ** step) * m / denom, m, v
+
+
+def adapted_rand_error_pairs(true_segments, pred_segments):
+    """The adapted Rand error counted pair by pair: over every unordered pair of pixels that
+    both lie in true segments (label != 0), precision = P(same in truth | same in prediction),
+    recall = P(same in prediction | same in truth); error = 1 - their harmonic mean. Predicted
+    label 0 is an ordinary segment."""
+    t = np.asarray(true_segments).ravel()
+    p = np.asarray(pred_segments).ravel()
+    keep = t != 0
+    t, p = t[keep], p[keep]
+    i, j = np.triu_indices(t.size, k=1)
+    same_true, same_pred = t[i] == t[j], p[i] == p[j]
+    both = float(np.sum(same_true & same_pred))
+    precision, recall = both / float(np.sum(same_pred)), both / float(np.sum(same_true))
+    return 1.0 - (2 * precision * recall / (precision + recall) if precision + recall else 0.0)

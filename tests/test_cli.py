@@ -224,6 +224,45 @@ def test_eval_names_the_classes_it_is_told(run, folder, capsys):
     assert json.loads(captured.out)["class_names"] == ["sky", "road", "car"]
 
 
+def test_eval_adds_the_challenge_scores_for_2_class_data(tmp_path, capsys):
+    out = _train(tmp_path, "binary", "--classes", "2")
+    model = str(out / "best.safetensors")
+    capsys.readouterr()
+    assert main(["eval", "--model", model, "--json", "-", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "pixel error" in text and "Rand error" in text
+    plain = json.loads(text[text.index("{"):])
+    assert plain["pixel_error"] == pytest.approx(1 - plain["pixel_accuracy"]) and 0 <= plain["rand_error"] <= 1
+    assert plain["tta"] is False and plain["threshold"] is None
+    assert main(["eval", "--model", model, "--metrics", "basic", "--json", "-", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "Rand error" not in text and "rand_error" not in json.loads(text[text.index("{"):])
+    # threshold 0.5 is the argmax; a low threshold calls more pixels class 1, so the scores move
+    assert main(["eval", "--model", model, "--threshold", "0.5", "--json", "-", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert json.loads(text[text.index("{"):])["pixel_error"] == pytest.approx(plain["pixel_error"], abs=1e-4)
+    assert main(["eval", "--model", model, "--threshold", "0.01", "--json", "-", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert json.loads(text[text.index("{"):])["pixel_error"] != plain["pixel_error"]
+    assert main(["eval", "--model", model, "--tta", "--json", "-", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    scores = json.loads(text[text.index("{"):])
+    assert scores["tta"] is True and 0 <= scores["pixel_error"] <= 1 and scores["loss"] != plain["loss"]
+
+
+def test_challenge_scores_and_threshold_need_2_classes(run, capsys):
+    for extra in (["--metrics", "challenge"], ["--threshold", "0.6"]):
+        rc = main(["eval", "--model", str(run / "best.safetensors"), *extra, "--device", "cpu"])
+        _one_error_line(capsys, rc, extra[0], "2-class", "3 classes")
+
+
+def test_predict_with_tta(run, folder, tmp_path, capsys):
+    rc = main(["predict", "--model", str(run / "best.safetensors"), "--input", str(folder / "images" / "img2.png"),
+               "--output", str(tmp_path / "pred"), "--tile", "32", "--tta", "--device", "cpu"])
+    assert rc == 0
+    assert np.asarray(Image.open(tmp_path / "pred" / "img2_mask.png")).shape == (50, 70)
+
+
 @pytest.mark.parametrize("names, expected", [(("membrane", "cell"), ["Dice membrane", "Dice cell"]),
                                              (None, ["Dice class 0", "Dice class 1"])])
 def test_curves_show_each_class(tmp_path, monkeypatch, names, expected):

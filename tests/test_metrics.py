@@ -4,7 +4,10 @@ import math
 import numpy as np
 import pytest
 
-from minunet.metrics import ConfusionMatrix, format_table
+from minunet.metrics import (ChallengeScores, ConfusionMatrix, binary_prediction, format_table, pixel_error,
+                             rand_error)
+import reference
+
 
 # 3 classes, 12 pixels (two 2x3 images), with one class-2 pixel confused and class 2
 # predicted once where it is class 0:
@@ -89,3 +92,72 @@ def test_table_lists_each_class_and_the_means():
     cm = ConfusionMatrix(3).update(PRED, TARGET)
     table = format_table(cm.summary(), ["bg", "cell", "edge"])
     assert "cell" in table and "0.6000" in table and "pixel accuracy 0.7500" in table
+
+
+# ---- the ISBI 2012 challenge's scores ---------------------------------------------------------
+
+def test_pixel_error_is_the_share_of_wrong_pixels():
+    rng = np.random.default_rng(0)
+    pred, target = rng.integers(0, 2, (2, 9, 11)), rng.integers(0, 2, (2, 9, 11))
+    target[0, :3] = 255
+    wrong = sum(int(p != t) for p, t in zip(pred.ravel(), target.ravel()) if t != 255)
+    assert pixel_error(pred, target, ignore_index=255) == pytest.approx(wrong / (2 * 99 - 11 * 3))
+    scores = ChallengeScores(ignore_index=255).update(pred, target).summary()
+    assert scores["pixel_error"] == pytest.approx(wrong / (2 * 99 - 11 * 3))
+
+
+def test_rand_error_by_hand():
+    # two true cells {0, 1} and {3, 4} split by a membrane pixel
+    target = np.array([[1, 1, 0, 1, 1]])
+    assert rand_error(target, target) == 0.0
+    # the membrane missed: one segment. 4 counted pixels, 2 of each cell in it: pairs together
+    # in both 2, in the prediction 6, in the truth 2 -> precision 1/3, recall 1 -> error 1/2
+    assert rand_error(np.ones_like(target), target) == pytest.approx(0.5)
+    # every cell cut in two (the middle pixels called membrane): no true pair kept -> error 1
+    assert rand_error(np.array([[1, 0, 1, 0, 1]]), target) == pytest.approx(1.0)
+    # components are 4-connected: two cells touching at a corner stay two (merged: 1/2)
+    assert rand_error(np.array([[1, 1, 1, 1], [0, 0, 1, 1]]), np.array([[1, 1, 0, 0], [0, 0, 1, 1]])) == 0.5
+    # no true pair: undefined; no predicted pair: every true pair lost
+    assert np.isnan(rand_error(np.ones((2, 2), int), np.array([[1, 0], [0, 1]])))
+    assert rand_error(np.array([[1, 0, 1]]), np.array([[1, 1, 1]])) == 1.0
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_rand_error_agrees_with_scikit_image_and_pair_counting(seed):
+    from skimage.measure import label
+    from skimage.metrics import adapted_rand_error
+    rng = np.random.default_rng(seed)
+    target = (rng.random((7, 9)) < 0.7).astype(np.int64)
+    pred = np.where(rng.random((7, 9)) < 0.2, 1 - target, target)
+    expected = adapted_rand_error(label(target == 1, connectivity=1), label(pred == 1, connectivity=1))[0]
+    assert rand_error(pred, target) == pytest.approx(expected, abs=1e-12)
+    pairs = reference.adapted_rand_error_pairs(label(target == 1, connectivity=1), label(pred == 1, connectivity=1))
+    assert rand_error(pred, target) == pytest.approx(pairs, abs=1e-12)
+
+
+def test_rand_error_leaves_ignored_pixels_out():
+    target = np.array([[1, 1, 0, 1, 1, 255, 1]])
+    pred = np.array([[1, 1, 0, 1, 1, 1, 1]])   # joins the last pixel to the second cell across the void
+    assert rand_error(pred, target, ignore_index=255) == pytest.approx(
+        reference.adapted_rand_error_pairs(np.array([1, 1, 0, 2, 2, 0, 3]), np.array([1, 1, 0, 2, 2, 2, 2])))
+
+
+def test_challenge_scores_average_rand_error_over_images():
+    target = np.array([[[1, 1, 0, 1, 1]], [[1, 1, 0, 1, 1]]])
+    pred = np.array([[[1, 1, 0, 1, 1]], [[1, 1, 1, 1, 1]]])
+    scores = ChallengeScores().update(pred[:1], target[:1]).update(pred[1:], target[1:]).summary()
+    assert scores["rand_error"] == pytest.approx((0.0 + 0.5) / 2)
+    assert scores["pixel_error"] == pytest.approx(1 / 10)
+    table = format_table({**ConfusionMatrix(2).update(pred, target).summary(), **scores})
+    assert "pixel error 0.1000" in table and "Rand error 0.2500" in table
+
+
+def test_binary_prediction_thresholds_the_class_1_probability():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 2, 5, 6)) * 3
+    p1 = np.exp(logits[:, 1]) / np.exp(logits).sum(axis=1)
+    np.testing.assert_array_equal(binary_prediction(logits, 0.5), logits.argmax(axis=1))
+    for t in (0.1, 0.3, 0.8):
+        np.testing.assert_array_equal(binary_prediction(logits, t), (p1 >= t).astype(int))
+    with pytest.raises(ValueError, match="2-class"):
+        binary_prediction(np.zeros((1, 3, 2, 2)))

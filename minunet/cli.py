@@ -116,7 +116,7 @@ def _add_data_options(p, defaults_from):
     g.add_argument("--class-names", type=_name_list, metavar="NAME0,NAME1,...",
                    help="names for the classes in tables and pictures (a palette file may name them too)")
     g.add_argument("--scale", type=_positive_float, metavar="S",
-                   help="resize images (bilinear) and masks (nearest) by S on loading, e.g. 0.5")
+                   help="resize images (area average) and masks (nearest pixel) by S on loading, e.g. 0.5")
 
 
 def _on(flag):

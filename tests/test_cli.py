@@ -228,26 +228,23 @@ def test_eval_adds_the_challenge_scores_for_2_class_data(tmp_path, capsys):
     out = _train(tmp_path, "binary", "--classes", "2")
     model = str(out / "best.safetensors")
     capsys.readouterr()
-    assert main(["eval", "--model", model, "--json", "-", "--device", "cpu"]) == 0
-    text = capsys.readouterr().out
-    assert "pixel error" in text and "Rand error" in text
-    plain = json.loads(text[text.index("{"):])
+
+    def scores(*extra):  # with --json -, stdout holds the JSON alone and the table goes to stderr
+        assert main(["eval", "--model", model, *extra, "--json", "-", "--device", "cpu"]) == 0
+        captured = capsys.readouterr()
+        return json.loads(captured.out), captured.err
+
+    plain, table = scores()
+    assert "pixel error" in table and "Rand error" in table
     assert plain["pixel_error"] == pytest.approx(1 - plain["pixel_accuracy"]) and 0 <= plain["rand_error"] <= 1
     assert plain["tta"] is False and plain["threshold"] is None
-    assert main(["eval", "--model", model, "--metrics", "basic", "--json", "-", "--device", "cpu"]) == 0
-    text = capsys.readouterr().out
-    assert "Rand error" not in text and "rand_error" not in json.loads(text[text.index("{"):])
+    basic, table = scores("--metrics", "basic")
+    assert "Rand error" not in table and "rand_error" not in basic
     # threshold 0.5 is the argmax; a low threshold calls more pixels class 1, so the scores move
-    assert main(["eval", "--model", model, "--threshold", "0.5", "--json", "-", "--device", "cpu"]) == 0
-    text = capsys.readouterr().out
-    assert json.loads(text[text.index("{"):])["pixel_error"] == pytest.approx(plain["pixel_error"], abs=1e-4)
-    assert main(["eval", "--model", model, "--threshold", "0.01", "--json", "-", "--device", "cpu"]) == 0
-    text = capsys.readouterr().out
-    assert json.loads(text[text.index("{"):])["pixel_error"] != plain["pixel_error"]
-    assert main(["eval", "--model", model, "--tta", "--json", "-", "--device", "cpu"]) == 0
-    text = capsys.readouterr().out
-    scores = json.loads(text[text.index("{"):])
-    assert scores["tta"] is True and 0 <= scores["pixel_error"] <= 1 and scores["loss"] != plain["loss"]
+    assert scores("--threshold", "0.5")[0]["pixel_error"] == pytest.approx(plain["pixel_error"], abs=1e-4)
+    assert scores("--threshold", "0.01")[0]["pixel_error"] != plain["pixel_error"]
+    tta = scores("--tta")[0]
+    assert tta["tta"] is True and 0 <= tta["pixel_error"] <= 1 and tta["loss"] != plain["loss"]
 
 
 def test_challenge_scores_and_threshold_need_2_classes(run, capsys):

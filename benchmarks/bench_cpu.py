@@ -1,5 +1,6 @@
 """CPU kernel benchmarks: minunet.cpu on U-Net-sized shapes, every convolution version, with
-PyTorch's CPU kernels timed on the same data in the same run as a yardstick.
+PyTorch's CPU kernels timed on the same data in the same run as a yardstick. Each bench first
+checks its output at the timed shape against tests/reference.py (benchmarks/validate.py).
 
     PYTHONPATH=. python -m pytest benchmarks/bench_cpu.py --benchmark-only
     PYTHONPATH=. python -m pytest benchmarks/bench_cpu.py --benchmark-only -k "conv2d_fwd_bwd and v2"
@@ -18,8 +19,9 @@ and minunet's numba kernels are compiled before pytest-benchmark starts its cloc
 training step asks of a convolution; PyTorch's side is F.conv2d followed by one
 aten.convolution_backward for both gradients, as its autograd would run it.
 
-In one process PyTorch shares the OpenMP runtime that minunet, imported first, set up for
-numba (see minunet.cpu), so its figures here can differ from PyTorch's alone;
+In one process PyTorch shares the OpenMP runtime that minunet set up for numba before
+PyTorch loaded (benchmarks/conftest.py calls minunet.cpu.configure(); see
+minunet/cpu/runtime.py), so its figures here can differ from PyTorch's alone;
 bench_train_step.py times each library in a process of its own.
 """
 import time
@@ -30,6 +32,7 @@ import pytest
 
 from flops import UNET_CONV_SHAPES, UNET_CONV_TRANSPOSE_SHAPES, conv2d_flops, conv_transpose2d_flops
 from minunet import cpu
+from validate import check, reference, reference_of
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +58,7 @@ def _median_seconds(fn, min_time=0.5, min_rounds=5, max_rounds=200):
 
 def _bench(benchmark, fn, torch_fn=None, flops=None, nbytes=None, slow=False):
     """Time fn with pytest-benchmark (a slow one over a few fixed rounds), then torch_fn, and
-    record the figures in extra_info."""
-    fn()  # compile the numba kernels outside the clock
+    record the figures in extra_info. The caller has run fn once and checked its output."""
     if slow:
         benchmark.pedantic(fn, rounds=3, warmup_rounds=0)
     else:
@@ -88,12 +90,19 @@ def _conv2d_case(rng, shape):
     return x, w, gy, shape.stride, shape.padding
 
 
-def _conv2d_minunet(which, x, w, gy, stride, padding, version):
-    fwd = lambda: cpu.conv2d_forward(x, w, None, stride, padding, version=version)  # noqa: E731
-    bwd_in = lambda: cpu.conv2d_backward_input(gy, w, x.shape, stride, padding, version=version)  # noqa: E731
-    bwd_w = lambda: cpu.conv2d_backward_weight(x, gy, w.shape, stride, padding, version=version)  # noqa: E731
-    return {"forward": fwd, "backward_input": bwd_in, "backward_weight": bwd_w,
-            "fwd_bwd": lambda: (fwd(), bwd_in(), bwd_w())}[which]
+def _conv2d_minunet(x, w, gy, stride, padding, version):
+    """The three passes, as closures, in the order of CONV_PASSES' first three."""
+    return (lambda: cpu.conv2d_forward(x, w, None, stride, padding, version=version),
+            lambda: cpu.conv2d_backward_input(gy, w, x.shape, stride, padding, version=version),
+            lambda: cpu.conv2d_backward_weight(x, gy, w.shape, stride, padding, version=version))
+
+
+def _conv2d_reference(shape, x, w, gy, stride, padding):
+    """The three passes' float64 results at `shape`, from tests/reference.py (once per process)."""
+    return reference_of(("conv2d", shape.name), lambda: (
+        reference.conv2d_forward(x, w, None, stride, padding),
+        reference.conv2d_backward_input(gy, w, x.shape, stride, padding),
+        reference.conv2d_backward_weight(x, gy, w.shape, stride, padding)))
 
 
 def _conv2d_torch(torch, which, x, w, gy, stride, padding):
@@ -116,25 +125,35 @@ def _conv2d_torch(torch, which, x, w, gy, stride, padding):
 def test_conv2d(benchmark, torch_cpu, rng, which, version, shape):
     benchmark.group = f"conv2d_{which} {shape.name}"
     x, w, gy, stride, padding = _conv2d_case(rng, shape)
-    flops = conv2d_flops(x.shape, w.shape, gy.shape) * (3 if which == "fwd_bwd" else 1)
+    passes = _conv2d_minunet(x, w, gy, stride, padding, version)
+    timed = range(3) if which == "fwd_bwd" else [CONV_PASSES.index(which)]
+    expected = _conv2d_reference(shape, x, w, gy, stride, padding)
+    for i in timed:
+        check(passes[i](), expected[i], f"conv2d_{CONV_PASSES[i]} v{version} {shape.name}")
+    flops = conv2d_flops(x.shape, w.shape, gy.shape) * len(timed)
     torch_fn = None if torch_cpu is None else _conv2d_torch(torch_cpu, which, x, w, gy, stride, padding)
-    _bench(benchmark, _conv2d_minunet(which, x, w, gy, stride, padding, version), torch_fn, flops=flops,
-           slow=version == 1)
+    _bench(benchmark, lambda: [passes[i]() for i in timed], torch_fn, flops=flops, slow=version == 1)
 
 
 # --------------------------------------------------------------------- conv_transpose2d
 
 @pytest.mark.parametrize("shape", UNET_CONV_TRANSPOSE_SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("version", cpu.VERSIONS["conv_transpose2d_forward"], ids=lambda v: f"v{v}")
 @pytest.mark.parametrize("which", ["forward", "backward_input", "backward_weight"])
-def test_conv_transpose2d(benchmark, torch_cpu, rng, which, version, shape):
+def test_conv_transpose2d(benchmark, torch_cpu, rng, which, shape):
+    """The up-convolutions' own kernels (kernel == stride); minunet.functional runs every other
+    transposed convolution on conv2d's kernels, whose benches are above."""
     benchmark.group = f"conv_transpose2d_{which} {shape.name}"
     x, w, gy = _arrays(rng, shape.x_shape, shape.w_shape, shape.conv_transpose2d_y_shape)
     stride, padding = shape.stride, shape.padding
-    fn = {"forward": lambda: cpu.conv_transpose2d_forward(x, w, None, stride, padding, (0, 0), version=version),
-          "backward_input": lambda: cpu.conv_transpose2d_backward_input(gy, w, stride, padding, version=version),
-          "backward_weight": lambda: cpu.conv_transpose2d_backward_weight(x, gy, w.shape, stride, padding,
-                                                                          version=version)}[which]
+    fn, expected = {
+        "forward": (lambda: cpu.conv_transpose2d_forward(x, w, None),
+                    lambda: reference.conv_transpose2d_forward(x, w, None, stride, padding, (0, 0))),
+        "backward_input": (lambda: cpu.conv_transpose2d_backward_input(gy, w),
+                           lambda: reference.conv_transpose2d_backward_input(gy, w, stride, padding)),
+        "backward_weight": (lambda: cpu.conv_transpose2d_backward_weight(x, gy, w.shape),
+                            lambda: reference.conv_transpose2d_backward_weight(x, gy, w.shape, stride, padding)),
+    }[which]
+    check(fn(), expected(), f"conv_transpose2d_{which} {shape.name}")
     torch_fn = None
     if torch_cpu is not None:
         tx, tw, tgy = (torch_cpu.from_numpy(a) for a in (x, w, gy))
@@ -144,7 +163,7 @@ def test_conv_transpose2d(benchmark, torch_cpu, rng, which, version, shape):
         else:
             torch_fn = lambda: torch_cpu.ops.aten.convolution_backward(  # noqa: E731
                 tgy, tx, tw, None, list(stride), list(padding), [1, 1], True, [0, 0], 1, mask)
-    _bench(benchmark, fn, torch_fn, flops=conv_transpose2d_flops(x.shape, w.shape), slow=version == 1)
+    _bench(benchmark, fn, torch_fn, flops=conv_transpose2d_flops(x.shape, w.shape))
 
 
 # ------------------------------------------------------------------ memory-bound kernels
@@ -165,12 +184,16 @@ def test_max_pool2d(benchmark, torch_cpu, rng, which):
     (x,) = _arrays(rng, (4, 64, 128, 128))
     y, argmax = cpu.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))
     (gy,) = _arrays(rng, y.shape)
+    y_ref, argmax_ref = reference.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))
     if which == "forward":
         fn = lambda: cpu.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))  # noqa: E731
         nbytes = x.nbytes + y.nbytes + argmax.nbytes
+        check(y, y_ref, "max_pool2d_forward y")
+        np.testing.assert_array_equal(argmax, argmax_ref, err_msg="max_pool2d_forward argmax")
     else:
         fn = lambda: cpu.max_pool2d_backward(gy, argmax, x.shape)  # noqa: E731
         nbytes = gy.nbytes + argmax.nbytes + x.nbytes
+        check(fn(), reference.max_pool2d_backward(gy, argmax_ref, x.shape), "max_pool2d_backward gx")
     torch_fn = None if torch_cpu is None else _torch_forward_backward(
         torch_cpu, which, lambda t: torch_cpu.nn.functional.max_pool2d(t, 2, 2, return_indices=True)[0], [x], gy)
     _bench(benchmark, fn, torch_fn, nbytes=nbytes)
@@ -187,8 +210,11 @@ def test_concat(benchmark, torch_cpu, rng, which):
     (gy,) = _arrays(rng, y.shape)
     if which == "forward":
         fn = lambda: cpu.concat_forward([skip, up], offsets, out_hw)  # noqa: E731
+        check(fn(), reference.concat_forward([skip, up], offsets, out_hw), "concat_forward y")
     else:
         fn = lambda: cpu.concat_backward(gy, [skip.shape, up.shape], offsets)  # noqa: E731
+        for i, (gx, e) in enumerate(zip(fn(), reference.concat_backward(gy, [skip.shape, up.shape], offsets))):
+            check(gx, e, f"concat_backward gx[{i}]")
     nbytes = 2 * y.nbytes if which == "forward" else gy.nbytes + skip.nbytes + up.nbytes
     torch_fn = None if torch_cpu is None else _torch_forward_backward(
         torch_cpu, which, lambda s, u: torch_cpu.cat([s[:, :, 4:132, 4:132], u], 1), [skip, up], gy)
@@ -206,9 +232,13 @@ def test_softmax_cross_entropy(benchmark, torch_cpu, rng, which):
     if which == "forward":
         fn = lambda: cpu.softmax_cross_entropy_forward(x, target, None, -100)  # noqa: E731
         nbytes = x.nbytes + target.nbytes + loss.nbytes + p.nbytes
+        for a, e, what in zip(fn(), reference.softmax_cross_entropy_forward(x, target, None, -100), ("loss", "p")):
+            check(a, e, f"softmax_cross_entropy_forward {what}")
     else:
         fn = lambda: cpu.softmax_cross_entropy_backward(p, target, None, -100, gloss)  # noqa: E731
         nbytes = p.nbytes + target.nbytes + gloss.nbytes + x.nbytes
+        check(fn(), reference.softmax_cross_entropy_backward(p, target, None, -100, gloss),
+              "softmax_cross_entropy_backward gx")
     tt = None if torch_cpu is None else torch_cpu.from_numpy(target)
     torch_fn = None if torch_cpu is None else _torch_forward_backward(
         torch_cpu, which, lambda t: torch_cpu.nn.functional.cross_entropy(t, tt, reduction="none"), [x], gloss)
@@ -225,9 +255,13 @@ def test_batch_norm(benchmark, torch_cpu, rng, which):
     if which == "forward":
         fn = lambda: cpu.batch_norm_forward(x, gamma, beta, None, None, 1e-5, True)  # noqa: E731
         nbytes = x.nbytes + y.nbytes
+        expected = reference.batch_norm_forward(x, gamma, beta, None, None, 1e-5, True)
     else:
         fn = lambda: cpu.batch_norm_backward(gy, x, gamma, mean, var, 1e-5, True)  # noqa: E731
         nbytes = gy.nbytes + x.nbytes + y.nbytes
+        expected = reference.batch_norm_backward(gy, x, gamma, mean, var, 1e-5, True)
+    for i, (a, e) in enumerate(zip(fn(), expected)):
+        check(a, e, f"batch_norm_{which} output {i}")
     torch_fn = None if torch_cpu is None else _torch_forward_backward(
         torch_cpu, which, lambda t, g, b: torch_cpu.nn.functional.batch_norm(t, None, None, g, b, training=True),
         [x, gamma, beta], gy)

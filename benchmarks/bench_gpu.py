@@ -1,5 +1,6 @@
 """GPU kernel benchmarks: minunet.cuda on U-Net-sized shapes, every convolution version, with
-PyTorch's cuDNN kernels timed on the same data in the same run as a yardstick.
+PyTorch's cuDNN kernels timed on the same data in the same run as a yardstick. Each bench first
+checks its output at the timed shape against tests/reference.py (benchmarks/validate.py).
 
     PYTHONPATH=. python -m pytest benchmarks/bench_gpu.py --benchmark-only
     PYTHONPATH=. python -m pytest benchmarks/bench_gpu.py --benchmark-only -k "conv2d_forward and v2"
@@ -42,6 +43,7 @@ import pytest
 
 from flops import UNET_CONV_SHAPES, UNET_CONV_TRANSPOSE_SHAPES, conv2d_flops, conv_transpose2d_flops
 from minunet import backend
+from validate import check, reference, reference_of
 
 if not backend.cuda_available():
     pytest.skip(f"no usable GPU: {backend.cuda_status()[1]}", allow_module_level=True)
@@ -108,12 +110,13 @@ def _torch_median_seconds(torch, fn, min_time=0.5, min_rounds=5, max_rounds=200)
 
 
 def _bench(benchmark, fn, info, torch=None, torch_fn=None, flops=None, nbytes=None, slow=False):
-    """Time fn + synchronize with pytest-benchmark, then torch_fn, and record the figures."""
+    """Time fn + synchronize with pytest-benchmark, then torch_fn, and record the figures. The
+    caller has run fn once (NVRTC compiles then) and checked its output."""
     def call():
         fn()
         _sync()
 
-    for _ in range(1 if slow else 3):  # NVRTC compile and warm-up, outside the clock
+    for _ in range(0 if slow else 2):  # warm-up, outside the clock
         call()
     if slow:
         benchmark.pedantic(call, rounds=2, warmup_rounds=0)
@@ -171,6 +174,12 @@ def test_conv2d(benchmark, torch_gpu, rng, which, version, shape):
     fn = {"forward": lambda: cuda.conv2d_forward(x, w, None, s, p, version=version),
           "backward_input": lambda: cuda.conv2d_backward_input(gy, w, x.shape, s, p, version=version),
           "backward_weight": lambda: cuda.conv2d_backward_weight(x, gy, w.shape, s, p, version=version)}[which]
+    hx, hw, hgy = (a.get() for a in (x, w, gy))
+    expected = reference_of((kernel, shape.name), lambda: {
+        "forward": lambda: reference.conv2d_forward(hx, hw, None, s, p),
+        "backward_input": lambda: reference.conv2d_backward_input(hgy, hw, hx.shape, s, p),
+        "backward_weight": lambda: reference.conv2d_backward_weight(hx, hgy, hw.shape, s, p)}[which]())
+    check(fn(), expected, f"{kernel} v{version} {shape.name}")
     torch_fn = None if torch_gpu is None else _torch_conv(torch_gpu, which, False, x, w, gy, s, p)
     _bench(benchmark, fn, dict(kernel=kernel, version=version, shape=shape.name), torch_gpu, torch_fn,
            flops=conv2d_flops(x.shape, w.shape, gy.shape), slow=version == 1)
@@ -179,20 +188,27 @@ def test_conv2d(benchmark, torch_gpu, rng, which, version, shape):
 # --------------------------------------------------------------------- conv_transpose2d
 
 @pytest.mark.parametrize("shape", UNET_CONV_TRANSPOSE_SHAPES, ids=lambda s: s.name)
-@pytest.mark.parametrize("version", cuda.VERSIONS["conv_transpose2d_forward"], ids=lambda v: f"v{v}")
 @pytest.mark.parametrize("which", ["forward", "backward_input", "backward_weight"])
-def test_conv_transpose2d(benchmark, torch_gpu, rng, which, version, shape):
+def test_conv_transpose2d(benchmark, torch_gpu, rng, which, shape):
+    """The up-convolutions' own kernels (kernel == stride); minunet.functional runs every other
+    transposed convolution on conv2d's kernels, whose benches are above."""
     kernel = f"conv_transpose2d_{which}"
     benchmark.group = f"{kernel} {shape.name}"
     x, w, gy = _arrays(rng, shape.x_shape, shape.w_shape, shape.conv_transpose2d_y_shape)
     s, p = shape.stride, shape.padding
-    fn = {"forward": lambda: cuda.conv_transpose2d_forward(x, w, None, s, p, (0, 0), version=version),
-          "backward_input": lambda: cuda.conv_transpose2d_backward_input(gy, w, s, p, version=version),
-          "backward_weight": lambda: cuda.conv_transpose2d_backward_weight(x, gy, w.shape, s, p,
-                                                                           version=version)}[which]
+    hx, hw, hgy = (a.get() for a in (x, w, gy))
+    fn, expected = {
+        "forward": (lambda: cuda.conv_transpose2d_forward(x, w, None),
+                    lambda: reference.conv_transpose2d_forward(hx, hw, None, s, p, (0, 0))),
+        "backward_input": (lambda: cuda.conv_transpose2d_backward_input(gy, w),
+                           lambda: reference.conv_transpose2d_backward_input(hgy, hw, s, p)),
+        "backward_weight": (lambda: cuda.conv_transpose2d_backward_weight(x, gy, w.shape),
+                            lambda: reference.conv_transpose2d_backward_weight(hx, hgy, hw.shape, s, p)),
+    }[which]
+    check(fn(), expected(), f"{kernel} {shape.name}")
     torch_fn = None if torch_gpu is None else _torch_conv(torch_gpu, which, True, x, w, gy, s, p)
-    _bench(benchmark, fn, dict(kernel=kernel, version=version, shape=shape.name), torch_gpu, torch_fn,
-           flops=conv_transpose2d_flops(x.shape, w.shape), slow=version == 1)
+    _bench(benchmark, fn, dict(kernel=kernel, shape=shape.name), torch_gpu, torch_fn,
+           flops=conv_transpose2d_flops(x.shape, w.shape))
 
 
 # ------------------------------------------------------------------ memory-bound kernels
@@ -213,12 +229,16 @@ def test_max_pool2d(benchmark, torch_gpu, rng, which):
     (x,) = _arrays(rng, (4, 64, 128, 128))
     y, argmax = cuda.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))
     (gy,) = _arrays(rng, y.shape)
+    y_ref, argmax_ref = reference.max_pool2d_forward(x.get(), (2, 2), (2, 2), (0, 0))
     if which == "forward":
         fn = lambda: cuda.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))  # noqa: E731
         nbytes = x.nbytes + y.nbytes + argmax.nbytes
+        check(y, y_ref, "max_pool2d_forward y")
+        np.testing.assert_array_equal(argmax.get(), argmax_ref, err_msg="max_pool2d_forward argmax")
     else:
         fn = lambda: cuda.max_pool2d_backward(gy, argmax, x.shape)  # noqa: E731
         nbytes = gy.nbytes + argmax.nbytes + x.nbytes
+        check(fn(), reference.max_pool2d_backward(gy.get(), argmax_ref, x.shape), "max_pool2d_backward gx")
     torch_fn = None if torch_gpu is None else _torch_forward_backward(
         torch_gpu, which, lambda t: torch_gpu.nn.functional.max_pool2d(t, 2, 2, return_indices=True)[0], [x], gy)
     _bench(benchmark, fn, dict(kernel=f"max_pool2d_{which}", shape="4x64x128x128 2x2/2"), torch_gpu, torch_fn,
@@ -237,9 +257,12 @@ def test_concat(benchmark, torch_gpu, rng, which):
     if which == "forward":
         fn = lambda: cuda.concat_forward([skip, up], offsets, out_hw)  # noqa: E731
         nbytes = 2 * y.nbytes
+        check(fn(), reference.concat_forward([skip.get(), up.get()], offsets, out_hw), "concat_forward y")
     else:
         fn = lambda: cuda.concat_backward(gy, [skip.shape, up.shape], offsets)  # noqa: E731
         nbytes = gy.nbytes + skip.nbytes + up.nbytes
+        for i, (gx, e) in enumerate(zip(fn(), reference.concat_backward(gy.get(), [skip.shape, up.shape], offsets))):
+            check(gx, e, f"concat_backward gx[{i}]")
     torch_fn = None if torch_gpu is None else _torch_forward_backward(
         torch_gpu, which, lambda s, u: torch_gpu.cat([s[:, :, 4:132, 4:132], u], 1), [skip, up], gy)
     _bench(benchmark, fn, dict(kernel=f"concat_{which}", shape="4x64x136x136 + 4x64x128x128"), torch_gpu,
@@ -253,10 +276,13 @@ def test_activation(benchmark, torch_gpu, rng, which):
     benchmark.group = which
     x, b, gy = _arrays(rng, (4, 64, 128, 128), (64,), (4, 64, 128, 128))
     y = cuda.relu_forward(x, b)
-    fn, nbytes, torch_fn = {
-        "relu_forward": (lambda: cuda.relu_forward(x, b), 2 * x.nbytes, None),
-        "relu_backward": (lambda: cuda.relu_backward(gy, y), 3 * x.nbytes, None),
-        "bias_backward": (lambda: cuda.bias_backward(gy), gy.nbytes, None)}[which]
+    hx, hb, hgy, hy = (a.get() for a in (x, b, gy, y))
+    fn, nbytes, expected = {
+        "relu_forward": (lambda: cuda.relu_forward(x, b), 2 * x.nbytes, lambda: reference.relu_forward(hx, hb)),
+        "relu_backward": (lambda: cuda.relu_backward(gy, y), 3 * x.nbytes, lambda: reference.relu_backward(hgy, hy)),
+        "bias_backward": (lambda: cuda.bias_backward(gy), gy.nbytes, lambda: reference.bias_backward(hgy))}[which]
+    check(fn(), expected(), which)
+    torch_fn = None
     if torch_gpu is not None:
         tx, tb, tgy, ty = _torch_tensors(torch_gpu, x, b, gy, y)
         torch_fn = {"relu_forward": lambda: torch_gpu.relu(tx + tb[None, :, None, None]),
@@ -276,9 +302,14 @@ def test_softmax_cross_entropy(benchmark, torch_gpu, rng, which):
     if which == "forward":
         fn = lambda: cuda.softmax_cross_entropy_forward(x, target, None, -100)  # noqa: E731
         nbytes = x.nbytes + target.nbytes + loss.nbytes + p.nbytes
+        for a, e, what in zip(fn(), reference.softmax_cross_entropy_forward(x.get(), target.get(), None, -100),
+                              ("loss", "p")):
+            check(a, e, f"softmax_cross_entropy_forward {what}")
     else:
         fn = lambda: cuda.softmax_cross_entropy_backward(p, target, None, -100, gloss)  # noqa: E731
         nbytes = p.nbytes + target.nbytes + gloss.nbytes + x.nbytes
+        check(fn(), reference.softmax_cross_entropy_backward(p.get(), target.get(), None, -100, gloss.get()),
+              "softmax_cross_entropy_backward gx")
     torch_fn = None
     if torch_gpu is not None:
         (tt,) = _torch_tensors(torch_gpu, target)
@@ -295,12 +326,17 @@ def test_batch_norm(benchmark, torch_gpu, rng, which):
     x, gamma, beta = _arrays(rng, (4, 64, 64, 64), (64,), (64,))
     y, mean, var = cuda.batch_norm_forward(x, gamma, beta, None, None, 1e-5, True)
     (gy,) = _arrays(rng, y.shape)
+    hx, hgamma, hbeta = x.get(), gamma.get(), beta.get()
     if which == "forward":
         fn = lambda: cuda.batch_norm_forward(x, gamma, beta, None, None, 1e-5, True)  # noqa: E731
         nbytes = x.nbytes + y.nbytes
+        expected = reference.batch_norm_forward(hx, hgamma, hbeta, None, None, 1e-5, True)
     else:
         fn = lambda: cuda.batch_norm_backward(gy, x, gamma, mean, var, 1e-5, True)  # noqa: E731
         nbytes = gy.nbytes + x.nbytes + y.nbytes
+        expected = reference.batch_norm_backward(gy.get(), hx, hgamma, mean.get(), var.get(), 1e-5, True)
+    for i, (a, e) in enumerate(zip(fn(), expected)):
+        check(a, e, f"batch_norm_{which} output {i}")
     torch_fn = None if torch_gpu is None else _torch_forward_backward(
         torch_gpu, which, lambda t, g, b: torch_gpu.nn.functional.batch_norm(t, None, None, g, b, training=True),
         [x, gamma, beta], gy)
@@ -314,12 +350,20 @@ def test_optimizer_update(benchmark, torch_gpu, rng, which):
     benchmark.group = which
     p, g, s1, s2 = _arrays(rng, *[(512, 512, 3, 3)] * 4)
     s2 = cupy.abs(s2)  # Adam's second moment is non-negative
+    host = [a.get() for a in (p, g, s1, s2)]
     if which == "sgd_update":
         fn = lambda: cuda.sgd_update(p, g, s1, 1e-3, 0.9, 0.0, 1e-4, False, False)  # noqa: E731
         nbytes = 5 * p.nbytes  # read p, g, buf; write p, buf
+        expected = reference.sgd_update(host[0], host[1], host[2], 1e-3, 0.9, 0.0, 1e-4, False, False)
+        state = (p, s1)
     else:
         fn = lambda: cuda.adam_update(p, g, s1, s2, 1e-3, 0.9, 0.999, 1e-8, 1e-2, 10, True)  # noqa: E731
         nbytes = 7 * p.nbytes  # read p, g, m, v; write p, m, v
+        expected = reference.adam_update(*host, 1e-3, 0.9, 0.999, 1e-8, 1e-2, 10, True)
+        state = (p, s1, s2)
+    fn()  # one update, checked; the timed ones keep updating the same arrays
+    for a, e, name in zip(state, expected, ("p", "state 1", "state 2")):
+        check(a, e, f"{which} {name}")
     torch_fn = None
     if torch_gpu is not None:
         tp, tg, t1, t2 = (t.clone() for t in _torch_tensors(torch_gpu, p, g, s1, s2))

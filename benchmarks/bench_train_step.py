@@ -9,11 +9,21 @@ true float32 arithmetic, and on the CPU PyTorch gets as many threads as numba. T
 reported (`torch_ratio` in extra_info, as in bench_cpu.py) is minunet images/s divided by
 PyTorch images/s, i.e. PyTorch's step time over minunet's (1.0 = as fast as PyTorch).
 
-Each library is timed in a process of its own (benchmarks/isolated.py). Run as a script,
-the two alternate for --pairs rounds and the median of the pairs' ratios is the figure.
+Before anything is timed, the loss of minunet's step at the timed configuration is checked
+against the same network evaluated layer by layer with tests/reference.py in float64
+(`check_step`, in the parent process, once).
+
+Each library is timed in a process of its own (benchmarks/isolated.py), which imports numpy
+first, as most scripts do (`--import-first numpy`), or the library first (`--import-first
+library`). Run as a script, the two libraries alternate for --pairs rounds and the median of
+the pairs' ratios is the figure. With --compare-import-order it times minunet alone instead,
+alternating the two import orders, and reports numpy-first images/s over minunet-first
+images/s (1.0 = the order does not matter, as it must not: importing minunet changes nothing
+in the process).
 
     PYTHONPATH=. python -m pytest benchmarks/bench_train_step.py --benchmark-only
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --base-channels 16 --size 128 --batch 4
+    PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --compare-import-order --pairs 5
 """
 import argparse
 import json
@@ -24,21 +34,25 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # run as a script from a source checkout: find the package beside us
     sys.path.insert(0, str(ROOT))
 
-# The library a process times is imported first, so that it sets up the shared native runtimes
-# as it would alone (benchmarks/isolated.py); a process timing minunet never imports PyTorch.
+# The library a process times is imported first (after numpy, unless --import-first=library),
+# so that it sets up the shared native runtimes as it would alone (benchmarks/isolated.py); a
+# process timing minunet never imports PyTorch.
 import isolated  # noqa: E402  (beside this file: sys.path[0] for a script, rootdir/conftest for pytest)
 
 isolated.use_cuda_emulator_if_asked()
 
+if isolated.argv_option("--import-first", "numpy") == "numpy":
+    import numpy  # noqa: F401
+
 torch = None
-if isolated.library_in_argv() != "minunet":
+if isolated.argv_option("--library") != "minunet":
     try:
         import torch
     except ImportError:
         pass
 
 import minunet  # noqa: E402,F401
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402,F811
 import pytest  # noqa: E402
 
 from minunet import backend, nn, optim  # noqa: E402
@@ -77,6 +91,41 @@ def minunet_step(cfg, device):
         opt.step()
         _synchronize(device)
     return step
+
+
+def reference_loss(model, x, y):
+    """The mean cross-entropy of the 'same'-padded, BatchNorm-free U-Net `model` on (x, y),
+    layer by layer with tests/reference.py in float64: the check of minunet's forward pass."""
+    from validate import reference as ref
+
+    def block(seq, a):
+        for m in seq:
+            if isinstance(m, nn.Conv2d):
+                a = ref.conv2d_forward(a, m.weight.numpy(), m.bias.numpy(), m.stride, m.padding)
+            else:
+                a = ref.relu_forward(a)
+        return a
+
+    skips = []
+    for enc in model.encoder:
+        x = block(enc, x)
+        skips.append(x)
+        x = ref.max_pool2d_forward(x, (2, 2), (2, 2), (0, 0))[0]
+    x = block(model.bottleneck, x)
+    for up, dec, skip in zip(model.up, model.decoder, reversed(skips)):
+        x = ref.conv_transpose2d_forward(x, up.weight.numpy(), up.bias.numpy(), up.stride, up.padding, (0, 0))
+        x = block(dec, ref.concat_forward([skip, x], [(0, 0), (0, 0)], x.shape[2:]))
+    head = model.head
+    return float(ref.cross_entropy(ref.conv2d_forward(x, head.weight.numpy(), head.bias.numpy(), (1, 1), (0, 0)), y))
+
+
+def check_step(cfg):
+    """minunet's loss at the timed configuration (on the CPU) against reference_loss."""
+    from validate import check
+    nn.manual_seed(0)
+    model = UNet(cfg["in_channels"], cfg["num_classes"], cfg["base_channels"], cfg["depth"], cfg["padding"])
+    x, y = _batch(cfg)
+    check(F.cross_entropy(model(tensor(x)), y).data, reference_loss(model, x, y), "U-Net train step loss")
 
 
 def _torch_unet(cfg):
@@ -143,12 +192,28 @@ def _torch_usable(device):
     return torch is not None and (device == "cpu" or torch.cuda.is_available())
 
 
-def measure_in_subprocess(library, cfg, device, rounds):
+def measure_in_subprocess(library, cfg, device, rounds, import_first="numpy"):
     """images/s of `library` ('minunet' or 'pytorch'), timed in a fresh Python process that
-    imports it first (benchmarks/isolated.py says why)."""
-    args = ["--device", device, "--rounds", rounds] + [f"--{k.replace('_', '-')}={cfg[k]}"
-                                                       for k in ("base_channels", "size", "batch", "depth")]
+    imports it first, after numpy if `import_first` is 'numpy' (benchmarks/isolated.py says why)."""
+    args = ["--device", device, "--rounds", rounds, f"--import-first={import_first}"] + [
+        f"--{k.replace('_', '-')}={cfg[k]}" for k in ("base_channels", "size", "batch", "depth")]
     return isolated.measure(pathlib.Path(__file__).resolve(), library, args)["images_per_s"]
+
+
+def compare_import_order(cfg, device, rounds, pairs):
+    """minunet's images/s in processes that import numpy first and minunet first, alternating
+    (ABBA); prints each pair and the median ratio numpy-first / minunet-first."""
+    print(f"minunet U-Net train step, {device}: import order (each figure the median of {rounds} steps "
+          f"in a fresh process)")
+    ratios = []
+    for i in range(pairs):  # ABBA: every other pair starts with the other order, so drift cancels
+        orders = ("numpy", "library") if i % 2 == 0 else ("library", "numpy")
+        ips = {order: measure_in_subprocess("minunet", cfg, device, rounds, order) for order in orders}
+        numpy_first, minunet_first = ips["numpy"], ips["library"]
+        ratios.append(numpy_first / minunet_first)
+        print(f"pair {i + 1}: numpy first {numpy_first:8.2f} images/s   minunet first {minunet_first:8.2f} images/s"
+              f"   ratio {ratios[-1]:.3f}", flush=True)
+    print(f"ratio    {float(np.median(ratios)):.3f}  (median of {pairs} pairs, numpy first / minunet first)")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -157,6 +222,7 @@ def test_train_step(benchmark, device):
         pytest.skip(f"no usable GPU: {backend.cuda_status()[1]}")
     cfg = dict(CONFIG)
     rounds = 5 if device == "cpu" else 20
+    check_step(cfg)
     step = minunet_step(cfg, device)
     for _ in range(2):  # warm-up: numba / NVRTC compilation is not a training step
         step()
@@ -183,6 +249,10 @@ def main():
                    help="time only this library, in this process, and print one JSON line (used by the pairs)")
     p.add_argument("--torch-tf32", action="store_true",
                    help="let PyTorch use TF32 tensor cores (off by default: both sides then do true float32)")
+    p.add_argument("--import-first", choices=["numpy", "library"], default="numpy",
+                   help="with --library: what this process imported first (read before argparse runs)")
+    p.add_argument("--compare-import-order", action="store_true",
+                   help="time minunet alone, alternating processes that import numpy first and minunet first")
     args = p.parse_args()
     device = backend.normalize_device(args.device)
     cfg = dict(CONFIG, base_channels=args.base_channels, size=args.size, batch=args.batch, depth=args.depth)
@@ -191,6 +261,10 @@ def main():
         print(json.dumps({"library": args.library, "device": device, "config": cfg,
                           "torch_tf32": args.torch_tf32 if args.library == "pytorch" else None,
                           "images_per_s": images_per_second(step, cfg["batch"], args.rounds)}))
+        return
+    check_step(cfg)
+    if args.compare_import_order:
+        compare_import_order(cfg, device, args.rounds, args.pairs)
         return
     print(f"U-Net train step, {device}: base_channels={cfg['base_channels']} depth={cfg['depth']} "
           f"{cfg['size']}x{cfg['size']} batch {cfg['batch']}, SGD momentum {cfg['momentum']}; "

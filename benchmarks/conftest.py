@@ -13,9 +13,12 @@ import isolated
 
 isolated.use_cuda_emulator_if_asked()  # MINUNET_CUDA_EMULATOR=1: the CUDA emulator stands in for a GPU
 
-import minunet  # noqa: E402,F401  (before numpy: minunet configures numpy's BLAS as it loads, see its __init__)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from minunet import cpu
+
+cpu.configure()  # numba's thread pool now, before a bench imports PyTorch and its OpenMP (minunet/cpu/runtime.py)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ process of its own, the two alternating (benchmarks/isolated.py says why).
 Each figure is the median of --rounds calls after two warm-up calls; the table gives, per
 layer, the range of each library's figures over the pairs and the median of the pairs'
 ratios (PyTorch's time over minunet's: above 1, minunet is faster). PyTorch gets as many
-threads as numba.
+threads as numba. Before the measurements the parent process checks minunet's three passes at
+every timed shape against tests/reference.py (benchmarks/validate.py).
 """
 import argparse
 import importlib.util
@@ -17,7 +18,7 @@ import sys
 
 import isolated
 
-LIBRARY = isolated.library_in_argv()
+LIBRARY = isolated.argv_option("--library")
 if LIBRARY == "pytorch":  # the measured library first: see benchmarks/isolated.py
     import torch
 elif LIBRARY == "minunet":
@@ -49,6 +50,22 @@ def _fwd_bwd(library, shape):
     return step
 
 
+def check_minunet():
+    """minunet's conv2d passes (version=None) at every timed shape against tests/reference.py."""
+    from minunet import cpu
+    from validate import check, reference
+    rng = np.random.default_rng(0)
+    for shape in UNET_CONV_SHAPES:
+        x, w, gy = (rng.standard_normal(s).astype(np.float32) for s in (shape.x_shape, shape.w_shape,
+                                                                        shape.conv2d_y_shape))
+        s, p = shape.stride, shape.padding
+        check(cpu.conv2d_forward(x, w, None, s, p), reference.conv2d_forward(x, w, None, s, p), shape.name)
+        check(cpu.conv2d_backward_input(gy, w, x.shape, s, p), reference.conv2d_backward_input(gy, w, x.shape, s, p),
+              shape.name)
+        check(cpu.conv2d_backward_weight(x, gy, w.shape, s, p),
+              reference.conv2d_backward_weight(x, gy, w.shape, s, p), shape.name)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pairs", type=int, default=2, help="minunet/PyTorch measurements, alternating")
@@ -65,6 +82,7 @@ def main():
         return
     if importlib.util.find_spec("torch") is None:  # PyTorch is imported only where it is timed
         sys.exit("conv_vs_torch.py needs PyTorch (pip install torch==2.13.0)")
+    check_minunet()
     runs = {"minunet": [], "pytorch": []}
     for _ in range(args.pairs):
         for library in runs:

@@ -10,8 +10,11 @@ machine whose speed drifts, the ratio of two back-to-back measurements is far st
 either one.
 
 A script that uses it accepts `--library=minunet` or `--library=pytorch`; given one, it
-imports that library before anything else (see `library_in_argv`), measures it alone, and
-prints one JSON line last. `median_seconds` is the timing loop such a measurement runs.
+imports that library before anything else (see `argv_option`), measures it alone, and prints
+one JSON line last. `median_seconds` is the timing loop such a measurement runs. A script may
+import numpy before the library, as most user scripts do (`--import-first=numpy`): importing
+minunet changes nothing in the process, so the order must not matter, and
+bench_train_step.py --compare-import-order checks that it does not.
 """
 import json
 import os
@@ -34,10 +37,11 @@ def use_cuda_emulator_if_asked():
         cuda_emulator.install()
 
 
-def library_in_argv():
-    """The --library=NAME this process was started with, or None: read from sys.argv before
-    argparse runs, so that the script can import that library first."""
-    return next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--library=")), None)
+def argv_option(name, default=None):
+    """The value of option `name` (e.g. '--library') this process was started with as
+    `name=VALUE`, or `default`: read from sys.argv before argparse runs, so that the script can
+    import that library first."""
+    return next((a.split("=", 1)[1] for a in sys.argv if a.startswith(name + "=")), default)
 
 
 def measure(script, library, args=()):

@@ -30,7 +30,7 @@ import sys
 
 import numpy as np
 
-from minunet import backend, distributed
+from minunet import backend, cpu, distributed
 from minunet.checkpoint import read_checkpoint
 from minunet.data import split_indices
 from minunet.metrics import format_table
@@ -402,6 +402,7 @@ def main(argv=None):
     """Entry point of the `minunet` console script; returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
+        cpu.configure()  # the CPU kernels' thread pool, set up once, here (minunet/cpu/runtime.py)
         return COMMANDS[args.command](args)
     except (UsageError, ValueError, OSError, distributed.DistributedError) as e:  # bad input, paths, setup
         message = str(e) if isinstance(e, UsageError) else f"minunet: error: {e}"

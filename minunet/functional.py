@@ -1,11 +1,14 @@
 """minunet.functional: the differentiable ops of a U-Net, with PyTorch's names and semantics.
 
-Each op is a public function that validates its arguments (so bad input fails here, with the
-op, the argument and the shapes in the message, and never deep inside a numba or CUDA
-kernel) and then applies a Function subclass. Each Function's forward and backward are
-written ONCE for both devices: the heavy lifting goes to `kernels_for(x)` (minunet.cpu or
-minunet.cuda, same names and signatures), and the cheap elementwise glue uses
-`array_module(x)` (numpy or cupy). The derivative rules therefore live in this file only.
+Each op is a public function that checks what only the op can see (Tensors, devices, dtypes,
+ranks, its own options such as reduction or output_padding) and then applies a Function
+subclass. Each Function's forward and backward are written ONCE for both devices: the heavy
+lifting goes to `kernels_for(x)` (minunet.cpu or minunet.cuda behind minunet.contract, which
+checks every kernel call's shapes and values, so a shape that does not fit fails there, in
+one place for both devices, with the kernel, the argument and the shapes in the message), and
+the cheap elementwise glue uses `array_module(x)` (numpy or cupy). The derivative rules
+therefore live in this file only, the adjoints among them: the transposed convolution is
+conv2d's adjoint here, and nowhere else.
 
 Layout is NCHW throughout; kernel_size, stride and padding take an int or an (h, w) pair.
 """
@@ -13,8 +16,7 @@ import numpy as np
 
 from minunet import backend
 from minunet.autograd import Function, Tensor
-
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+from minunet.contract import FLOATS, pair
 
 
 # ---- argument checking ---------------------------------------------------------------
@@ -22,7 +24,7 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 def _check_tensor(x, op, arg, ndim=None):
     if not isinstance(x, Tensor):
         raise TypeError(f"{op}: {arg} must be a minunet Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOATS:
         raise TypeError(f"{op}: {arg} has dtype {x.dtype}; minunet ops take float32 or float64")
     ranks = (ndim,) if isinstance(ndim, int) else ndim
     if ranks is not None and x.ndim not in ranks:
@@ -43,15 +45,6 @@ def _check_same(op, **tensors):
         raise TypeError(f"{op}: arguments of different dtypes ({desc})")
 
 
-def _pair(v, op, arg, minimum):
-    pair = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(p, (int, np.integer)) for p in pair):
-        raise TypeError(f"{op}: {arg} must be an int or a pair of ints, got {v!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{op}: {arg} must be >= {minimum}, got {v!r}")
-    return int(pair[0]), int(pair[1])
-
-
 def _array_arg(a, like, op, arg):
     """A non-differentiable array argument (target, weight, ...) as an array on `like`'s device;
     Python lists and scalars are converted, arrays on another device are refused."""
@@ -67,6 +60,15 @@ def _contiguous(a):
 
 
 # ---- convolution ---------------------------------------------------------------------
+
+def _check_conv_tensors(op, x, weight, bias):
+    """A convolution's Tensors: x and weight 4-D, bias 1-D or None, one device and dtype."""
+    _check_tensor(x, op, "input x", 4)
+    _check_tensor(weight, op, "weight", 4)
+    if bias is not None:
+        _check_tensor(bias, op, "bias", 1)
+    _check_same(op, x=x, weight=weight, bias=bias)
+
 
 class Conv2d(Function):
     name = "conv2d"
@@ -89,53 +91,67 @@ class Conv2d(Function):
 def conv2d(x, weight, bias=None, stride=1, padding=0):
     """2-D cross-correlation, as torch.nn.functional.conv2d (no dilation, no groups)."""
     op = "conv2d"
-    _check_tensor(x, op, "input x", 4)
-    _check_tensor(weight, op, "weight", 4)
-    if bias is not None:
-        _check_tensor(bias, op, "bias", 1)
-    _check_same(op, x=x, weight=weight, bias=bias)
-    stride, padding = _pair(stride, op, "stride", 1), _pair(padding, op, "padding", 0)
-    n, c, h, w_ = x.shape
-    k, cw, kh, kw = weight.shape
-    if c != cw:
-        raise ValueError(f"{op}: input x has {c} channels (shape {x.shape}) but weight expects {cw} "
-                         f"(weight shape {weight.shape}, which is (out, in, kh, kw))")
-    if bias is not None and bias.shape != (k,):
-        raise ValueError(f"{op}: bias must have shape ({k},) for weight {weight.shape}, got {bias.shape}")
-    if h + 2 * padding[0] < kh or w_ + 2 * padding[1] < kw:
-        raise ValueError(f"{op}: the {kh}x{kw} kernel does not fit the padded input "
-                         f"(x {x.shape}, padding {padding})")
+    _check_conv_tensors(op, x, weight, bias)
+    stride, padding = pair(op, "stride", stride, 1), pair(op, "padding", padding, 0)
     return Conv2d.apply(x, weight, bias, stride=stride, padding=padding)
 
 
+def _patchwise(w_shape, stride, padding, output_padding):
+    """Whether a transposed convolution's patches tile its output without overlap: kernel ==
+    stride, no padding (the U-Net's 2x2 stride-2 up-convolution). The one place that picks the
+    backends' own kernels for that case (conv_transpose2d_*: one GEMM and a reshuffle of each
+    input pixel's patch) over conv2d's kernels in adjoint roles."""
+    return tuple(w_shape[2:]) == tuple(stride) and tuple(padding) == (0, 0) and tuple(output_padding) == (0, 0)
+
+
 class ConvTranspose2d(Function):
+    """The transposed convolution is conv2d's adjoint in x (Chainer's way): if conv2d maps x to
+    y = A x, the transposed convolution with the same weight maps x to A^T x. So its forward is
+    conv2d's backward_input with x in the role of the output gradient, the gradient of its
+    input is conv2d's forward of gy, and the gradient of its weight is conv2d's backward_weight
+    with x and gy in swapped roles, which gives gw in the transposed layout (Cin, Cout, kh, kw)."""
     name = "conv_transpose2d"
 
     def forward(self, x, w, b, stride, padding, output_padding):
-        # x: (N, Cin, H, W), w: (Cin, Cout, kh, kw) -> y: (N, Cout, Ho, Wo)
-        x, w = _contiguous(x), _contiguous(w)
+        # x: (N, Cin, H, W), w: (Cin, Cout, kh, kw) -> y: (N, Cout, Ho, Wo), Ho = (H - 1) sh - 2 ph + kh + oph
+        k, x, w = backend.kernels_for(x), _contiguous(x), _contiguous(w)
         self.x, self.w, self.stride, self.padding = x, w, stride, padding
-        return backend.kernels_for(x).conv_transpose2d_forward(x, w, b, stride, padding, output_padding)
+        self.patchwise = _patchwise(w.shape, stride, padding, output_padding)
+        if self.patchwise:
+            return k.conv_transpose2d_forward(x, w, b)
+        y_shape = (x.shape[0], w.shape[1], *_conv_transpose2d_out_hw(x.shape[2:], w.shape[2:], stride, padding,
+                                                                     output_padding))
+        y = k.conv2d_backward_input(x, w, y_shape, stride, padding)
+        if b is not None:
+            y += b.reshape(-1, 1, 1)
+        return y
 
     def backward(self, gy):
-        k, gy = backend.kernels_for(gy), _contiguous(gy)
+        k, gy, x, w = backend.kernels_for(gy), _contiguous(gy), self.x, self.w
         need_x, need_w, need_b = self.needs_input_grad
-        gx = k.conv_transpose2d_backward_input(gy, self.w, self.stride, self.padding) if need_x else None
-        gw = k.conv_transpose2d_backward_weight(self.x, gy, self.w.shape, self.stride, self.padding) if need_w else None
+        if self.patchwise:
+            gx = k.conv_transpose2d_backward_input(gy, w) if need_x else None
+            gw = k.conv_transpose2d_backward_weight(x, gy, w.shape) if need_w else None
+        else:
+            gx = k.conv2d_forward(gy, w, None, self.stride, self.padding) if need_x else None
+            gw = k.conv2d_backward_weight(gy, x, w.shape, self.stride, self.padding) if need_w else None
         gb = k.bias_backward(gy) if need_b else None
         return gx, gw, gb
+
+
+def _conv_transpose2d_out_hw(hw, khw, stride, padding, output_padding):
+    """(Ho, Wo) of a transposed convolution: Ho = (H - 1) * sh - 2 * ph + kh + oph."""
+    return tuple((n - 1) * s - 2 * p + k + o for n, k, s, p, o in zip(hw, khw, stride, padding, output_padding))
 
 
 def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0):
     """Transposed convolution (the adjoint of conv2d), as torch.nn.functional.conv_transpose2d."""
     op = "conv_transpose2d"
-    _check_tensor(x, op, "input x", 4)
-    _check_tensor(weight, op, "weight", 4)
-    if bias is not None:
-        _check_tensor(bias, op, "bias", 1)
-    _check_same(op, x=x, weight=weight, bias=bias)
-    stride, padding = _pair(stride, op, "stride", 1), _pair(padding, op, "padding", 0)
-    output_padding = _pair(output_padding, op, "output_padding", 0)
+    _check_conv_tensors(op, x, weight, bias)
+    # The checks here are the op's own: on conv2d's kernels in adjoint roles x plays the output
+    # gradient, so a kernel's message would not be in this op's terms.
+    stride, padding = pair(op, "stride", stride, 1), pair(op, "padding", padding, 0)
+    output_padding = pair(op, "output_padding", output_padding, 0)
     if output_padding[0] >= stride[0] or output_padding[1] >= stride[1]:
         raise ValueError(f"{op}: output_padding {output_padding} must be smaller than stride {stride}")
     n, c, h, w_ = x.shape
@@ -145,8 +161,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
                          f"(weight shape {weight.shape}, which is (in, out, kh, kw))")
     if bias is not None and bias.shape != (k,):
         raise ValueError(f"{op}: bias must have shape ({k},) for weight {weight.shape}, got {bias.shape}")
-    ho = (h - 1) * stride[0] - 2 * padding[0] + kh + output_padding[0]
-    wo = (w_ - 1) * stride[1] - 2 * padding[1] + kw + output_padding[1]
+    ho, wo = _conv_transpose2d_out_hw((h, w_), (kh, kw), stride, padding, output_padding)
     if ho < 1 or wo < 1:
         raise ValueError(f"{op}: padding {padding} leaves no output for x {x.shape} and weight {weight.shape}")
     return ConvTranspose2d.apply(x, weight, bias, stride=stride, padding=padding, output_padding=output_padding)
@@ -171,15 +186,9 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
     """Max pooling, as torch.nn.functional.max_pool2d (floor mode, no dilation)."""
     op = "max_pool2d"
     _check_tensor(x, op, "input x", 4)
-    kernel_size = _pair(kernel_size, op, "kernel_size", 1)
-    stride = kernel_size if stride is None else _pair(stride, op, "stride", 1)
-    padding = _pair(padding, op, "padding", 0)
-    if padding[0] > kernel_size[0] // 2 or padding[1] > kernel_size[1] // 2:
-        raise ValueError(f"{op}: padding {padding} must be at most half of kernel_size {kernel_size}")
-    h, w = x.shape[2:]
-    if h + 2 * padding[0] < kernel_size[0] or w + 2 * padding[1] < kernel_size[1]:
-        raise ValueError(f"{op}: kernel_size {kernel_size} does not fit input x {x.shape} with padding {padding}")
-    return MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=padding)
+    kernel_size = pair(op, "kernel_size", kernel_size, 1)
+    stride = kernel_size if stride is None else pair(op, "stride", stride, 1)
+    return MaxPool2d.apply(x, kernel_size=kernel_size, stride=stride, padding=pair(op, "padding", padding, 0))
 
 
 class Concat(Function):
@@ -238,7 +247,7 @@ def center_crop(x, size):
     _check_tensor(x, op, "input x")
     if x.ndim < 2:
         raise ValueError(f"{op}: input x needs at least 2 dims, got shape {x.shape}")
-    h, w = _pair(size, op, "size", 1)
+    h, w = pair(op, "size", size, 1)
     H, W = x.shape[-2:]
     if h > H or w > W:
         raise ValueError(f"{op}: cannot crop {(h, w)} out of input x {x.shape}")
@@ -392,11 +401,8 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mea
         values = sorted(set(backend.to_numpy(target[bad]).tolist()))[:10]
         raise ValueError(f"{op}: target holds class indices {values} outside [0, {n_classes}) "
                          f"(ignore_index={ignore_index}) for logits {logits.shape}")
-    if weight is not None:
-        weight = _array_arg(weight, logits.data, op, "weight").astype(logits.dtype)
-        if weight.shape != (n_classes,):
-            raise ValueError(f"{op}: weight must have shape ({n_classes},), got {tuple(weight.shape)}")
-        weight = xp.ascontiguousarray(weight)
+    if weight is not None:  # a (C,) vector: the kernel's contract checks its shape
+        weight = xp.ascontiguousarray(_array_arg(weight, logits.data, op, "weight").astype(logits.dtype))
     x4 = logits if logits.ndim == 4 else logits.reshape(*logits.shape, 1, 1)
     t3 = target.reshape(x4.shape[0], *x4.shape[2:])
     loss = SoftmaxCrossEntropy.apply(x4, xp.ascontiguousarray(t3), weight, ignore_index=int(ignore_index))
@@ -526,9 +532,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             return Tensor(xp.full((c,), fill, dtype=x.dtype))
         _check_tensor(p, op, arg, 1)
         _check_same(op, x=x, **{arg: p})
-        if p.shape != (c,):
-            raise ValueError(f"{op}: {arg} must have shape ({c},) for input x {x.shape}, got {p.shape}")
-        return p
+        return p  # its shape is the kernel's contract's to check
 
     def stat(s, arg):
         if s is None:

@@ -31,6 +31,7 @@ import numpy as np
 from minunet import backend
 from minunet import functional as F
 from minunet.autograd import Tensor
+from minunet.contract import pair
 
 _generator = np.random.default_rng()
 
@@ -45,14 +46,6 @@ def manual_seed(seed):
 def _uniform(shape, bound):
     """A float32 array of U(-bound, bound) draws from the module's generator."""
     return _generator.uniform(-bound, bound, size=shape).astype(np.float32)
-
-
-def _pair(v, name, what):
-    """An int or a pair of ints -> (h, w), checked."""
-    pair = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(i, (int, np.integer)) for i in pair):
-        raise TypeError(f"{name}: {what} must be an int or a pair of ints, got {v!r}")
-    return tuple(int(i) for i in pair)
 
 
 class Parameter(Tensor):
@@ -372,9 +365,9 @@ class Conv2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size, "Conv2d", "kernel_size")
-        self.stride = _pair(stride, "Conv2d", "stride")
-        self.padding = _pair(padding, "Conv2d", "padding")
+        self.kernel_size = pair("Conv2d", "kernel_size", kernel_size, 1)
+        self.stride = pair("Conv2d", "stride", stride, 1)
+        self.padding = pair("Conv2d", "padding", padding, 0)
         kh, kw = self.kernel_size
         bound = 1 / math.sqrt(self.in_channels * kh * kw)
         self.weight = Parameter(_uniform((self.out_channels, self.in_channels, kh, kw), bound))
@@ -396,10 +389,10 @@ class ConvTranspose2d(Module):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, bias=True):
         super().__init__()
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        self.kernel_size = _pair(kernel_size, "ConvTranspose2d", "kernel_size")
-        self.stride = _pair(stride, "ConvTranspose2d", "stride")
-        self.padding = _pair(padding, "ConvTranspose2d", "padding")
-        self.output_padding = _pair(output_padding, "ConvTranspose2d", "output_padding")
+        self.kernel_size = pair("ConvTranspose2d", "kernel_size", kernel_size, 1)
+        self.stride = pair("ConvTranspose2d", "stride", stride, 1)
+        self.padding = pair("ConvTranspose2d", "padding", padding, 0)
+        self.output_padding = pair("ConvTranspose2d", "output_padding", output_padding, 0)
         kh, kw = self.kernel_size
         bound = 1 / math.sqrt(self.out_channels * kh * kw)  # fan_in from weight dim 1, as PyTorch
         self.weight = Parameter(_uniform((self.in_channels, self.out_channels, kh, kw), bound))

@@ -125,10 +125,21 @@ def conv_transpose2d_forward(x, w, b, stride, padding, output_padding):
 
 
 def conv_transpose2d_backward_input(gy, w, stride, padding):
-    """gx[n,c,i,j] = sum_{o,u,v} gy[n,o,i*sh-ph+u, j*sw-pw+v] w[c,o,u,v]: a plain convolution
-    of gy with w read as (K=Cin, C=Cout, kh, kw)."""
+    """gx = d/dx sum(y * gy): each input pixel gathers gy over the patch it was scattered onto,
+    gx[n,c,i,j] = sum_{o,u,v} gy[n,o,i*sh-ph+u, j*sw-pw+v] w[c,o,u,v] (gy outside is 0).
+    H = (Ho + 2ph - kh) // sh + 1, which undoes the forward's size for any output_padding < stride."""
     # gy: (N, Cout, Ho, Wo), w: (Cin, Cout, kh, kw) -> gx: (N, Cin, H, W)
-    return conv2d_forward(gy, w, None, stride, padding)
+    gy, w = _f64(gy), _f64(w)
+    (sh, sw), (ph, pw) = _pair(stride), _pair(padding)
+    N, _, Ho, Wo = gy.shape
+    Cin, _, kh, kw = w.shape
+    H, W = conv_out_size(Ho, kh, sh, ph), conv_out_size(Wo, kw, sw, pw)
+    gyp = np.pad(gy, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    gx = np.zeros((N, Cin, H, W))
+    for u in range(kh):
+        for v in range(kw):
+            gx += np.einsum("nohw,co->nchw", gyp[:, :, _taps(u, sh, H), _taps(v, sw, W)], w[:, :, u, v])
+    return gx
 
 
 def conv_transpose2d_backward_weight(x, gy, w_shape, stride, padding):

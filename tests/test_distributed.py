@@ -112,13 +112,16 @@ class Block(importlib.abc.MetaPathFinder):  # records and refuses any import of 
             raise ImportError("mpi4py is not installed (blocked by the test)")
 sys.meta_path.insert(0, Block())
 import os, numba
+environment = dict(os.environ)
 from minunet import distributed
 from minunet.cli import main
 threads = numba.get_num_threads()
 rc = main(["train", "--samples", "12", "--image-size", "16", "--base-channels", "4", "--depth", "1",
            "--epochs", "1", "--batch-size", "4", "--no-progress", "--out", sys.argv[1]])
 assert rc == 0 and distributed.init().size == 1, rc
-assert not tried and "threadpoolctl" not in sys.modules and numba.get_num_threads() == threads, tried
+# nothing changed in the process: no thread setting and no environment variable (importing
+# threadpoolctl sets KMP_DUPLICATE_LIB_OK; minunet's CPU kernels import it and put it back)
+assert not tried and dict(os.environ) == environment and numba.get_num_threads() == threads, tried
 os.environ["PMI_SIZE"] = "2"  # as if mpiexec had started two: now mpi4py is needed, and missing
 distributed._group = None
 sys.exit(main(["train", "--out", sys.argv[1] + "-2"]))

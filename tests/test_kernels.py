@@ -1,4 +1,4 @@
-"""Every kernel function of the backend contract, every version, on every usable device,
+"""Every kernel of the contract (minunet/contract.py), every version, on every usable device,
 in float32 and float64, checked against the NumPy float64 oracle in tests/reference.py.
 
 Each test is named `test_<kernel>` after the kernel it checks. A kernel that takes
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from minunet import backend
+from minunet import backend, contract
 
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
 RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
@@ -33,7 +33,7 @@ def pytest_generate_tests(metafunc):
     if "version" not in metafunc.fixturenames:
         return
     name = metafunc.function.__name__.removeprefix("test_")
-    assert name in backend.KERNELS, f"{metafunc.function.__name__} is not named after a kernel"
+    assert name in contract.CONTRACT, f"{metafunc.function.__name__} is not named after a kernel"
     from minunet import cpu
     params = [pytest.param("cpu", v, id=f"cpu-v{v}") for v in (*cpu.VERSIONS[name], None)]
     if backend.cuda_available():
@@ -146,31 +146,34 @@ def test_conv2d_backward_weight(device, version, dtype, case, rng):
     check(gw, ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, "conv2d_backward_weight gw")
 
 
-@pytest.mark.parametrize("op, K, C, hw, ks, stride, expected", [
-    ("conv2d_forward", 16, 128, 16, 3, (1, 1), 3),         # a 16x16 plane: direct
-    ("conv2d_forward", 64, 128, 8, 3, (1, 1), 3),          # 8x8, but few output channels: direct
-    ("conv2d_forward", 128, 64, 8, 3, (1, 1), 2),          # 8x8 and many: GEMM
-    ("conv2d_forward", 16, 16, 16, 3, (2, 2), 2),          # strided: GEMM
-    ("conv2d_forward", 16, 600, 16, 1, (1, 1), 2),         # 1x1: a plain GEMM
-    ("conv2d_backward_input", 128, 64, 8, 3, (1, 1), 3),   # gx has few channels: direct
-    ("conv2d_backward_input", 64, 128, 8, 3, (1, 1), 2),
-    ("conv2d_backward_weight", 128, 128, 16, 3, (1, 1), 3),
-    ("conv2d_backward_weight", 128, 128, 8, 3, (1, 1), 2),
+@pytest.mark.parametrize("stride, khw, plane, channels, expected", [
+    ((1, 1), (3, 3), 16 * 16, 128, 3),    # a 16x16 plane: direct
+    ((1, 1), (3, 3), 8 * 8, 64, 3),       # 8x8, but few channels: direct
+    ((1, 1), (3, 3), 8 * 8, 65, 2),       # 8x8 and many: GEMM
+    ((2, 2), (3, 3), 64 * 64, 16, 2),     # strided: GEMM
+    ((1, 1), (1, 1), 64 * 64, 16, 2),     # 1x1: a plain GEMM
+    ((1, 1), (3, 1), 15 * 15, 128, 2),    # just under 16x16, many channels
 ])
-def test_cpu_version_none_routes_by_shape(op, K, C, hw, ks, stride, expected, rng):
-    """On the CPU version=None runs v3 or v2 by shape (minunet.cpu.conv2d._direct): it must give exactly what
-    the version it routes to gives (the oracle checks both versions' values above)."""
-    from minunet import cpu
-    pad = (ks // 2, ks // 2)
-    out = (hw + 2 * pad[0] - ks) // stride[0] + 1
-    x, w, gy = make(rng, np.float32, (2, C, hw, hw), (K, C, ks, ks), (2, K, out, out))
-    args = {"conv2d_forward": (x, w, None, stride, pad),
-            "conv2d_backward_input": (gy, w, x.shape, stride, pad),
-            "conv2d_backward_weight": (x, gy, w.shape, stride, pad)}[op]
-    fn = getattr(cpu, op)
-    np.testing.assert_array_equal(fn(*args), fn(*args, version=expected))
-    other = 5 - expected  # v2 <-> v3: differently rounded, so a wrong route shows up as a mismatch
-    assert not np.array_equal(fn(*args), fn(*args, version=other)), f"{op}: v2 and v3 agreed bit for bit"
+def test_cpu_choose_version(stride, khw, plane, channels, expected):
+    from minunet.cpu import conv2d
+    assert conv2d.choose_version(stride, khw, plane, channels) == expected
+
+
+@pytest.mark.parametrize("op, args, expected", [
+    ("conv2d_forward", lambda x, w, gy: (x, w, None, (1, 1), (1, 1)), ((1, 1), (3, 3), 10 * 12, 5)),
+    ("conv2d_backward_input", lambda x, w, gy: (gy, w, x.shape, (1, 1), (1, 1)), ((1, 1), (3, 3), 10 * 12, 2)),
+    ("conv2d_backward_weight", lambda x, w, gy: (x, gy, w.shape, (1, 1), (1, 1)), ((1, 1), (3, 3), 10 * 12, 5)),
+])
+def test_cpu_version_none_asks_choose_version(op, args, expected, monkeypatch, rng):
+    """version=None runs what choose_version says for the call's shape: (stride, kernel, the
+    output plane's size and channels; for backward_input, x's plane and channels)."""
+    from minunet.cpu import conv2d
+    asked = []
+    monkeypatch.setattr(conv2d, "choose_version", lambda *a: asked.append(a) or 1)
+    x, w, gy = make(rng, np.float64, (2, 2, 10, 12), (5, 2, 3, 3), (2, 5, 10, 12))
+    out = run("cpu", op, *args(x, w, gy))
+    assert asked == [expected]
+    np.testing.assert_array_equal(out, run("cpu", op, *args(x, w, gy), version=1))  # what it returned, it ran
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -181,71 +184,53 @@ def test_bias_backward(device, dtype, rng):
 
 
 # ------------------------------------------------------------------- transposed convolution
+# The kernels are the transposed convolution with kernel == stride and no padding (the U-Net's
+# up-convolution); every other one is conv2d's kernels in adjoint roles, which
+# tests/test_ops.py checks through minunet.functional.
 
-def _random_conv_t_cases(seed, n):
-    """(N, Cin, H, W, Cout, (kh, kw), stride, padding, output_padding) drawn at random, with
-    output_padding < stride and padding small enough for a non-empty output."""
-    g = np.random.default_rng(seed)
-    cases = []
-    for _ in range(n):
-        kh, kw = (int(v) for v in g.integers(1, 5, size=2))
-        sh, sw = (int(v) for v in g.integers(1, 4, size=2))
-        ph, pw = int(g.integers(0, kh // 2 + 1)), int(g.integers(0, kw // 2 + 1))
-        oph, opw = int(g.integers(0, sh)), int(g.integers(0, sw))
-        H, W = (int(v) for v in g.integers(2, 7, size=2))
-        N, Cin, Cout = (int(v) for v in g.integers(1, 5, size=3))
-        cases.append((N, Cin, H, W, Cout, (kh, kw), (sh, sw), (ph, pw), (oph, opw)))
-    return cases
-
-
-# (N, Cin, H, W, Cout, (kh, kw), stride, padding, output_padding)
+# (N, Cin, H, W, Cout, (kh, kw))
 CONV_T_CASES = [
-    (2, 4, 5, 6, 3, (2, 2), (2, 2), (0, 0), (0, 0)),   # U-Net up-convolution 2x2 stride 2
-    (1, 16, 4, 4, 8, (2, 2), (2, 2), (0, 0), (0, 0)),  # ... with more channels
-    (1, 2, 3, 4, 2, (3, 3), (3, 3), (0, 0), (0, 0)),   # kernel == stride, 3x3
-    (1, 3, 4, 5, 2, (3, 3), (2, 2), (1, 1), (1, 1)),   # 3x3 stride 2 with output_padding
-    (2, 2, 5, 4, 3, (3, 3), (1, 1), (1, 1), (0, 0)),   # stride 1: overlapping patches
-    (1, 2, 4, 3, 2, (2, 2), (3, 3), (0, 0), (2, 1)),   # stride > kernel: gaps, output_padding
-    (1, 1, 3, 5, 1, (3, 2), (2, 1), (1, 0), (1, 0)),   # asymmetric, batch 1, one channel
-    (1, 2, 2, 2, 2, (2, 2), (2, 2), (0, 0), (1, 1)),   # kernel == stride but output_padding
-] + _random_conv_t_cases(seed=7, n=5)
+    (2, 4, 5, 6, 3, (2, 2)),    # U-Net up-convolution 2x2 stride 2
+    (1, 16, 4, 4, 8, (2, 2)),   # ... with more channels
+    (1, 2, 3, 4, 2, (3, 3)),    # 3x3 stride 3
+    (1, 1, 3, 5, 1, (3, 2)),    # asymmetric, batch 1, one channel
+    (3, 5, 1, 1, 7, (1, 1)),    # one pixel, a 1x1 kernel
+    (2, 3, 7, 2, 4, (2, 3)),    # odd sizes
+]
 
 
 def _conv_t_inputs(rng, dtype, case):
-    N, Cin, H, W, Cout, ks, stride, padding, output_padding = case
+    N, Cin, H, W, Cout, ks = case
     x, w, b = make(rng, dtype, (N, Cin, H, W), (Cin, Cout) + ks, (Cout,))
-    return x, w, b, stride, padding, output_padding
+    (gy,) = make(rng, dtype, (N, Cout, H * ks[0], W * ks[1]))
+    return x, w, b, gy, ks
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("case", CONV_T_CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv_transpose2d_forward(device, version, dtype, case, bias, rng):
-    x, w, b, stride, padding, output_padding = _conv_t_inputs(rng, dtype, case)
+def test_conv_transpose2d_forward(device, dtype, case, bias, rng):
+    x, w, b, _, ks = _conv_t_inputs(rng, dtype, case)
     b = b if bias else None
-    y = run(device, "conv_transpose2d_forward", x, w, b, stride, padding, output_padding, version=version)
-    check(y, ref.conv_transpose2d_forward(x, w, b, stride, padding, output_padding), dtype,
-          "conv_transpose2d_forward y")
+    y = run(device, "conv_transpose2d_forward", x, w, b)
+    check(y, ref.conv_transpose2d_forward(x, w, b, ks, 0, 0), dtype, "conv_transpose2d_forward y")
 
 
 @pytest.mark.parametrize("case", CONV_T_CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv_transpose2d_backward_input(device, version, dtype, case, rng):
-    x, w, _, stride, padding, output_padding = _conv_t_inputs(rng, dtype, case)
-    (gy,) = make(rng, dtype, ref.conv_transpose2d_forward(x, w, None, stride, padding, output_padding).shape)
-    gx = run(device, "conv_transpose2d_backward_input", gy, w, stride, padding, version=version)
-    expected = ref.conv_transpose2d_backward_input(gy, w, stride, padding)
-    assert expected.shape == x.shape
-    check(gx, expected, dtype, "conv_transpose2d_backward_input gx")
+def test_conv_transpose2d_backward_input(device, dtype, case, rng):
+    x, w, _, gy, ks = _conv_t_inputs(rng, dtype, case)
+    gx = run(device, "conv_transpose2d_backward_input", gy, w)
+    check(gx, ref.conv_transpose2d_backward_input(gy, w, ks, 0), dtype, "conv_transpose2d_backward_input gx")
+    assert gx.shape == x.shape
 
 
 @pytest.mark.parametrize("case", CONV_T_CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_conv_transpose2d_backward_weight(device, version, dtype, case, rng):
-    x, w, _, stride, padding, output_padding = _conv_t_inputs(rng, dtype, case)
-    (gy,) = make(rng, dtype, ref.conv_transpose2d_forward(x, w, None, stride, padding, output_padding).shape)
-    gw = run(device, "conv_transpose2d_backward_weight", x, gy, w.shape, stride, padding, version=version)
-    check(gw, ref.conv_transpose2d_backward_weight(x, gy, w.shape, stride, padding), dtype,
+def test_conv_transpose2d_backward_weight(device, dtype, case, rng):
+    x, w, _, gy, ks = _conv_t_inputs(rng, dtype, case)
+    gw = run(device, "conv_transpose2d_backward_weight", x, gy, w.shape)
+    check(gw, ref.conv_transpose2d_backward_weight(x, gy, w.shape, ks, 0), dtype,
           "conv_transpose2d_backward_weight gw")
 
 

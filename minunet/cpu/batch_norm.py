@@ -8,11 +8,7 @@ import math
 import numpy as np
 from numba import prange
 
-from minunet.checks import ArrayChecks, same_shape as _same_shape
 from minunet.cpu.runtime import kernel
-
-_check = ArrayChecks(np, "CPU")
-_floats, _vector = _check.floats, _check.vector
 
 
 @kernel
@@ -81,42 +77,34 @@ def _batch_norm_backward_input(gy, x, gamma, mean, var, eps, gbeta, ggamma, trai
                 gx[n, c, i] = k * gy[n, c, i]
 
 
-def _as_ncl(op, x):
-    if x.ndim < 2:
-        raise ValueError(f"{op}: x must be (N, C, ...), got shape {x.shape}")
-    return x.reshape(x.shape[0], x.shape[1], -1)
+def _per_channel(a, C, dtype, fill):
+    """gamma or beta, or `fill` in every channel where it is None."""
+    return np.full(C, fill, dtype) if a is None else a
 
 
 def batch_norm_forward(x, gamma, beta, mean, var, eps, training):
-    # x: (N, C, H, W), gamma, beta, mean, var: (C,) -> y: (N, C, H, W), mean, var: (C,) used
-    op = "batch_norm_forward"
-    dtype = _floats(op, ("x", x))
-    x3 = _as_ncl(op, x)
+    # x: (N, C, ...), gamma, beta, mean, var: (C,) or None -> y: x's shape, mean, var: (C,) used
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
     C = x3.shape[1]
     if training:
-        mean, var = np.empty(C, dtype), np.empty(C, dtype)
+        mean, var = np.empty(C, x.dtype), np.empty(C, x.dtype)
         _channel_mean_var(x3, mean, var)
     else:
-        mean = _vector(op, "mean", mean, C, dtype).copy()
-        var = _vector(op, "var", var, C, dtype).copy()
+        mean, var = mean.copy(), var.copy()
     y = np.empty_like(x)
-    _batch_norm_forward(x3, _vector(op, "gamma", gamma, C, dtype, 1), _vector(op, "beta", beta, C, dtype, 0),
-                        mean, var, float(eps), y.reshape(x3.shape))
+    _batch_norm_forward(x3, _per_channel(gamma, C, x.dtype, 1), _per_channel(beta, C, x.dtype, 0), mean, var, eps,
+                        y.reshape(x3.shape))
     return y, mean, var
 
 
 def batch_norm_backward(gy, x, gamma, mean, var, eps, training):
-    # gy, x: (N, C, H, W), gamma, mean, var: (C,) -> gx: (N, C, H, W), ggamma, gbeta: (C,)
-    op = "batch_norm_backward"
-    dtype = _floats(op, ("gy", gy), ("x", x))
-    _same_shape(op, "gy", gy, x.shape)
-    x3 = _as_ncl(op, x)
+    # gy, x: (N, C, ...), gamma, mean, var: (C,) -> gx: x's shape, ggamma, gbeta: (C,)
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
     C = x3.shape[1]
-    mean, var = _vector(op, "mean", mean, C, dtype), _vector(op, "var", var, C, dtype)
     gy3 = gy.reshape(x3.shape)
-    gbeta, ggamma = np.empty(C, dtype), np.empty(C, dtype)
-    _batch_norm_sums(gy3, x3, mean, var, float(eps), gbeta, ggamma)
+    gbeta, ggamma = np.empty(C, x.dtype), np.empty(C, x.dtype)
+    _batch_norm_sums(gy3, x3, mean, var, eps, gbeta, ggamma)
     gx = np.empty_like(x)
-    _batch_norm_backward_input(gy3, x3, _vector(op, "gamma", gamma, C, dtype, 1), mean, var, float(eps),
-                               gbeta, ggamma, bool(training), gx.reshape(x3.shape))
+    _batch_norm_backward_input(gy3, x3, _per_channel(gamma, C, x.dtype, 1), mean, var, eps, gbeta, ggamma, training,
+                               gx.reshape(x3.shape))
     return gx, ggamma, gbeta

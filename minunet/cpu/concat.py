@@ -8,11 +8,7 @@ outside it.
 import numpy as np
 from numba import prange
 
-from minunet.checks import ArrayChecks
 from minunet.cpu.runtime import kernel
-
-_check = ArrayChecks(np, "CPU")
-_floats = _check.floats
 
 
 @kernel
@@ -36,26 +32,9 @@ def _uncrop_from(gy, top, left, c0, gx):
         gx[n, c, top:top + H, left:left + W] = gy[n, c0 + c]
 
 
-def _check_windows(op, shapes, offsets, out_hw):
-    if len(offsets) != len(shapes):
-        raise ValueError(f"{op}: {len(shapes)} inputs but {len(offsets)} offsets")
-    H, W = out_hw
-    for i, (shape, (top, left)) in enumerate(zip(shapes, offsets)):
-        if len(shape) != 4 or shape[0] != shapes[0][0]:
-            raise ValueError(f"{op}: input {i} has shape {tuple(shape)}; every input must be "
-                             f"(N={shapes[0][0]}, C_i, H_i, W_i)")
-        if not (0 <= top and top + H <= shape[2] and 0 <= left and left + W <= shape[3]):
-            raise ValueError(f"{op}: the {H}x{W} window at offset ({top}, {left}) does not fit "
-                             f"in input {i} of shape {tuple(shape)}")
-
-
 def concat_forward(xs, offsets, out_hw):
     # xs: list of (N, C_i, H_i, W_i) -> y: (N, sum C_i, H, W), input i cropped at offsets[i]
-    op = "concat_forward"
-    dtype = _floats(op, *((f"xs[{i}]", x) for i, x in enumerate(xs)))
-    H, W = out_hw
-    _check_windows(op, [x.shape for x in xs], offsets, (H, W))
-    y = np.empty((xs[0].shape[0], sum(x.shape[1] for x in xs), H, W), dtype)
+    y = np.empty((xs[0].shape[0], sum(x.shape[1] for x in xs), *out_hw), xs[0].dtype)
     c0 = 0
     for x, (top, left) in zip(xs, offsets):
         _crop_into(x, top, left, c0, y)
@@ -65,15 +44,9 @@ def concat_forward(xs, offsets, out_hw):
 
 def concat_backward(gy, x_shapes, offsets):
     # gy: (N, sum C_i, H, W) -> gxs: list of x_shapes[i], zero outside each crop window
-    op = "concat_backward"
-    dtype = _floats(op, ("gy", gy), ndim=4)
-    x_shapes = [tuple(shape) for shape in x_shapes]
-    _check_windows(op, x_shapes, offsets, gy.shape[2:])
-    if x_shapes[0][0] != gy.shape[0] or sum(s[1] for s in x_shapes) != gy.shape[1]:
-        raise ValueError(f"{op}: gy {gy.shape} does not match the inputs {x_shapes}")
     gxs, c0 = [], 0
     for shape, (top, left) in zip(x_shapes, offsets):
-        gx = np.empty(shape, dtype)
+        gx = np.empty(shape, gy.dtype)
         _uncrop_from(gy, top, left, c0, gx)
         gxs.append(gx)
         c0 += shape[1]

@@ -35,48 +35,39 @@ Convolution versions (`version=`, see VERSIONS)
       below): no columns, so nothing 9x the size of x goes through memory, and no packing of
       GEMM operands. On 2 cores it beats v2 on every stride-1 3x3 layer of the U-Net except
       the 8x8, many-channel bottom, by 2x on the few-channel top; version=None picks it there
+      and v2 elsewhere (`choose_version`).
 """
 import numba
 import numpy as np
 from numba import prange
 
-from minunet.checks import ArrayChecks, conv_out_hw as _conv_out_hw, same_shape as _same_shape
-from minunet.checks import version as _checked_version
-from minunet.cpu.runtime import kernel, scratch
+from minunet.contract import conv_out_hw
+from minunet.cpu.runtime import batches, kernel, one_blas_thread, scratch
 
 VERSIONS = {
     "conv2d_forward": (1, 2, 3),
     "conv2d_backward_input": (1, 2, 3),
     "conv2d_backward_weight": (1, 2, 3),
 }
-DEFAULT_VERSION = {name: 2 for name in VERSIONS}
 
-_check = ArrayChecks(np, "CPU")
-_floats, _vector = _check.floats, _check.vector
-
-# version=None runs v3 instead of DEFAULT_VERSION's v2 for every stride-1 convolution with a
-# kernel larger than 1x1, except on planes smaller than _DIRECT_PLANE places that also have
-# more than _DIRECT_CHANNELS output channels (the 8x8 bottom of a wide U-Net): there v2's GEMMs
-# are big enough for BLAS to win. A 1x1 kernel needs no im2col, so v2 is a plain GEMM; strided
-# convolutions are v2's. Measured on the U-Net's layers, 2 cores, with
+# version=None runs v3 for every stride-1 convolution with a kernel larger than 1x1, except on
+# planes smaller than _DIRECT_PLANE places that also have more than _DIRECT_CHANNELS output
+# channels (the 8x8 bottom of a wide U-Net): there v2's GEMMs are big enough for BLAS to win.
+# A 1x1 kernel needs no im2col, so v2 is a plain GEMM; strided convolutions are v2's. Measured
+# on the U-Net's layers, 2 cores, with
 # `PYTHONPATH=. python -m pytest benchmarks/bench_cpu.py --benchmark-only -k conv2d`.
 _DIRECT_PLANE = 16 * 16
 _DIRECT_CHANNELS = 64
 
 
-def _direct(stride, khw, plane, channels):
-    """Whether version=None runs v3: see above. `plane` is the output's Ho*Wo (for
-    backward_input, x's H*W) and `channels` its channel count."""
-    return (tuple(stride) == (1, 1) and tuple(khw) != (1, 1)
-            and (plane >= _DIRECT_PLANE or channels <= _DIRECT_CHANNELS))
+def choose_version(stride, khw, plane, channels):
+    """The version that version=None runs (see above): 3 or 2. `plane` is the size of the
+    output plane Ho*Wo (for backward_input, of x's plane H*W) and `channels` its channel count."""
+    direct = (tuple(stride) == (1, 1) and tuple(khw) != (1, 1)
+              and (plane >= _DIRECT_PLANE or channels <= _DIRECT_CHANNELS))
+    return 3 if direct else 2
 
 
-def _version(op, version, direct=False):
-    """The version to run: `version`, checked, or for None v3 where `direct` says it wins."""
-    return _checked_version(op, version, VERSIONS[op], 3 if direct else DEFAULT_VERSION[op])
-
-
-_SCRATCH_BYTES = 64 << 20  # v2 builds im2col columns for this many bytes' worth of images at a time
 _THIN = 256  # below this many output pixels per image, v2 runs one GEMM over the images side by side
 
 
@@ -190,15 +181,15 @@ def _im2col(x, kh, kw, sh, sw, ph, pw, col):
 
 
 @kernel
-def _col2im(col, b, kh, kw, sh, sw, ph, pw, x):
+def _col2im(col, kh, kw, sh, sw, ph, pw, x):
     # col: (N, C*kh*kw, Ho*Wo) -> x: (N, C, H, W), im2col's adjoint: each plane x[n, c] starts at
-    # b[c] and every entry of its rows (c, *, *) of col is added onto the pixel it came from.
+    # 0 and every entry of its rows (c, *, *) of col is added onto the pixel it came from.
     # One prange iteration per plane x[n, c].
     N, C, H, W = x.shape
     Ho, Wo = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
     for nc in prange(N * C):
         n, c = nc // C, nc % C
-        x[n, c] = b[c]
+        x[n, c] = 0
         for u in range(kh):
             i0, i1 = _valid(Ho, H, sh, ph, u)
             for v in range(kw):
@@ -213,13 +204,6 @@ def _col2im(col, b, kh, kw, sh, sw, ph, pw, x):
                     else:
                         for j in range(j0, j1):
                             dst[j * sw - pw + v] += src[j]
-
-
-def _batches(N, sample_nbytes):
-    """Slices of the batch whose temporaries (sample_nbytes per image) fit in _SCRATCH_BYTES, one
-    image at least: the scratch buffer stays bounded however large the images or the batch."""
-    step = max(1, _SCRATCH_BYTES // sample_nbytes)
-    return [slice(n, min(n + step, N)) for n in range(0, N, step)]
 
 
 def _cols(x, khw, stride, padding, Ho, Wo):
@@ -244,12 +228,13 @@ def _flipped(w):
     return np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
 
 
+@one_blas_thread
 def _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo):
     N, C = x.shape[:2]
     K, _, kh, kw = w.shape
     P = Ho * Wo
     y = np.empty((N, K, P), x.dtype)
-    for s in _batches(N, C * kh * kw * P * x.itemsize):
+    for s in batches(N, C * kh * kw * P * x.itemsize):
         col = _cols(x[s], (kh, kw), stride, padding, Ho, Wo)  # (n, R, P)
         if P < _THIN:  # one GEMM over the images side by side
             y[s] = (w.reshape(K, -1) @ _gathered(col)).reshape(K, -1, P).transpose(1, 0, 2)
@@ -260,8 +245,8 @@ def _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo):
     return y.reshape(N, K, Ho, Wo)
 
 
-def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, b=None):
-    # gx, plus b[c] on every plane where b is given (conv_transpose2d's bias)
+@one_blas_thread
+def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding):
     N, K, Ho, Wo = gy.shape
     C = x_shape[1]
     kh, kw = w.shape[2:]
@@ -271,30 +256,27 @@ def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding, b=None):
         # its channel axes swapped, and padding k-1-p. Its im2col (of gy: K*kh*kw rows) is no
         # larger than col2im's columns (C*kh*kw rows) here, and its GEMM has the long inner
         # dimension K*kh*kw rather than K, which BLAS runs faster.
-        return _conv2d_forward_v2(gy, _flipped(w), b, (1, 1), (kh - 1 - ph, kw - 1 - pw), *x_shape[2:])
+        return _conv2d_forward_v2(gy, _flipped(w), None, (1, 1), (kh - 1 - ph, kw - 1 - pw), *x_shape[2:])
     gy = gy.reshape(N, K, Ho * Wo)
     w_t = w.reshape(K, -1).T                                    # (R, K)
     if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
-        gx = np.matmul(w_t, gy)                                 # col2im of a 1x1 kernel: the identity
-        if b is not None:
-            gx += b[:, None]
-        return gx.reshape(x_shape)
-    b = np.zeros(C, gy.dtype) if b is None else b
+        return np.matmul(w_t, gy).reshape(x_shape)              # col2im of a 1x1 kernel: the identity
     gx = np.empty(x_shape, gy.dtype)
-    for s in _batches(N, C * kh * kw * Ho * Wo * gy.itemsize):
+    for s in batches(N, C * kh * kw * Ho * Wo * gy.itemsize):
         gcol = scratch((s.stop - s.start, C * kh * kw, Ho * Wo), gy.dtype)
         np.matmul(w_t, gy[s], out=gcol)                         # (R, K) @ (n, K, P) -> (n, R, P)
-        _col2im(gcol, b, kh, kw, *stride, *padding, gx[s])
+        _col2im(gcol, kh, kw, *stride, *padding, gx[s])
     return gx
 
 
+@one_blas_thread
 def _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding):
     N, K, Ho, Wo = gy.shape
     C, kh, kw = w_shape[1:]
     P = Ho * Wo
     gy = gy.reshape(N, K, P)
     gw = np.zeros((K, C * kh * kw), x.dtype)
-    for s in _batches(N, C * kh * kw * P * x.itemsize):
+    for s in batches(N, C * kh * kw * P * x.itemsize):
         col = _cols(x[s], (kh, kw), stride, padding, Ho, Wo)   # (n, R, P)
         if P < _THIN:  # one GEMM over the images side by side: (K, n*P) @ (n*P, R)
             gw += _gathered(gy[s]) @ _gathered(col).T
@@ -487,17 +469,17 @@ def _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo):
     return y if (sh, sw) == (1, 1) else np.ascontiguousarray(y[:, :, ::sh, ::sw])
 
 
-def _conv2d_backward_input_v3(gy, w, x_shape, stride, padding, b=None):
+def _conv2d_backward_input_v3(gy, w, x_shape, stride, padding):
     # gx[h, q] = sum_{k,u,v} gyd[h + ph - u, q + pw - v] * w[k, c, u, v] with gyd gy dilated:
     # a stride-1 correlation of gyd with w flipped in space and its channel axes swapped,
-    # padded by kh-1-ph on top (negative: cropped). b, where given, is added to every plane.
+    # padded by kh-1-ph on top (negative: cropped).
     (N, C, H, W), (kh, kw), (sh, sw), (ph, pw) = x_shape, w.shape[2:], stride, padding
     Ho, Wo = gy.shape[2:]
     gyd = _dilated(gy, stride, (N, gy.shape[1], (Ho - 1) * sh + 1, (Wo - 1) * sw + 1))
     Wp = W + kw - 1
     gp = _padded(gyd, kh - 1 - ph, kw - 1 - pw, H + kh - 1, Wp, kw)
     gx = np.empty(x_shape, gy.dtype)
-    _correlate_v3(gp, _flipped(w), np.zeros(C, gy.dtype) if b is None else b, Wp, H, W, gx)
+    _correlate_v3(gp, _flipped(w), np.zeros(C, gy.dtype), Wp, H, W, gx)
     return gx
 
 
@@ -519,18 +501,12 @@ def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding):
 
 def conv2d_forward(x, w, b, stride, padding, version=None):
     # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo)
-    op = "conv2d_forward"
-    dtype = _floats(op, ("x", x), ("w", w), ndim=4)
-    if x.shape[1] != w.shape[1]:
-        raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w {w.shape} expects {w.shape[1]}")
-    stride, padding = tuple(stride), tuple(padding)
-    Ho, Wo = _conv_out_hw(op, x.shape[2:], w.shape[2:], stride, padding)
-    v = _version(op, version, _direct(stride, w.shape[2:], Ho * Wo, w.shape[0]))
+    Ho, Wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, padding)
+    v = version or choose_version(stride, w.shape[2:], Ho * Wo, w.shape[0])
     if v == 1:
-        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), dtype)
-        _conv2d_forward_v1(x, w, _vector(op, "b", b, w.shape[0], dtype, 0), *stride, *padding, y)
+        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
+        _conv2d_forward_v1(x, w, np.zeros(w.shape[0], x.dtype) if b is None else b, *stride, *padding, y)
         return y
-    b = None if b is None else _vector(op, "b", b, w.shape[0], dtype)
     if v == 3:
         return _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo)
     return _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo)
@@ -538,16 +514,10 @@ def conv2d_forward(x, w, b, stride, padding, version=None):
 
 def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
     # gy: (N, K, Ho, Wo), w: (K, C, kh, kw) -> gx: x_shape = (N, C, H, W)
-    op = "conv2d_backward_input"
-    dtype = _floats(op, ("gy", gy), ("w", w), ndim=4)
-    stride, padding, x_shape = tuple(stride), tuple(padding), tuple(x_shape)
     N, C, H, W = x_shape
-    v = _version(op, version, _direct(stride, w.shape[2:], H * W, C))
-    if C != w.shape[1]:
-        raise ValueError(f"{op}: x_shape {x_shape} has {C} channels but w {w.shape} expects {w.shape[1]}")
-    _same_shape(op, "gy", gy, (N, w.shape[0], *_conv_out_hw(op, (H, W), w.shape[2:], stride, padding)))
+    v = version or choose_version(stride, w.shape[2:], H * W, C)
     if v == 1:
-        gx = np.zeros(x_shape, dtype)
+        gx = np.zeros(x_shape, gy.dtype)
         _conv2d_backward_input_v1(gy, w, *stride, *padding, gx)
         return gx
     if v == 3:
@@ -557,16 +527,10 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
 
 def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
     # x: (N, C, H, W), gy: (N, K, Ho, Wo) -> gw: w_shape = (K, C, kh, kw)
-    op = "conv2d_backward_weight"
-    dtype = _floats(op, ("x", x), ("gy", gy), ndim=4)
-    stride, padding, w_shape = tuple(stride), tuple(padding), tuple(w_shape)
     K, C, kh, kw = w_shape
-    v = _version(op, version, _direct(stride, (kh, kw), gy.shape[2] * gy.shape[3], K))
-    if x.shape[1] != C:
-        raise ValueError(f"{op}: x {x.shape} has {x.shape[1]} channels but w_shape {w_shape} expects {C}")
-    _same_shape(op, "gy", gy, (x.shape[0], K, *_conv_out_hw(op, x.shape[2:], (kh, kw), stride, padding)))
+    v = version or choose_version(stride, (kh, kw), gy.shape[2] * gy.shape[3], K)
     if v == 1:
-        gw = np.empty(w_shape, dtype)
+        gw = np.empty(w_shape, x.dtype)
         _conv2d_backward_weight_v1(x, gy, *stride, *padding, gw)
         return gw
     if v == 3:

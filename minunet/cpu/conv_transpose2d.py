@@ -1,42 +1,33 @@
-"""minunet.cpu.conv_transpose2d: the transposed convolution, on conv2d's kernels.
+"""minunet.cpu.conv_transpose2d: the transposed convolution whose kernel equals its stride.
 
-Transposed convolution is the adjoint of convolution in x (as in Chainer): its forward is
-conv2d's backward_input with the roles of x and gy swapped, its backward_input is conv2d's
-forward and its backward_weight is conv2d's backward_weight with x and gy swapped. The U-Net's
-up-convolution (kernel == stride, no padding) has patches that do not overlap, so v2 runs it
-as one GEMM per image, z[n] (Cout*kh*kw, H*W) = W.T @ x[n], and a reshuffle of each pixel's
-(Cout, kh, kw) patch into place, with the bias added on the way.
+A transposed convolution in general is conv2d's adjoint, and minunet.functional runs it on
+conv2d's kernels. When the kernel equals the stride and there is no padding (the U-Net's 2x2
+stride-2 up-convolution) every input pixel owns its own kh x kw patch of the output, with no
+overlap:
+
+    y[n, o, i*kh + u, j*kw + v] = b[o] + sum_c x[n, c, i, j] * w[c, o, u, v]
+
+so the whole op is one GEMM per image and a reshuffle, and so are its gradients. With
+z[n] = the patches of y as columns, z[n, (o,u,v), (i,j)] = y[n, o, i*kh+u, j*kw+v] - b[o]:
+
+    forward          z[n] (Cout*kh*kw, H*W) = W.T (Cout*kh*kw, Cin) @ x[n] (Cin, H*W), then into place
+    backward_input   gx[n] (Cin, H*W) = W (Cin, Cout*kh*kw) @ patches(gy)[n] (Cout*kh*kw, H*W)
+    backward_weight  gW (Cin, Cout*kh*kw) = sum_n x[n] (Cin, H*W) @ patches(gy)[n].T
+
+`_patches_to_image` is the reshuffle (numba, one plane per prange iteration) and `_patches`
+its inverse, conv2d's im2col at stride = kernel; the GEMMs run on BLAS with one thread (see
+runtime.py), one per image, in batches whose patches fit the scratch buffer.
 """
 import numpy as np
 from numba import prange
 
-from minunet.checks import ArrayChecks, conv_out_hw as _conv_out_hw, same_shape as _same_shape
-from minunet.checks import version as _checked_version
-from minunet.cpu.conv2d import (_batches, _conv2d_backward_input_v1, _conv2d_backward_input_v2,
-                                _conv2d_backward_input_v3, _conv2d_backward_weight_v1, _conv2d_backward_weight_v2,
-                                _conv2d_backward_weight_v3, _conv2d_forward_v1, _conv2d_forward_v2,
-                                _conv2d_forward_v3)
-from minunet.cpu.runtime import kernel, scratch
-
-VERSIONS = {
-    "conv_transpose2d_forward": (1, 2, 3),
-    "conv_transpose2d_backward_input": (1, 2, 3),
-    "conv_transpose2d_backward_weight": (1, 2, 3),
-}
-DEFAULT_VERSION = {name: 2 for name in VERSIONS}
-
-_check = ArrayChecks(np, "CPU")
-_floats, _vector = _check.floats, _check.vector
-
-
-def _version(op, version):
-    return _checked_version(op, version, VERSIONS[op], DEFAULT_VERSION[op])
+from minunet.cpu.conv2d import _cols
+from minunet.cpu.runtime import batches, kernel, one_blas_thread, scratch
 
 
 @kernel
 def _patches_to_image(z, b, kh, kw, y):
-    # z: (N, Cout*kh*kw, H*W) -> y: (N, Cout, H*kh, W*kw), y[n, o, i*kh+u, j*kw+v] = z[n, (o,u,v), (i,j)] + b[o]:
-    # col2im when kernel == stride and there is no padding, so every output has exactly one source.
+    # z: (N, Cout*kh*kw, H*W) -> y: (N, Cout, H*kh, W*kw), y[n, o, i*kh+u, j*kw+v] = z[n, (o,u,v), (i,j)] + b[o].
     # One prange iteration per output plane y[n, o].
     N, Cout, Ho, Wo = y.shape
     H, W = Ho // kh, Wo // kw
@@ -51,78 +42,44 @@ def _patches_to_image(z, b, kh, kw, y):
                         dst[j * kw + v] = src[i * W + j] + b[o]
 
 
+def _patches(gy, kh, kw):
+    """The patches of gy (a slice of the batch) as columns, (n, Cout*kh*kw, H*W), in the scratch
+    buffer: im2col with stride = kernel and no padding, which is exactly the reshuffle
+    _patches_to_image undoes."""
+    return _cols(gy, (kh, kw), (kh, kw), (0, 0), gy.shape[2] // kh, gy.shape[3] // kw)
 
-def conv_transpose2d_forward(x, w, b, stride, padding, output_padding, version=None):
-    # x: (N, Cin, H, W), w: (Cin, Cout, kh, kw), b: (Cout,) or None -> y: (N, Cout, Ho, Wo)
-    op = "conv_transpose2d_forward"
-    v = _version(op, version)
-    dtype = _floats(op, ("x", x), ("w", w), ndim=4)
+
+@one_blas_thread
+def conv_transpose2d_forward(x, w, b):
+    # x: (N, Cin, H, W), w: (Cin, Cout, kh, kw), b: (Cout,) or None -> y: (N, Cout, H*kh, W*kw)
     N, Cin, H, W = x.shape
-    if w.shape[0] != Cin:
-        raise ValueError(f"{op}: x {x.shape} has {Cin} channels but w {w.shape} expects {w.shape[0]}")
     _, Cout, kh, kw = w.shape
-    stride, padding, output_padding = tuple(stride), tuple(padding), tuple(output_padding)
-    (sh, sw), (ph, pw), (oph, opw) = stride, padding, output_padding
-    y_shape = (N, Cout, (H - 1) * sh - 2 * ph + kh + oph, (W - 1) * sw - 2 * pw + kw + opw)
-    if y_shape[2] <= 0 or y_shape[3] <= 0:
-        raise ValueError(f"{op}: input {H}x{W} with kernel {kh}x{kw}, stride {stride} and padding "
-                         f"{padding} gives an empty output ({y_shape[2]}x{y_shape[3]})")
-    if not (0 <= oph < sh and 0 <= opw < sw):
-        raise ValueError(f"{op}: output_padding {output_padding} must be smaller than stride {stride}")
-    b = None if b is None else _vector(op, "b", b, Cout, dtype)
-    if v == 1:
-        y = np.zeros(y_shape, dtype)
-        _conv2d_backward_input_v1(x, w, sh, sw, ph, pw, y)
-        if b is not None:
-            y += b[:, None, None]
-        return y
-    if v == 3:
-        return _conv2d_backward_input_v3(x, w, y_shape, stride, padding, b)
-    if (kh, kw) == stride and padding == (0, 0) and output_padding == (0, 0):
-        # patches that do not overlap: z[n] (Cout*kh*kw, H*W) = W.T @ x[n], then each into place
-        b = np.zeros(Cout, dtype) if b is None else b
-        y = np.empty(y_shape, dtype)
-        for s in _batches(N, Cout * kh * kw * H * W * x.itemsize):
-            z = scratch((s.stop - s.start, Cout * kh * kw, H * W), dtype)
-            np.matmul(w.reshape(Cin, -1).T, x[s].reshape(-1, Cin, H * W), out=z)
-            _patches_to_image(z, b, kh, kw, y[s])
-        return y
-    return _conv2d_backward_input_v2(x, w, y_shape, stride, padding, b)
+    y = np.empty((N, Cout, H * kh, W * kw), x.dtype)
+    b = np.zeros(Cout, x.dtype) if b is None else b
+    for s in batches(N, Cout * kh * kw * H * W * x.itemsize):
+        z = scratch((s.stop - s.start, Cout * kh * kw, H * W), x.dtype)
+        np.matmul(w.reshape(Cin, -1).T, x[s].reshape(-1, Cin, H * W), out=z)
+        _patches_to_image(z, b, kh, kw, y[s])
+    return y
 
 
-def conv_transpose2d_backward_input(gy, w, stride, padding, version=None):
-    # gy: (N, Cout, Ho, Wo), w: (Cin, Cout, kh, kw) -> gx: (N, Cin, H, W), a plain convolution
-    op = "conv_transpose2d_backward_input"
-    v = _version(op, version)
-    dtype = _floats(op, ("gy", gy), ("w", w), ndim=4)
-    if gy.shape[1] != w.shape[1]:
-        raise ValueError(f"{op}: gy {gy.shape} has {gy.shape[1]} channels but w {w.shape} has Cout = {w.shape[1]}")
-    stride, padding = tuple(stride), tuple(padding)
-    Ho, Wo = _conv_out_hw(op, gy.shape[2:], w.shape[2:], stride, padding)
-    if v == 1:
-        gx = np.empty((gy.shape[0], w.shape[0], Ho, Wo), dtype)
-        _conv2d_forward_v1(gy, w, np.zeros(w.shape[0], dtype), *stride, *padding, gx)
-        return gx
-    if v == 3:
-        return _conv2d_forward_v3(gy, w, None, stride, padding, Ho, Wo)
-    return _conv2d_forward_v2(gy, w, None, stride, padding, Ho, Wo)
+@one_blas_thread
+def conv_transpose2d_backward_input(gy, w):
+    # gy: (N, Cout, H*kh, W*kw), w: (Cin, Cout, kh, kw) -> gx: (N, Cin, H, W)
+    N, Cout, Ho, Wo = gy.shape
+    Cin, _, kh, kw = w.shape
+    gx = np.empty((N, Cin, Ho // kh, Wo // kw), gy.dtype)
+    for s in batches(N, gy[0].nbytes):
+        np.matmul(w.reshape(Cin, -1), _patches(gy[s], kh, kw), out=gx[s].reshape(-1, Cin, gx.shape[2] * gx.shape[3]))
+    return gx
 
 
-def conv_transpose2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
-    # x: (N, Cin, H, W), gy: (N, Cout, Ho, Wo) -> gw: w_shape = (Cin, Cout, kh, kw)
-    op = "conv_transpose2d_backward_weight"
-    v = _version(op, version)
-    dtype = _floats(op, ("x", x), ("gy", gy), ndim=4)
-    stride, padding, w_shape = tuple(stride), tuple(padding), tuple(w_shape)
-    Cin, Cout, kh, kw = w_shape
-    if gy.shape[1] != Cout:
-        raise ValueError(f"{op}: gy {gy.shape} has {gy.shape[1]} channels but w_shape {w_shape} has Cout = {Cout}")
-    # in conv2d's terms gy is the input and x the output gradient
-    _same_shape(op, "x", x, (gy.shape[0], Cin, *_conv_out_hw(op, gy.shape[2:], (kh, kw), stride, padding)))
-    if v == 1:
-        gw = np.empty(w_shape, dtype)
-        _conv2d_backward_weight_v1(gy, x, *stride, *padding, gw)
-        return gw
-    if v == 3:
-        return _conv2d_backward_weight_v3(gy, x, w_shape, stride, padding)
-    return _conv2d_backward_weight_v2(gy, x, w_shape, stride, padding)
+@one_blas_thread
+def conv_transpose2d_backward_weight(x, gy, w_shape):
+    # x: (N, Cin, H, W), gy: (N, Cout, H*kh, W*kw) -> gw: w_shape = (Cin, Cout, kh, kw)
+    N, Cin, H, W = x.shape
+    _, _, kh, kw = w_shape
+    gw = np.zeros((Cin, gy.shape[1] * kh * kw), x.dtype)
+    for s in batches(N, gy[0].nbytes):
+        gw += np.matmul(x[s].reshape(-1, Cin, H * W), _patches(gy[s], kh, kw).transpose(0, 2, 1)).sum(axis=0)
+    return gw.reshape(w_shape)

@@ -9,11 +9,7 @@ import math
 import numpy as np
 from numba import prange
 
-from minunet.checks import ArrayChecks, same_shape as _same_shape
 from minunet.cpu.runtime import kernel
-
-_check = ArrayChecks(np, "CPU")
-_floats, _int64, _vector = _check.floats, _check.int64, _check.vector
 
 
 @kernel
@@ -58,28 +54,22 @@ def _softmax_cross_entropy_backward(p, target, weight, ignore_index, gloss, gx):
                 gx[n, c, h, j] = g[j] * (p[n, c, h, j] - (1.0 if c == target[n, h, j] else 0.0))
 
 
+def _ones_for_none(weight, C, dtype):
+    """The class weights, all 1 where none are given."""
+    return np.ones(C, dtype) if weight is None else weight
+
+
 def softmax_cross_entropy_forward(x, target, weight, ignore_index):
     # x: (N, C, H, W) logits, target: (N, H, W) int64 -> loss: (N, H, W), p: (N, C, H, W)
-    op = "softmax_cross_entropy_forward"
-    dtype = _floats(op, ("x", x), ndim=4)
     N, C, H, W = x.shape
-    _int64(op, "target", target, (N, H, W))
-    loss = np.empty((N, H, W), dtype)
+    loss = np.empty((N, H, W), x.dtype)
     p = np.empty_like(x)
-    _softmax_cross_entropy_forward(x, target, _vector(op, "weight", weight, C, dtype, 1), int(ignore_index), loss, p)
+    _softmax_cross_entropy_forward(x, target, _ones_for_none(weight, C, x.dtype), ignore_index, loss, p)
     return loss, p
 
 
 def softmax_cross_entropy_backward(p, target, weight, ignore_index, gloss):
     # p: (N, C, H, W), target, gloss: (N, H, W) -> gx: (N, C, H, W)
-    op = "softmax_cross_entropy_backward"
-    dtype = _floats(op, ("p", p), ("gloss", gloss))
-    if p.ndim != 4:
-        raise ValueError(f"{op}: p must have 4 dimensions, got shape {p.shape}")
-    N, C, H, W = p.shape
-    _int64(op, "target", target, (N, H, W))
-    _same_shape(op, "gloss", gloss, (N, H, W))
     gx = np.empty_like(p)
-    _softmax_cross_entropy_backward(p, target, _vector(op, "weight", weight, C, dtype, 1), int(ignore_index),
-                                    gloss, gx)
+    _softmax_cross_entropy_backward(p, target, _ones_for_none(weight, p.shape[1], p.dtype), ignore_index, gloss, gx)
     return gx

@@ -8,11 +8,8 @@ prange iteration, which owns every += into it.
 import numpy as np
 from numba import prange
 
-from minunet.checks import ArrayChecks, conv_out_hw as _conv_out_hw
+from minunet.contract import conv_out_hw
 from minunet.cpu.runtime import kernel
-
-_check = ArrayChecks(np, "CPU")
-_floats, _int64 = _check.floats, _check.int64
 
 
 @kernel
@@ -62,13 +59,7 @@ def _max_pool2d_backward(gy, argmax, gx):
 
 def max_pool2d_forward(x, kernel_size, stride, padding):
     # x: (N, C, H, W) -> y: (N, C, Ho, Wo), argmax: (N, C, Ho, Wo) int64
-    op = "max_pool2d_forward"
-    dtype = _floats(op, ("x", x), ndim=4)
-    kernel_size, stride, padding = tuple(kernel_size), tuple(stride), tuple(padding)
-    if not all(0 <= p <= k // 2 for p, k in zip(padding, kernel_size)):
-        raise ValueError(f"{op}: padding {padding} must be at most half of kernel_size {kernel_size}")
-    Ho, Wo = _conv_out_hw(op, x.shape[2:], kernel_size, stride, padding)
-    y = np.empty((*x.shape[:2], Ho, Wo), dtype)
+    y = np.empty((*x.shape[:2], *conv_out_hw(x.shape[2:], kernel_size, stride, padding)), x.dtype)
     argmax = np.empty(y.shape, np.int64)
     _max_pool2d_forward(x, *kernel_size, *stride, *padding, y, argmax)
     return y, argmax
@@ -76,12 +67,7 @@ def max_pool2d_forward(x, kernel_size, stride, padding):
 
 def max_pool2d_backward(gy, argmax, x_shape):
     # gy: (N, C, Ho, Wo), argmax: (N, C, Ho, Wo) -> gx: x_shape = (N, C, H, W)
-    op = "max_pool2d_backward"
-    dtype = _floats(op, ("gy", gy), ndim=4)
-    _int64(op, "argmax", argmax, gy.shape)
     N, C, H, W = x_shape
-    if gy.shape[:2] != (N, C):
-        raise ValueError(f"{op}: gy {gy.shape} does not match x_shape {tuple(x_shape)} in (N, C)")
-    gx = np.zeros((N * C, H * W), dtype)
+    gx = np.zeros((N * C, H * W), gy.dtype)
     _max_pool2d_backward(gy.reshape(N * C, -1), argmax.reshape(N * C, -1), gx)
     return gx.reshape(N, C, H, W)

@@ -5,14 +5,9 @@ parameter and state in a single pass, following PyTorch's update rules exactly.
 """
 import math
 
-import numpy as np
 from numba import prange
 
-from minunet.checks import ArrayChecks, same_shape as _same_shape
 from minunet.cpu.runtime import kernel
-
-_check = ArrayChecks(np, "CPU")
-_floats = _check.floats
 
 
 @kernel
@@ -45,27 +40,15 @@ def _adam(p, g, m, v, lr, beta1, beta2, eps, weight_decay, decoupled, step_size,
 
 def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
     # p, g, buf: one shape; updates p (and buf) in place
-    op = "sgd_update"
-    if momentum == 0:
-        _floats(op, ("p", p), ("g", g))
-        _same_shape(op, "g", g, p.shape)
-        _sgd(p.reshape(-1), g.reshape(-1), float(lr), float(weight_decay))
-        return None
-    _floats(op, ("p", p), ("g", g), ("buf", buf))
-    _same_shape(op, "g", g, p.shape)
-    _same_shape(op, "buf", buf, p.shape)
-    _sgd_momentum(p.reshape(-1), g.reshape(-1), buf.reshape(-1), float(lr), float(momentum),
-                  float(dampening), float(weight_decay), bool(nesterov), bool(first))
-    return None
+    if buf is None:
+        _sgd(p.reshape(-1), g.reshape(-1), lr, weight_decay)
+    else:
+        _sgd_momentum(p.reshape(-1), g.reshape(-1), buf.reshape(-1), lr, momentum, dampening, weight_decay, nesterov,
+                      first)
 
 
 def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
     # p, g, m, v: one shape; updates p, m, v in place; step counts from 1
-    op = "adam_update"
-    _floats(op, ("p", p), ("g", g), ("m", m), ("v", v))
-    for name, a in (("g", g), ("m", m), ("v", v)):
-        _same_shape(op, name, a, p.shape)
     step_size = lr / (1.0 - beta1 ** step)
-    _adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), float(lr), float(beta1), float(beta2),
-          float(eps), float(weight_decay), bool(decoupled), float(step_size), math.sqrt(1.0 - beta2 ** step))
-    return None
+    _adam(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1), lr, beta1, beta2, eps, weight_decay, decoupled,
+          step_size, math.sqrt(1.0 - beta2 ** step))

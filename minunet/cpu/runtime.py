@@ -6,6 +6,7 @@ one channel, one pixel, one element), so no two threads write the same place and
 are needed. `cache=True` keeps the machine code in __pycache__: each (kernel, dtype) pair is
 compiled once per machine.
 """
+import contextlib
 import functools
 import math
 import os
@@ -15,22 +16,36 @@ import numba
 import numpy as np
 from numba import prange
 
-# numba runs prange loops on a thread pool: OpenMP's (GNU libgomp), or its own 'workqueue'.
-# Between kernels, idle OpenMP workers spin (by default for ~300,000 polls) before they sleep,
-# which makes the next launch cheap (3 us, against 80 us for workqueue's sleeping workers:
-# a training step launches ~300 kernels) but takes cores from whatever runs next, and in
-# minunet that is often an OpenBLAS GEMM. So minunet asks for OpenMP with a short spin,
-# GOMP_SPINCOUNT=1000, set only while the pool starts (libgomp reads it as it loads) and only
-# if the user set none; where OpenMP is missing numba falls back to workqueue. Measured on 2
-# cores, the U-Net training step ran ~20% faster than on workqueue, and spinning 50,000 or
-# 300,000 polls was slower again. The process has one libgomp: a library that loads it later
-# (PyTorch, whose bundled copy has the same soname) shares this pool's settings, and one that
-# loaded it first keeps its own. A user's NUMBA_THREADING_LAYER is left alone. workqueue
-# aborts the process if two threads enter it at once (a running kernel does not hold the GIL),
-# hence the lock around every launch.
-if numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+# Threads. A training step on the CPU alternates two thread pools: numba's, which runs the
+# kernels' prange loops, and OpenBLAS's (numpy's BLAS), which runs the GEMMs of the v2
+# convolution. Each pool's idle workers spin before they sleep, and a spinning worker of one
+# pool takes a core from the other's busy ones. minunet sets both up for its own use, at the
+# first kernel launch and never at import, and changes nothing else in the process:
+#
+# - numba: `configure()` asks for OpenMP's pool (GNU libgomp) with a short spin. Idle OpenMP
+#   workers spin (by default ~300,000 polls) before they sleep, which makes the next launch
+#   cheap (3 us, against 80 us for numba's 'workqueue' pool, whose workers sleep at once: a
+#   training step launches ~300 kernels); GOMP_SPINCOUNT=1000 keeps that and gives the cores
+#   back within microseconds. libgomp reads GOMP_SPINCOUNT once, as it loads, so configure()
+#   sets it only while it starts the pool, and only where the user set none; numba's
+#   THREADING_LAYER_PRIORITY is likewise set while the pool starts and put back after. Measured
+#   on 2 cores, the U-Net training step ran ~20% faster than on workqueue, and spinning 50,000
+#   or 300,000 polls was slower again. numba picks its pool once per process: if the process
+#   already ran a parallel numba function, or the user set NUMBA_THREADING_LAYER, that choice
+#   stands. The process has one libgomp: a library that loads it later (PyTorch, whose bundled
+#   copy has the same soname) shares this pool's settings, and one that loaded it first keeps
+#   its own. Where OpenMP is missing numba falls back to workqueue, which aborts the process if
+#   two threads enter it at once (a running kernel does not hold the GIL), hence the lock
+#   around every launch.
+# - OpenBLAS: its workers spin for about 2^28 cycles after each GEMM (tenths of a second), and
+#   the only knob, OPENBLAS_THREAD_TIMEOUT, is read as the library loads, so it depends on
+#   import order. minunet instead runs its own GEMMs with BLAS limited to one thread
+#   (`one_blas_thread`, through threadpoolctl): OpenBLAS's workers then never wake for
+#   minunet, and numba keeps every core. The limit holds only during minunet's GEMMs; numpy
+#   elsewhere in the process keeps its threads (a GEMM in another Python thread at that very
+#   moment runs on one thread too).
 _launch_lock = threading.Lock()
+_configured = False
 
 
 @numba.njit(parallel=True, cache=True)
@@ -39,19 +54,75 @@ def _touch(x):
         x[i] = i
 
 
-def _start_thread_pool():
-    """Start numba's thread pool now, with GOMP_SPINCOUNT set for libgomp to read (see above)."""
-    unset = "GOMP_SPINCOUNT" not in os.environ
-    if unset:
-        os.environ["GOMP_SPINCOUNT"] = "1000"
+def configure(spin_count=1000):
+    """Start numba's thread pool for minunet's kernels: OpenMP's, with `spin_count` polls of
+    spinning before idle workers sleep (see above). The first kernel launch calls it; the
+    `minunet` command calls it at start. Later calls, and calls after the process started
+    numba's pool by other means, change nothing. Returns numba's threading layer."""
+    global _configured
+    with _launch_lock:
+        if not _configured:
+            _configured = True
+            try:
+                return numba.threading_layer()   # already started (by anyone): leave it
+            except ValueError:
+                pass
+            saved_priority = numba.config.THREADING_LAYER_PRIORITY
+            set_spin = "GOMP_SPINCOUNT" not in os.environ
+            if numba.config.THREADING_LAYER == "default":   # the user chose none
+                numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+            if set_spin:
+                os.environ["GOMP_SPINCOUNT"] = str(int(spin_count))
+            try:
+                _touch(np.zeros(numba.get_num_threads()))   # starts the pool, which reads both
+            finally:
+                numba.config.THREADING_LAYER_PRIORITY = saved_priority
+                if set_spin:  # not for other OpenMP runtimes, nor for child processes
+                    del os.environ["GOMP_SPINCOUNT"]
+    return numba.threading_layer()
+
+
+_blas_libraries = None  # threadpoolctl's controllers of the BLAS libraries loaded, found once
+
+
+def _find_blas_libraries():
+    """threadpoolctl's controllers of the BLAS libraries in the process. threadpoolctl is
+    imported here, at the first GEMM, not with minunet: importing it sets KMP_DUPLICATE_LIB_OK
+    in the environment (for Intel OpenMP, which it may load), so the environment is put back
+    as it was once it has looked."""
+    saved = os.environ.get("KMP_DUPLICATE_LIB_OK")
     try:
-        _touch(np.zeros(numba.get_num_threads()))
+        import threadpoolctl
+        return threadpoolctl.ThreadpoolController().select(user_api="blas").lib_controllers
     finally:
-        if unset:  # not for other OpenMP runtimes, nor for child processes
-            del os.environ["GOMP_SPINCOUNT"]
+        if saved is None:
+            os.environ.pop("KMP_DUPLICATE_LIB_OK", None)
+        else:
+            os.environ["KMP_DUPLICATE_LIB_OK"] = saved
 
 
-_start_thread_pool()
+@contextlib.contextmanager
+def _one_blas_thread():
+    global _blas_libraries
+    if _blas_libraries is None:
+        _blas_libraries = _find_blas_libraries()
+    saved = [lib.num_threads for lib in _blas_libraries]
+    for lib in _blas_libraries:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, n in zip(_blas_libraries, saved):
+            lib.set_num_threads(n)
+
+
+def one_blas_thread(fn):
+    """fn (a function that runs GEMMs through numpy) run with BLAS limited to one thread: see above."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _one_blas_thread():
+            return fn(*args, **kwargs)
+    return run
 
 
 def kernel(fn=None, *, fastmath=False):
@@ -63,10 +134,22 @@ def kernel(fn=None, *, fastmath=False):
 
     @functools.wraps(fn)
     def launch(*args):
+        if not _configured:
+            configure()
         with _launch_lock:
             return compiled(*args)
     return launch
 
+
+
+_SCRATCH_BYTES = 64 << 20  # a kernel's temporaries (im2col's columns, ...) for this many bytes of images at a time
+
+
+def batches(N, sample_nbytes):
+    """Slices of the batch whose temporaries (sample_nbytes per image) fit in _SCRATCH_BYTES, one
+    image at least: the scratch buffer stays bounded however large the images or the batch."""
+    step = max(1, _SCRATCH_BYTES // sample_nbytes)
+    return [slice(n, min(n + step, N)) for n in range(0, N, step)]
 
 
 class _Scratch(threading.local):

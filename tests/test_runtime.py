@@ -1,0 +1,110 @@
+"""minunet changes nothing in the user's process when it is imported, and the CPU kernels' own
+thread settings (minunet/cpu/runtime.py) are made at the first launch and scoped:
+
+- importing minunet (and its CPU kernels, data and command modules) sets no environment
+  variable, changes no numba setting, starts no thread pool and changes no BLAS setting, in
+  either import order (NumPy first or minunet first);
+- the first kernel launch starts numba's pool and leaves the environment, numba's settings
+  and the BLAS thread count as they were;
+- a GEMM of the v2 convolution runs with BLAS limited to one thread, and the limit is lifted
+  after it.
+
+Each check runs in a fresh interpreter, as this test process has long since launched kernels.
+threadpoolctl, which the checks use to read the BLAS settings, sets an environment variable
+as it is imported, so a check imports it only after it has compared the environment.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+HELPERS = """
+import os
+ENV = dict(os.environ)
+import numba
+PRIORITY = list(numba.config.THREADING_LAYER_PRIORITY)
+
+def unchanged(what):
+    changed = {k: (ENV.get(k), os.environ.get(k)) for k in ENV.keys() | os.environ.keys() if ENV.get(k) != os.environ.get(k)}
+    assert not changed, f"{what} changed the environment: {changed}"
+    assert numba.config.THREADING_LAYER_PRIORITY == PRIORITY, f"{what} changed numba's THREADING_LAYER_PRIORITY"
+
+def pool_started():
+    try:
+        numba.threading_layer()
+        return True
+    except ValueError:
+        return False
+
+def blas_threads():
+    import json, threadpoolctl
+    return json.dumps({lib["filepath"]: lib["num_threads"] for lib in threadpoolctl.threadpool_info()
+                       if lib["user_api"] == "blas"})
+"""
+
+
+def run(code):
+    """Run HELPERS then `code` in a fresh interpreter; an assertion error there fails the test.
+    Returns what it printed."""
+    out = subprocess.run([sys.executable, "-c", HELPERS + textwrap.dedent(code)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+def same_blas(printed, default):
+    """The BLAS thread counts `printed` (JSON) agree with `default` on every library both list (a
+    process that imported more may have loaded another BLAS, SciPy's, which is new, not changed)."""
+    a, b = json.loads(printed), json.loads(default)
+    return a.keys() & b.keys() and all(a[k] == b[k] for k in a.keys() & b.keys())
+
+
+@pytest.fixture(scope="module")
+def default_blas_threads():
+    """The BLAS thread counts of a process that only imported numpy."""
+    return run("import numpy\nprint(blas_threads())")
+
+
+@pytest.mark.parametrize("first", ["numpy", "minunet"])
+def test_importing_minunet_changes_nothing(first, default_blas_threads):
+    printed = run(f"""
+        {"import numpy" if first == "numpy" else ""}
+        import minunet, minunet.cpu, minunet.data, minunet.cli, minunet.train
+        import numpy
+        unchanged("importing minunet")
+        assert not pool_started(), "importing minunet started numba's thread pool"
+        print(blas_threads())
+    """)
+    assert same_blas(printed, default_blas_threads), "importing minunet changed the BLAS thread counts"
+
+
+def test_first_launch_starts_the_pool_and_restores_the_settings(default_blas_threads):
+    printed = run("""
+        import numpy as np
+        import minunet.cpu as cpu
+        x, w = np.ones((2, 3, 8, 8), np.float32), np.ones((4, 3, 3, 3), np.float32)
+        cpu.conv2d_forward(x, w, None, (1, 1), (1, 1), version=2)   # a kernel launch and a GEMM
+        unchanged("the first kernel launch")
+        assert pool_started()
+        assert cpu.configure() == numba.threading_layer()   # later calls change nothing
+        print(blas_threads())
+    """)
+    assert same_blas(printed, default_blas_threads), "a kernel launch left the BLAS thread counts changed"
+
+
+def test_gemms_run_on_one_blas_thread(default_blas_threads):
+    printed = run("""
+        import numpy as np
+        import json
+        from minunet.cpu import runtime
+        seen = []
+        @runtime.one_blas_thread
+        def gemm(a):
+            seen.append(blas_threads())
+            return a @ a
+        gemm(np.ones((64, 64)))
+        assert seen and set(json.loads(seen[0]).values()) == {1}, seen
+        print(blas_threads())
+    """)
+    assert same_blas(printed, default_blas_threads)

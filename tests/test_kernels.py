@@ -13,13 +13,16 @@ agree to rtol 1e-10; float32 ones to rtol 1e-4, with an absolute slack of 1e-4 t
 largest |reference| value because sums of many float32 terms of both signs cancel.
 
 Shapes come from fixed lists (the U-Net's own cases, odd sizes, stride larger than the kernel,
-overlapping pooling windows, padding, batch 1, one channel) plus a few drawn from a seeded
-generator, so every run tests the same cases and a failure names its shape.
+overlapping pooling windows, padding, batch 1, one channel), a few drawn from a seeded
+generator, and, for the convolution's versions, hypothesis strategies (tests/strategies.py;
+`test_<kernel>_drawn`): a failure names its shape.
 """
 import numpy as np
 import pytest
+from hypothesis import given
 
 import reference as ref
+import strategies
 from minunet import backend, contract
 
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
@@ -32,7 +35,7 @@ def pytest_generate_tests(metafunc):
     """Parametrize (device, version) for tests of kernels that take `version=`."""
     if "version" not in metafunc.fixturenames:
         return
-    name = metafunc.function.__name__.removeprefix("test_")
+    name = metafunc.function.__name__.removeprefix("test_").removesuffix("_drawn")
     assert name in contract.CONTRACT, f"{metafunc.function.__name__} is not named after a kernel"
     from minunet import cpu
     params = [pytest.param("cpu", v, id=f"cpu-v{v}") for v in (*cpu.VERSIONS[name], None)]
@@ -144,6 +147,23 @@ def test_conv2d_backward_weight(device, version, dtype, case, rng):
     (gy,) = make(rng, dtype, ref.conv2d_forward(x, w, None, stride, padding).shape)
     gw = run(device, "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=version)
     check(gw, ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, "conv2d_backward_weight gw")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@strategies.SETTINGS
+@given(case=strategies.conv2d_cases())
+def test_conv2d_forward_drawn(device, version, dtype, case):
+    """Each version's three passes (forward and both backward) on drawn shapes (tests/strategies.py): odd sizes, stride above
+    the kernel, padding up to the kernel, batch 1, one channel."""
+    rng = np.random.default_rng(5)
+    x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
+    (gy,) = make(rng, dtype, ref.conv2d_forward(x, w, None, stride, padding).shape)
+    check(run(device, "conv2d_forward", x, w, b, stride, padding, version=version),
+          ref.conv2d_forward(x, w, b, stride, padding), dtype, f"conv2d_forward y {case}")
+    check(run(device, "conv2d_backward_input", gy, w, x.shape, stride, padding, version=version),
+          ref.conv2d_backward_input(gy, w, x.shape, stride, padding), dtype, f"conv2d_backward_input gx {case}")
+    check(run(device, "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=version),
+          ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, f"conv2d_backward_weight gw {case}")
 
 
 @pytest.mark.parametrize("stride, khw, plane, channels, expected", [

@@ -29,6 +29,7 @@ import signal
 import sys
 
 import numpy as np
+from tqdm import tqdm
 
 from minunet import backend, cpu, distributed
 from minunet.checkpoint import read_checkpoint
@@ -198,6 +199,8 @@ def build_parser():
     p.add_argument("--batch-size", type=_positive_int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--tta", action="store_true", help=TTA_HELP)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="a progress bar over the tiles of all the images, on stderr (default on)")
 
     e = sub.add_parser("eval", help="score a checkpoint: per-class Dice and IoU, mIoU, pixel accuracy",
                        description="Score a checkpoint on a labelled folder, or by default on the validation "
@@ -291,10 +294,11 @@ def cmd_predict(args):
 
     def report(path, labels):
         present = [int(k) for k in np.unique(labels)]
-        print(f"{path} -> {pathlib.Path(args.output) / (path.stem + '_mask.png')} "
-              f"({labels.shape[0]}x{labels.shape[1]}, classes {present})")
+        tqdm.write(f"{path} -> {pathlib.Path(args.output) / (path.stem + '_mask.png')} "
+                   f"({labels.shape[0]}x{labels.shape[1]}, classes {present})", file=sys.stdout)
     stems = predict_files(args.model, args.input, args.output, tile=args.tile, overlay_images=args.overlay,
-                          device=device, batch_size=args.batch_size, progress=report, tta=args.tta)
+                          device=device, batch_size=args.batch_size, progress=report, tta=args.tta,
+                          bar=args.progress)
     print(f"{len(stems)} image(s) predicted into {args.output}")
     return 0
 

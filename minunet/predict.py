@@ -41,10 +41,12 @@ import pathlib
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from minunet import backend, data
 from minunet.autograd import no_grad, tensor
 from minunet.checkpoint import check_architecture, check_finite, read_checkpoint
+from minunet.data.io import open_image
 from minunet.unet import UNet
 
 # The first colours are the 10 of matplotlib's "tab10" cycle, with black for class 0 (the
@@ -190,25 +192,33 @@ class Tiler:
         xs = _reflect(np.arange(left - self.border[1], left - self.border[1] + self.tin[1]), W)
         out[...] = image[:, ys[:, None], xs[None, :]]
 
-    def run(self, images, logits=False):
+    def count(self, H, W):
+        """The number of tiles that run() passes through the model for an H x W image; with
+        TTA, for all 8 transforms, of which 4 turn it a quarter (to W x H)."""
+        n = len(self._tiles(H, W))
+        return 4 * (n + len(self._tiles(W, H))) if self.tta else n
+
+    def run(self, images, logits=False, progress=None):
         """images: float32 (N, C, H, W) on the host -> labels (N, H, W) (uint8 up to 256 classes,
         else int32), or with logits=True the class scores float32 (N, K, H, W): the model's
-        logits, or with TTA the log of the averaged probabilities (whose softmax they are)."""
+        logits, or with TTA the log of the averaged probabilities (whose softmax they are).
+        progress: called with the number of tiles done after each forward pass (a progress
+        bar's update; count() gives the total)."""
         images = np.asarray(images, dtype=np.float32)
         if self.tta:
             N, _, H, W = images.shape
             probs = np.zeros((N, self.model.config["num_classes"], H, W), np.float32)
             for k, mirror in D4:  # predict the transformed image, transform the softmax back
                 x = np.ascontiguousarray(d4_transform(images, k, mirror))
-                probs += d4_inverse(softmax(self._run(x, logits=True)), k, mirror)
+                probs += d4_inverse(softmax(self._run(x, True, progress)), k, mirror)
             probs /= len(D4)
             if logits:
                 return np.log(np.maximum(probs, np.finfo(np.float32).tiny)).astype(np.float32)
             K = self.model.config["num_classes"]
             return probs.argmax(axis=1).astype(np.uint8 if K <= 256 else np.int32)
-        return self._run(images, logits)
+        return self._run(images, logits, progress)
 
-    def _run(self, images, logits):
+    def _run(self, images, logits, progress):
         # images: (N, C, H, W) -> labels (N, H, W) or scores (N, K, H, W), one pass, tile by tile
         N, _, H, W = images.shape
         K = self.model.config["num_classes"]
@@ -230,6 +240,8 @@ class Tiler:
                     y = backend.to_numpy(y)
                     for b, (n, (top, r0, r1), (left, c0, c1)) in enumerate(chunk):
                         out[n, ..., r0:r1, c0:c1] = y[b, ..., r0 - top:r1 - top, c0 - left:c1 - left]
+                    if progress is not None:
+                        progress(len(chunk))
         finally:
             self.model.train(was_training)
         return out
@@ -285,29 +297,41 @@ def save_mask(labels, num_classes, out_dir, stem, image=None):
 
 
 def predict_files(model_path, inputs, out_dir, tile=None, overlay_images=False, device="cpu", batch_size=4,
-                  progress=None, tta=False):
+                  progress=None, tta=False, bar=False):
     """Predict every image of `inputs` (a file or a folder) into `out_dir`; returns the written
     stems. tile: the input tile size, by default auto_tile's choice for each image; tta: average
-    over the 8 flips and quarter turns."""
+    over the 8 flips and quarter turns. progress(path, labels) is called after each image;
+    `bar` shows a progress bar over the tiles of all the images (their sizes are read from the
+    file headers first)."""
     model, ckpt = load_model(model_path, device)
     check_tile(model, tile)
     tc = ckpt.train_config or {}
     channels = model.config["in_channels"]
     normalize = tc.get("normalize", "image")
-    out_dir = pathlib.Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = list_inputs(inputs)
     scale = tc.get("scale")  # a model trained on resized images sees them resized the same way
+    tilers = []  # one per file, for the size the model sees it at
     for path in files:
-        image = data.read_image(path, channels=channels, normalize=normalize, scale=scale)
-        if image.shape[0] != channels:
-            raise ValueError(f"predict: image {path} has {image.shape[0]} channels, the model takes {channels}")
-        size = tile if tile is not None else auto_tile(model, image.shape[1:], tc.get("image_size") or 0)
-        labels = Tiler(model, size, batch_size=batch_size, tta=tta).run(image[None])[0]
-        if scale is not None:  # back to the image's own size
-            image = data.read_image(path, channels=channels, normalize=normalize)
-            labels = data.resize_labels(labels, image.shape[1:])
-        save_mask(labels, model.config["num_classes"], out_dir, path.stem, image if overlay_images else None)
-        if progress is not None:
-            progress(path, labels)
+        with open_image(path, "image") as im:
+            hw = im.size[::-1]
+        if scale is not None and scale != 1:
+            hw = data.scaled_size(hw, scale)
+        size = tile if tile is not None else auto_tile(model, hw, tc.get("image_size") or 0)
+        tilers.append((Tiler(model, size, batch_size=batch_size, tta=tta), hw))
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = sum(tiler.count(*hw) for tiler, hw in tilers)
+    with tqdm(total=total, unit="tile", disable=not bar, dynamic_ncols=True, leave=False) as tiles_bar:
+        for k, (path, (tiler, _)) in enumerate(zip(files, tilers)):
+            tiles_bar.set_description(f"image {k + 1}/{len(files)} {path.name}")
+            image = data.read_image(path, channels=channels, normalize=normalize, scale=scale)
+            if image.shape[0] != channels:
+                raise ValueError(f"predict: image {path} has {image.shape[0]} channels, the model takes {channels}")
+            labels = tiler.run(image[None], progress=tiles_bar.update)[0]
+            if scale is not None:  # back to the image's own size
+                image = data.read_image(path, channels=channels, normalize=normalize)
+                labels = data.resize_labels(labels, image.shape[1:])
+            save_mask(labels, model.config["num_classes"], out_dir, path.stem, image if overlay_images else None)
+            if progress is not None:
+                progress(path, labels)
     return [p.stem for p in files]

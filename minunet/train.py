@@ -69,9 +69,10 @@ from minunet.autograd import Tensor, tensor
 from minunet.checkpoint import atomic_write, check_finite, load_checkpoint, read_checkpoint, save_checkpoint
 from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, split_indices,
                           unet_weight_map)
+from minunet.figures import plot_curves, plot_predictions
 from minunet.metrics import ChallengeScores, ConfusionMatrix, binary_prediction
 from minunet.options import RUN_FILES, check_config, check_crop, check_data, check_out
-from minunet.predict import Tiler, auto_tile, overlay, to_display
+from minunet.predict import Tiler, auto_tile
 from minunet.unet import UNet
 
 
@@ -317,48 +318,6 @@ def json_safe(v):
 def write_metrics(path, history):
     lines = "".join(json.dumps({k: json_safe(v) for k, v in rec.items()}) + "\n" for rec in history)
     atomic_write(path, lines.encode())
-
-
-def plot_curves(path, history, class_names=None):
-    """Loss (train, validation) and validation scores per epoch: mean Dice, mIoU, pixel
-    accuracy, and each class's Dice (dashed) under its name, or its index."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    epochs = [r["epoch"] for r in history]
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    ax_loss.plot(epochs, [r["val_loss"] for r in history], "o-", label="validation")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax_loss.legend()
-    for key, label in (("mean_dice", "mean Dice"), ("mean_iou", "mean IoU"), ("pixel_accuracy", "pixel accuracy")):
-        ax_score.plot(epochs, [r[key] for r in history], "o-", label=label)
-    num_classes = len(history[-1]["dice"])
-    names = class_names or [f"class {k}" for k in range(num_classes)]
-    for k, name in enumerate(names):
-        ax_score.plot(epochs, [r["dice"][k] for r in history], "--", linewidth=1, label=f"Dice {name}")
-    ax_score.set(xlabel="epoch", title="validation", ylim=(0, 1))
-    ax_score.legend(fontsize="small", ncol=2 if num_classes > 4 else 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def plot_predictions(path, samples, num_classes):
-    """Rows of image | ground truth | prediction (ignored pixels of the ground truth in white)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(samples), 3, figsize=(9, 3 * len(samples)), squeeze=False)
-    for row, (x, y, pred) in zip(axes, samples):
-        panels = (to_display(x), overlay(x, y, num_classes), overlay(x, pred, num_classes))
-        for ax, img, title in zip(row, panels, ("image", "ground truth", "prediction")):
-            ax.imshow(img)
-            ax.set_title(title)
-            ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
 
 
 def default_run_dir():
@@ -653,9 +612,10 @@ def _train(cfg, log, resume, overwrite, group):
                     checkpoint("best.safetensors", best)
                 if group.rank == 0:
                     write_metrics(folder.file("metrics.jsonl"), history)
-                    plot_curves(folder.file("curves.png"), history, dataset.class_names)
+                    plot_curves(folder.file("curves.png"), history, dataset.class_names, best_epoch)
                     if samples:
-                        plot_predictions(folder.file("predictions.png"), samples, dataset.num_classes)
+                        plot_predictions(folder.file("predictions.png"), samples, dataset.num_classes,
+                                         dataset.class_names)
                 log(f"epoch {record['epoch']}/{cfg.epochs}: train loss {record['train_loss']:.4f}, "
                     f"val loss {record['val_loss']:.4f}, mean Dice {record['mean_dice']:.4f}, "
                     f"mIoU {record['mean_iou']:.4f}, pixel acc {record['pixel_accuracy']:.4f}, "

@@ -14,6 +14,7 @@ from minunet.autograd import tensor
 from minunet.checkpoint import read_checkpoint, save_checkpoint
 from minunet.cli import main
 from minunet.data import SyntheticDataset
+from minunet.figures import plot_curves
 from minunet.predict import Tiler
 from minunet.unet import UNet
 
@@ -273,7 +274,7 @@ def test_curves_show_each_class(tmp_path, monkeypatch, names, expected):
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
     history = [dict(epoch=e, train_loss=1 / e, val_loss=1.2 / e, mean_dice=0.5, mean_iou=0.4, pixel_accuracy=0.8,
                     dice=[0.4, 0.6]) for e in (1, 2)]
-    train_module.plot_curves(tmp_path / "curves.png", history, names)
+    plot_curves(tmp_path / "curves.png", history, names)
     assert Image.open(tmp_path / "curves.png").size[0] > 0
     assert [t for t in legends if t.startswith("Dice")] == expected
 

@@ -436,3 +436,62 @@ def test_more_option_values_are_checked_for_meaning(run, folder, tmp_path, monke
         assert f in err, err
     assert not any(p in err for p in PYTHON_SPEAK), err
     assert not (tmp_path / "runs").exists()
+
+
+# ---- 11. predict shows its progress over tiles and files ---------------------------------------------
+
+def test_predict_shows_a_progress_bar_over_the_tiles_of_all_files(run, tmp_path):
+    from minunet.predict import Tiler, load_model
+    for name, (h, w) in (("a.png", (300, 260)), ("b.png", (90, 70))):
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w), np.uint8)).save(tmp_path / name)
+    model, _ = load_model(run / "best.safetensors")
+    total = Tiler(model, 32).count(300, 260) + Tiler(model, 32).count(90, 70)
+    r = minunet("predict", "--model", run / "best.safetensors", "--input", tmp_path, "--output", tmp_path / "out",
+                "--tile", "32", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    bar = r.stderr.replace("\r", "\n")
+    assert f"{total}/{total}" in bar and "tile" in bar and "image 2/2 b.png" in bar, bar
+    assert "2 image(s) predicted" in r.stdout
+    r = minunet("predict", "--model", run / "best.safetensors", "--input", tmp_path / "b.png", "--output",
+                tmp_path / "out", "--no-progress", "--device", "cpu")
+    assert r.returncode == 0 and r.stderr == ""
+
+
+# ---- 12. the pictures: a legend of the classes, integer epochs, the best epoch marked ---------------------
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The matplotlib Figures saved while the test runs."""
+    import matplotlib.figure
+    saved, save = [], matplotlib.figure.Figure.savefig
+
+    def spy(fig, path, **kwargs):
+        saved.append(fig)
+        save(fig, path, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", spy)
+    return saved
+
+
+def test_the_run_folder_pictures(run, tmp_path, figures):
+    from minunet.figures import plot_curves, plot_predictions
+    from minunet.predict import palette
+    assert Image.open(run / "curves.png").size[0] > 0 and Image.open(run / "predictions.png").size[0] > 0
+    history = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]  # the command's run
+    plot_curves(tmp_path / "curves.png", history, ["a", "b", "c"], best_epoch=2)
+    for ax in figures[-1].axes:
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 2]
+        assert ticks == [1, 2], ticks  # whole epochs only
+        assert "best epoch 2" in [t.get_text() for t in ax.get_legend().get_texts()]
+    y = np.zeros((8, 8), np.int64)
+    y[:2], y[-1] = 2, 255  # class 0, class 2 and an ignored row
+    plot_predictions(tmp_path / "pred.png", [(np.arange(64, dtype=np.float32).reshape(1, 8, 8), y, np.ones((8, 8), np.int64))],
+                     3, ["sky", "road", "car"])
+    fig = figures[-1]
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["0: sky", "1: road", "2: car", "not scored"]
+    swatches = [tuple(np.round(np.asarray(p.get_facecolor()[:3]) * 255)) for p in legend.get_patches()]
+    assert swatches[:3] == [tuple(c) for c in palette(3)] and swatches[3] == (255, 255, 255)
+    truth = fig.axes[1].get_images()[0].get_array()  # the ground truth panel: class 0 in its own colour
+    np.testing.assert_array_equal(truth[4, 4], palette(3)[0])
+    np.testing.assert_array_equal(truth[0, 0], palette(3)[2])
+    np.testing.assert_array_equal(truth[-1, 0], [255, 255, 255])

@@ -79,7 +79,8 @@ def _batch(cfg, seed=0):
 def minunet_step(cfg, device):
     """A closure running one minunet training step on `device`."""
     nn.manual_seed(0)
-    model = UNet(cfg["in_channels"], cfg["num_classes"], cfg["base_channels"], cfg["depth"], cfg["padding"]).to(device)
+    model = UNet(cfg["in_channels"], cfg["num_classes"], cfg["base_channels"], cfg["depth"], cfg["padding"],
+                 batch_norm=False).to(device)  # as _torch_unet: no BatchNorm
     opt = optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
     x, y = _batch(cfg)
     x, y = tensor(x, device=device), backend.to_device(y, device)

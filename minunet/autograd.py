@@ -12,7 +12,12 @@ and grad mode is on, records the Function as the output's `_ctx`: the graph is t
 chain 10,000 ops deep never touches Python's recursion limit), walks it from the output
 back, and sums the gradients of every tensor used more than once. Only leaves (tensors made
 by the user, such as parameters) keep `.grad`, and they accumulate into it with `+=`, as in
-PyTorch and micrograd.
+PyTorch and micrograd. As in PyTorch, `.grad` is itself a Tensor (of the leaf's shape, dtype
+and device, with no history); its `.data` is the array that the optimizers update from.
+
+The Tensor speaks PyTorch: `x.sum(dim=1, keepdim=True)` (NumPy's `axis=`/`keepdims=` are
+accepted too), `x.view(...)`, `x.T`, `x.permute(...)`, `x.transpose(0, 1)`, `x.float()`,
+`x.double()`, and `repr(x)` reads `tensor([1., 2.], requires_grad=True)`.
 
 A leaf is reached once in that walk, after every op that used it, so the moment its `.grad`
 is written it is final for this backward pass. `register_post_accumulate_grad_hook` (PyTorch's
@@ -113,9 +118,24 @@ class Tensor:
 
     def __init__(self, data, requires_grad=False):
         self.data = data
-        self.grad = None
+        self._grad = None
         self.requires_grad = bool(requires_grad)
         self._ctx = None
+
+    @property
+    def grad(self):
+        """The gradient that backward() accumulated: a Tensor of this tensor's shape, or None."""
+        return self._grad
+
+    @grad.setter
+    def grad(self, value):
+        if value is not None and not isinstance(value, Tensor):
+            if not hasattr(value, "shape"):
+                raise TypeError(f"grad: expected a Tensor, an array or None, got {type(value).__name__}")
+            value = Tensor(value)  # an array: wrapped, not copied
+        if value is not None and value.shape != self.shape:
+            raise ValueError(f"grad: a gradient of shape {value.shape} for a tensor of shape {self.shape}")
+        self._grad = value
 
     # ---- properties ----------------------------------------------------------------
     @property
@@ -148,14 +168,35 @@ class Tensor:
         return self.shape[0]
 
     def __repr__(self):
-        grad = ", requires_grad=True" if self.requires_grad else ""
-        dev = ", device='cuda'" if self.device == "cuda" else ""
-        return f"tensor({backend.to_numpy(self.data)!r}{dev}{grad})"
+        # as PyTorch prints: 4 decimals, dtype only when not the default, then the history
+        a = backend.to_numpy(self.data)
+        whole = a.dtype.kind != "f" or bool(np.all(a[np.isfinite(a)] == np.round(a[np.isfinite(a)])))
+        values = np.array2string(a, separator=", ", prefix="tensor(", precision=4,
+                                 floatmode="maxprec" if whole else "fixed")  # 1., 2.  or  0.1235, 2.0000
+        extra = [f"device='{self.device}'"] if self.device != "cpu" else []
+        if self.dtype not in (np.float32, np.int64, np.bool_):
+            extra.append(f"dtype={self.dtype}")
+        if self._ctx is not None and self.requires_grad:
+            extra.append(f"grad_fn=<{type(self._ctx).__name__}Backward>")
+        elif self.requires_grad:
+            extra.append("requires_grad=True")
+        return f"tensor({', '.join([values] + extra)})"
 
     # ---- conversion ----------------------------------------------------------------
     def numpy(self):
         """The values as a host NumPy array (copied from the GPU when on 'cuda')."""
         return backend.to_numpy(self.data)
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def __array__(self, dtype=None, copy=None):
+        """NumPy functions take a cpu Tensor as its array; a cuda one is copied only when asked."""
+        if self.device != "cpu":
+            raise TypeError("a cuda Tensor is not converted to a NumPy array implicitly; call .numpy() (which "
+                            "copies it to the host) or .cpu() first")
+        a = self.data if dtype is None else self.data.astype(dtype, copy=False)
+        return a.copy() if copy else a
 
     def item(self):
         if self.data.size != 1:
@@ -222,10 +263,10 @@ class Tensor:
             if g is None:
                 continue
             if node._ctx is None:  # a leaf: accumulate
-                if node.grad is None:
-                    node.grad = g.copy()
+                if node._grad is None:
+                    node._grad = Tensor(g.copy())
                 else:
-                    node.grad += g
+                    node._grad.data += g
                 for hook in node._grad_hooks:
                     hook(node)
                 continue
@@ -299,34 +340,74 @@ class Tensor:
     def log(self):
         return Log.apply(self)
 
-    def sum(self, axis=None, keepdims=False):
-        return Sum.apply(self, axis=_axes(axis, self.ndim), keepdims=keepdims)
+    def sum(self, dim=None, keepdim=False, *, axis=None, keepdims=None):
+        """Sum over `dim` (an int, a tuple, or None: all), as torch.sum; NumPy's axis=/keepdims= too."""
+        dim, keepdim = _dim_args("sum", dim, keepdim, axis, keepdims)
+        return Sum.apply(self, axis=_axes(dim, self.ndim, "sum"), keepdims=keepdim)
 
-    def mean(self, axis=None, keepdims=False):
-        axes = _axes(axis, self.ndim)
+    def mean(self, dim=None, keepdim=False, *, axis=None, keepdims=None):
+        """Mean over `dim` (an int, a tuple, or None: all), as torch.mean; NumPy's axis=/keepdims= too."""
+        dim, keepdim = _dim_args("mean", dim, keepdim, axis, keepdims)
+        axes = _axes(dim, self.ndim, "mean")
         n = int(np.prod([self.shape[a] for a in axes])) if axes else 1
-        return self.sum(axis=axes, keepdims=keepdims) / n if n else self.sum(axis=axes, keepdims=keepdims)
+        return self.sum(axes, keepdim) / n if n else self.sum(axes, keepdim)
 
     def reshape(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
         return Reshape.apply(self, shape=tuple(shape))
 
+    def view(self, *shape):
+        """As reshape (minunet's arrays are reshaped without a copy wherever NumPy can)."""
+        return self.reshape(*shape)
+
     def flatten(self):
         return self.reshape(-1)
+
+    def permute(self, *dims):
+        """The dimensions in the order `dims`, as torch.permute (a view: no copy)."""
+        dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        in_range = all(isinstance(d, (int, np.integer)) and -self.ndim <= d < self.ndim for d in dims)
+        if not in_range or sorted(d % self.ndim for d in dims) != list(range(self.ndim)):
+            raise ValueError(f"permute: dims {dims} are not a permutation of the {self.ndim} dimensions "
+                             f"of a tensor of shape {self.shape}")
+        return Permute.apply(self, dims=tuple(int(d) % self.ndim for d in dims))
+
+    def transpose(self, dim0, dim1):
+        """Swap two dimensions, as torch.transpose."""
+        dims = list(range(self.ndim))
+        for d in (dim0, dim1):
+            if not -self.ndim <= d < self.ndim:
+                raise ValueError(f"transpose: dim {d} is out of range for a tensor of shape {self.shape}")
+        dims[dim0], dims[dim1] = dims[dim1], dims[dim0]
+        return self.permute(dims)
+
+    @property
+    def T(self):
+        """The dimensions reversed (the transpose of a matrix)."""
+        return self.permute(tuple(reversed(range(self.ndim))))
 
     def __getitem__(self, index):
         return GetItem.apply(self, index=index)
 
 
-def _axes(axis, ndim):
+def _dim_args(op, dim, keepdim, axis, keepdims):
+    """PyTorch's (dim, keepdim) from either spelling, PyTorch's or NumPy's."""
+    if axis is not None:
+        if dim is not None:
+            raise TypeError(f"{op}: give dim or axis (its NumPy name), not both")
+        dim = axis
+    return dim, keepdim if keepdims is None else keepdims
+
+
+def _axes(axis, ndim, op="sum"):
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     out = []
     for a in axes:
         if not -ndim <= a < ndim:
-            raise ValueError(f"sum: axis {a} is out of range for a tensor with {ndim} dimensions")
-        out.append(a % ndim)
+            raise ValueError(f"{op}: dim {a} is out of range for a tensor with {ndim} dimensions")
+        out.append(int(a) % ndim)
     return tuple(sorted(set(out)))
 
 
@@ -439,6 +520,15 @@ class Reshape(Function):
 
     def backward(self, gy):
         return gy.reshape(self.shape)
+
+
+class Permute(Function):
+    def forward(self, a, dims):
+        self.dims = dims
+        return backend.array_module(a).transpose(a, dims)
+
+    def backward(self, gy):
+        return backend.array_module(gy).transpose(gy, tuple(int(d) for d in np.argsort(self.dims)))
 
 
 class GetItem(Function):

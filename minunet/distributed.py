@@ -387,7 +387,7 @@ class Reducer:
     def _ready(self, p):
         b, j = self._where[id(p)]
         bucket = self.buckets[b]
-        bucket.buffer[bucket.offsets[j]:bucket.offsets[j + 1]] = p.grad.reshape(-1)
+        bucket.buffer[bucket.offsets[j]:bucket.offsets[j + 1]] = p.grad.data.reshape(-1)
         bucket.missing -= 1
         if self._order is not None:
             self._order.append(self._index[id(p)])

@@ -42,7 +42,19 @@ def _check_same(op, **tensors):
     dtypes = {t.dtype for _, t in items}
     if len(dtypes) > 1:
         desc = ", ".join(f"{k} {t.dtype}" for k, t in items)
-        raise TypeError(f"{op}: arguments of different dtypes ({desc})")
+        raise TypeError(f"{op}: arguments of different dtypes ({desc}); minunet converts none silently: for a "
+                        f"float32 model (the default) pass x.float(), or make the input with "
+                        f"mn.tensor(a, dtype=np.float32) (a NumPy float64 array stays float64, as in PyTorch); "
+                        f"for float64 call model.double()")
+
+
+def _unsupported(op, **args):
+    """PyTorch arguments that minunet's kernels do not implement: any value but the default
+    (1) is refused, naming the argument, rather than computed wrongly."""
+    for name, value in args.items():
+        if value != 1 and value != (1, 1):
+            raise ValueError(f"{op}: {name}={value!r} is not supported (minunet's convolution kernels compute "
+                             f"{name}=1 only, on every backend)")
 
 
 def _array_arg(a, like, op, arg):
@@ -88,9 +100,10 @@ class Conv2d(Function):
         return gx, gw, gb
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0):
-    """2-D cross-correlation, as torch.nn.functional.conv2d (no dilation, no groups)."""
+def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D cross-correlation, as torch.nn.functional.conv2d; dilation and groups must be 1."""
     op = "conv2d"
+    _unsupported(op, dilation=dilation, groups=groups)
     _check_conv_tensors(op, x, weight, bias)
     stride, padding = pair(op, "stride", stride, 1), pair(op, "padding", padding, 0)
     return Conv2d.apply(x, weight, bias, stride=stride, padding=padding)
@@ -144,9 +157,11 @@ def _conv_transpose2d_out_hw(hw, khw, stride, padding, output_padding):
     return tuple((n - 1) * s - 2 * p + k + o for n, k, s, p, o in zip(hw, khw, stride, padding, output_padding))
 
 
-def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0):
-    """Transposed convolution (the adjoint of conv2d), as torch.nn.functional.conv_transpose2d."""
+def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1):
+    """Transposed convolution (the adjoint of conv2d), as torch.nn.functional.conv_transpose2d;
+    groups and dilation must be 1."""
     op = "conv_transpose2d"
+    _unsupported(op, groups=groups, dilation=dilation)
     _check_conv_tensors(op, x, weight, bias)
     # The checks here are the op's own: on conv2d's kernels in adjoint roles x plays the output
     # gradient, so a kernel's message would not be in this op's terms.

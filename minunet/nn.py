@@ -48,6 +48,16 @@ def _uniform(shape, bound):
     return _generator.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
+def _unsupported(layer, dilation, groups, padding_mode):
+    """Refuse, naming the argument, what the convolution kernels do not compute."""
+    for name, value in (("dilation", dilation), ("groups", groups)):
+        if value != 1 and value != (1, 1):
+            raise ValueError(f"{layer}: {name}={value!r} is not supported (minunet's convolution kernels compute "
+                             f"{name}=1 only, on every backend)")
+    if padding_mode != "zeros":
+        raise ValueError(f"{layer}: padding_mode={padding_mode!r} is not supported; only 'zeros'")
+
+
 class Parameter(Tensor):
     """A Tensor that a Module registers as trainable: it requires grad by default."""
 
@@ -204,7 +214,7 @@ class Module:
         for t in list(self.parameters()) + list(self.buffers()):
             t.data = move(t.data)
             if t.grad is not None:
-                t.grad = move(t.grad)
+                t.grad = move(t.grad.data)
         return self
 
     def cuda(self):
@@ -225,7 +235,7 @@ class Module:
             if set_to_none:
                 p.grad = None
             elif p.grad is not None:
-                p.grad[...] = 0
+                p.grad.data[...] = 0
 
     # ---- checkpoints -------------------------------------------------------------------
     def state_dict(self):
@@ -360,10 +370,13 @@ class ReLU(Module):
 
 
 class Conv2d(Module):
-    """2-D convolution (cross-correlation, as in PyTorch), zero padding; weight (K, C, kh, kw)."""
+    """2-D convolution (cross-correlation, as in PyTorch), zero padding; weight (K, C, kh, kw).
+    PyTorch's signature; dilation, groups and padding_mode other than 1, 1, 'zeros' are refused."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1, bias=True,
+                 padding_mode="zeros"):
         super().__init__()
+        _unsupported("Conv2d", dilation, groups, padding_mode)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = pair("Conv2d", "kernel_size", kernel_size, 1)
         self.stride = pair("Conv2d", "stride", stride, 1)
@@ -384,10 +397,13 @@ class Conv2d(Module):
 
 
 class ConvTranspose2d(Module):
-    """2-D transposed convolution (the adjoint of Conv2d in x); weight (Cin, Cout, kh, kw)."""
+    """2-D transposed convolution (the adjoint of Conv2d in x); weight (Cin, Cout, kh, kw).
+    PyTorch's signature; groups, dilation and padding_mode other than 1, 1, 'zeros' are refused."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, bias=True):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, groups=1,
+                 bias=True, dilation=1, padding_mode="zeros"):
         super().__init__()
+        _unsupported("ConvTranspose2d", dilation, groups, padding_mode)
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size = pair("ConvTranspose2d", "kernel_size", kernel_size, 1)
         self.stride = pair("ConvTranspose2d", "stride", stride, 1)

@@ -70,7 +70,7 @@ class Optimizer:
                 if set_to_none:
                     p.grad = None
                 elif p.grad is not None:
-                    p.grad[...] = 0
+                    p.grad.data[...] = 0
 
     def step(self):
         """Update every parameter that has a gradient; those whose grad is None are skipped."""
@@ -160,7 +160,7 @@ class SGD(Optimizer):
             if first:  # the kernel writes buf = d on the first step
                 state["momentum_buffer"] = backend.array_module(p.data).zeros_like(p.data)
             buf = state["momentum_buffer"]
-        backend.kernels_for(p.data).sgd_update(p.data, p.grad, buf, group["lr"], group["momentum"],
+        backend.kernels_for(p.data).sgd_update(p.data, p.grad.data, buf, group["lr"], group["momentum"],
                                                group["dampening"], group["weight_decay"], group["nesterov"], first)
 
 
@@ -186,7 +186,7 @@ class Adam(Optimizer):
             state["exp_avg_sq"] = xp.zeros_like(p.data)
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        backend.kernels_for(p.data).adam_update(p.data, p.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"],
+        backend.kernels_for(p.data).adam_update(p.data, p.grad.data, state["exp_avg"], state["exp_avg_sq"], group["lr"],
                                                 beta1, beta2, group["eps"], group["weight_decay"], state["step"],
                                                 self.decoupled)
 

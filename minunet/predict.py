@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from minunet import backend, data
 from minunet.autograd import no_grad, tensor
-from minunet.checkpoint import check_architecture, check_finite, read_checkpoint
+from minunet.checkpoint import read_checkpoint
 from minunet.data.io import open_image
 from minunet.unet import UNet
 
@@ -252,11 +252,7 @@ class Tiler:
 def load_model(path, device="cpu"):
     """(model in eval mode on `device`, Checkpoint) from a checkpoint file."""
     ckpt = read_checkpoint(path)
-    check_finite(ckpt)
-    model = UNet(**ckpt.model_config)
-    check_architecture(ckpt, model)
-    model.load_state_dict(ckpt.model_state)
-    return model.to(device).eval(), ckpt
+    return UNet.from_checkpoint(ckpt, device), ckpt
 
 
 def check_tile(model, tile):

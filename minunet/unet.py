@@ -23,11 +23,17 @@ concatenation. The output is smaller than the input (572 -> 388 at depth 4) and 
 input sizes work: every pooled size must be even and every size positive. `output_size`,
 `nearest_input_sizes` and `check_input_size` do this arithmetic, and forward refuses an
 input that does not fit with an error naming the nearest sizes that do.
+
+UNet()'s defaults are the network `minunet train` trains by default: base_channels=16,
+depth=3, padding='same', BatchNorm. The paper's network is
+UNet(base_channels=64, depth=4, padding='valid', batch_norm=False). `UNet.from_checkpoint`
+rebuilds the model a checkpoint holds (a run's best.safetensors), weights included.
 """
 import numbers
 
 from minunet import functional as F
 from minunet import nn
+from minunet.checkpoint import Checkpoint, check_architecture, check_finite, read_checkpoint
 
 
 def _block(in_channels, out_channels, padding, batch_norm):
@@ -43,13 +49,14 @@ def _block(in_channels, out_channels, padding, batch_norm):
 
 
 class UNet(nn.Module):
-    """U-Net: UNet(in_channels=1, num_classes=2, base_channels=64, depth=4, padding='same', batch_norm=False).
+    """U-Net: UNet(in_channels=1, num_classes=2, base_channels=16, depth=3, padding='same', batch_norm=True),
+    the defaults of `minunet train` (whose in_channels and num_classes come from the data).
 
     forward maps x (N, in_channels, H, W) to logits (N, num_classes, Ho, Wo), with (Ho, Wo) =
     output_size((H, W)).
     """
 
-    def __init__(self, in_channels=1, num_classes=2, base_channels=64, depth=4, padding="same", batch_norm=False):
+    def __init__(self, in_channels=1, num_classes=2, base_channels=16, depth=3, padding="same", batch_norm=True):
         super().__init__()
         for name, v in (("in_channels", in_channels), ("num_classes", num_classes),
                         ("base_channels", base_channels), ("depth", depth)):
@@ -71,6 +78,19 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[l + 1], widths[l], 2, stride=2) for l in reversed(range(depth)))
         self.decoder = nn.ModuleList(_block(2 * widths[l], widths[l], pad, batch_norm) for l in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], num_classes, 1)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu"):
+        """The model saved in a checkpoint (e.g. runs/<timestamp>/best.safetensors), with its
+        architecture and weights, on `device`, in eval mode (call .train() to train it on).
+        A checkpoint with NaN or infinite weights (a diverged run) is refused. `path` may also
+        be a Checkpoint that read_checkpoint has already read."""
+        ckpt = path if isinstance(path, Checkpoint) else read_checkpoint(path)
+        check_finite(ckpt)
+        model = cls(**ckpt.model_config)
+        check_architecture(ckpt, model)
+        model.load_state_dict(ckpt.model_state)
+        return model.to(device).eval()
 
     @property
     def config(self):

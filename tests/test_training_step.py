@@ -81,10 +81,10 @@ def _minunet_step(params, x, target, weight, device, dtype):
     loss = F.cross_entropy(z, tensor(target, device=device), weight=tensor(weight.astype(dtype), device=device),
                            ignore_index=IGNORE)
     loss.backward()
-    grads = {k: backend.to_numpy(p.grad) for k, p in P.items()}
+    grads = {k: p.grad.numpy() for k, p in P.items()}
     for p in P.values():
         xp, k = backend.array_module(p.data), backend.kernels_for(p.data)
-        k.sgd_update(p.data, p.grad, xp.empty_like(p.data), LR, MOMENTUM, 0.0, WEIGHT_DECAY, True, True)
+        k.sgd_update(p.data, p.grad.data, xp.empty_like(p.data), LR, MOMENTUM, 0.0, WEIGHT_DECAY, True, True)
     return loss.item(), grads, {k: p.numpy() for k, p in P.items()}
 
 

@@ -27,6 +27,7 @@ import json
 import pathlib
 import signal
 import sys
+import threading
 
 import numpy as np
 from tqdm import tqdm
@@ -402,12 +403,24 @@ def cmd_eval(args):
 COMMANDS = {"train": cmd_train, "predict": cmd_predict, "eval": cmd_eval}
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop (which saves first, see minunet.train.StopRequest)."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
 def main(argv=None):
     """Entry point of the `minunet` console script; returns the exit status."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if on_main_thread else None
     try:
         args = build_parser().parse_args(argv)
         cpu.configure()  # the CPU kernels' thread pool, set up once, here (minunet/cpu/runtime.py)
         return COMMANDS[args.command](args)
+    except _Terminated:  # as Ctrl-C: a message and the conventional status, not a silent death
+        return _fail("minunet: terminated (SIGTERM)", 128 + signal.SIGTERM)
     except (UsageError, ValueError, OSError, distributed.DistributedError) as e:  # bad input, paths, setup
         message = str(e) if isinstance(e, UsageError) else f"minunet: error: {e}"
         return _fail(message.splitlines()[0] if message else "minunet: error", 2)
@@ -417,6 +430,9 @@ def main(argv=None):
         if distributed.active() is None:
             raise
         return _fail(f"minunet: error: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}", 1)
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _fail(message, status):

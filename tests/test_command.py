@@ -495,3 +495,18 @@ def test_the_run_folder_pictures(run, tmp_path, figures):
     np.testing.assert_array_equal(truth[4, 4], palette(3)[0])
     np.testing.assert_array_equal(truth[0, 0], palette(3)[2])
     np.testing.assert_array_equal(truth[-1, 0], [255, 255, 255])
+
+
+def test_sigterm_outside_the_training_loop_is_reported(run, folder, tmp_path, monkeypatch, capsys):
+    """predict, eval, or train before its loop: a message and status 143, as Ctrl-C gives 130."""
+    from minunet import predict
+    from minunet.cli import main
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(predict.Tiler, "run", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    rc = main(["predict", "--model", str(run / "best.safetensors"), "--input", str(folder / "images"),
+               "--output", str(tmp_path / "p"), "--device", "cpu", "--no-progress"])
+    assert rc == 128 + signal.SIGTERM and capsys.readouterr().err.strip() == "minunet: terminated (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back

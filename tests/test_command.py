@@ -457,6 +457,16 @@ def test_predict_shows_a_progress_bar_over_the_tiles_of_all_files(run, tmp_path)
     assert r.returncode == 0 and r.stderr == ""
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_the_tile_count_is_what_run_reports(tta):
+    from minunet.predict import Tiler
+    nn.manual_seed(0)
+    tiler = Tiler(UNet(base_channels=2, depth=1), 16, tta=tta)  # with TTA, 4 of the 8 passes see 24 x 40
+    done = []
+    tiler.run(np.zeros((1, 1, 40, 24), np.float32), progress=done.append)
+    assert sum(done) == tiler.count(40, 24) and max(done) <= tiler.batch_size
+
+
 # ---- 12. the pictures: a legend of the classes, integer epochs, the best epoch marked ---------------------
 
 @pytest.fixture

@@ -282,7 +282,8 @@ def check_data(cfg, training=True):
     if cfg.is_synthetic():
         given = [flag(k) for k in SYNTHETIC_ONLY_NOT if getattr(cfg, k) != getattr(default, k)]
         if given:
-            raise ValueError(f"{', '.join(given)} describe folder data, and no folder is given: add --data DIR "
+            raise ValueError(f"{', '.join(given)} describe{'s' if len(given) == 1 else ''} folder data, and no "
+                             f"folder is given: add --data DIR "
                              f"(or --images and --masks)")
         if cfg.class_names is not None:
             raise ValueError("--class-names names the classes of a folder dataset; the synthetic set names its own")

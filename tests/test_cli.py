@@ -304,6 +304,7 @@ def test_a_scaled_run_is_evaluated_at_its_scale(folder, tmp_path, capsys):
                  "--output", str(tmp_path / "pred"), "--overlay", "--device", "cpu"]) == 0
     assert Image.open(tmp_path / "pred" / "img0_mask.png").size == (70, 50)  # back at the image's size
     assert Image.open(tmp_path / "pred" / "img0_overlay.png").size == (70, 50)
+    capsys.readouterr()  # predict's progress bar
     rc = main(["train", "--scale", "0.5", "--out", str(tmp_path / "r"), "--device", "cpu"])
     _one_error_line(capsys, rc, "--scale", "folder data")
 

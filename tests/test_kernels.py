@@ -112,6 +112,9 @@ CONV_CASES = [
     (1, 2, 4, 4, 3, (2, 2), (1, 1), (2, 2)),     # padding >= kernel: border outputs see only padding
     (1, 2, 3, 3, 2, (3, 3), (1, 1), (0, 0)),     # a 1x1 output
     (1, 2, 40, 33, 6, (3, 3), (1, 1), (1, 1)),   # a plane larger than one task of v3's forward
+    (1, 2, 9, 70, 3, (3, 3), (1, 1), (1, 1)),    # Winograd (v4): tile rows longer than a vector of tiles
+    (2, 64, 24, 19, 16, (3, 3), (1, 1), (1, 1)), # v4: several blocks of tile rows, channel groups
+    (2, 20, 5, 37, 9, (1, 1), (1, 1), (0, 0)),   # v4's 1x1 product: rows and pixels off its blocks
 ] + _random_conv_cases(seed=2024, n=5)
 
 
@@ -166,27 +169,55 @@ def test_conv2d_forward_drawn(device, version, dtype, case):
           ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, f"conv2d_backward_weight gw {case}")
 
 
-@pytest.mark.parametrize("stride, khw, plane, channels, expected", [
-    ((1, 1), (3, 3), 16 * 16, 128, 3),    # a 16x16 plane: direct
-    ((1, 1), (3, 3), 8 * 8, 64, 3),       # 8x8, but few channels: direct
-    ((1, 1), (3, 3), 8 * 8, 65, 2),       # 8x8 and many: GEMM
-    ((2, 2), (3, 3), 64 * 64, 16, 2),     # strided: GEMM
-    ((1, 1), (1, 1), 64 * 64, 16, 2),     # 1x1: a plain GEMM
-    ((1, 1), (3, 1), 15 * 15, 128, 2),    # just under 16x16, many channels
+@pytest.mark.parametrize("split", ["tiles", "channels"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_winograd_work_splits(split, dtype, monkeypatch, rng):
+    """v4 shares a convolution between threads by blocks of tiles (large planes) or by channels
+    (small planes, many channels): each way against the oracle, with blocks small enough that
+    there are several, and channel counts off the micro-kernels' multiples."""
+    from minunet.cpu import conv2d_winograd
+    monkeypatch.setattr(conv2d_winograd, "_BY_CHANNELS_BYTES", 0 if split == "tiles" else 1 << 40)
+    monkeypatch.setattr(conv2d_winograd, "_BLOCK_BYTES", 4096)
+    for case in [(2, 16, 21, 38, 24, (3, 3), (1, 1), (1, 1)), (3, 9, 13, 10, 12, (3, 3), (1, 1), (0, 0)),
+                 (1, 16, 26, 50, 17, (3, 3), (1, 1), (1, 1))]:   # 4 blocks of 2, 2, 2, 1 tile rows
+        x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
+        what = f"{split} {case_id(case)}"
+        y = ref.conv2d_forward(x, w, b, stride, padding)
+        (gy,) = make(rng, dtype, y.shape)
+        check(run("cpu", "conv2d_forward", x, w, b, stride, padding, version=4), y, dtype, f"y {what}")
+        check(run("cpu", "conv2d_backward_input", gy, w, x.shape, stride, padding, version=4),
+              ref.conv2d_backward_input(gy, w, x.shape, stride, padding), dtype, f"gx {what}")
+        check(run("cpu", "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=4),
+              ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, f"gw {what}")
+
+
+@pytest.mark.parametrize("stride, khw, padding, c_in, c_out, plane, expected", [
+    ((1, 1), (3, 3), (1, 1), 16, 16, 128 * 128, 4),    # the U-Net's 3x3 layers: Winograd ...
+    ((1, 1), (3, 3), (1, 1), 256, 256, 8 * 8, 4),      # ... the 8x8 bottom included
+    ((1, 1), (3, 3), (0, 0), 64, 128, 30 * 30, 4),     # ... and 'valid' ones
+    ((1, 1), (3, 3), (1, 1), 1, 16, 128 * 128, 3),     # the first layer, from one channel: direct
+    ((1, 1), (3, 3), (1, 1), 16, 3, 128 * 128, 3),     # few output channels: direct
+    ((1, 1), (5, 5), (2, 2), 64, 64, 32 * 32, 3),      # not 3x3: direct
+    ((1, 1), (5, 5), (2, 2), 128, 128, 8 * 8, 2),      # ... but GEMM on a small plane, many channels
+    ((1, 1), (3, 1), (1, 0), 128, 128, 15 * 15, 2),    # just under 16x16, many channels
+    ((2, 2), (3, 3), (1, 1), 64, 64, 32 * 32, 2),      # strided: GEMM
+    ((1, 1), (1, 1), (0, 0), 64, 2, 128 * 128, 4),     # 1x1: one product per image, on numba's threads
+    ((1, 1), (1, 1), (1, 1), 64, 2, 130 * 130, 2),     # 1x1 with padding: im2col + GEMM
 ])
-def test_cpu_choose_version(stride, khw, plane, channels, expected):
+def test_cpu_choose_version(stride, khw, padding, c_in, c_out, plane, expected):
     from minunet.cpu import conv2d
-    assert conv2d.choose_version(stride, khw, plane, channels) == expected
+    assert conv2d.choose_version(stride, khw, padding, c_in, c_out, plane) == expected
 
 
 @pytest.mark.parametrize("op, args, expected", [
-    ("conv2d_forward", lambda x, w, gy: (x, w, None, (1, 1), (1, 1)), ((1, 1), (3, 3), 10 * 12, 5)),
-    ("conv2d_backward_input", lambda x, w, gy: (gy, w, x.shape, (1, 1), (1, 1)), ((1, 1), (3, 3), 10 * 12, 2)),
-    ("conv2d_backward_weight", lambda x, w, gy: (x, gy, w.shape, (1, 1), (1, 1)), ((1, 1), (3, 3), 10 * 12, 5)),
+    ("conv2d_forward", lambda x, w, gy: (x, w, None, (1, 1), (1, 1)), ((1, 1), (3, 3), (1, 1), 2, 5, 10 * 12)),
+    ("conv2d_backward_input", lambda x, w, gy: (gy, w, x.shape, (1, 1), (1, 1)), ((1, 1), (3, 3), (1, 1), 5, 2, 10 * 12)),
+    ("conv2d_backward_weight", lambda x, w, gy: (x, gy, w.shape, (1, 1), (1, 1)), ((1, 1), (3, 3), (1, 1), 2, 5, 10 * 12)),
 ])
 def test_cpu_version_none_asks_choose_version(op, args, expected, monkeypatch, rng):
-    """version=None runs what choose_version says for the call's shape: (stride, kernel, the
-    output plane's size and channels; for backward_input, x's plane and channels)."""
+    """version=None runs what choose_version says for the call's convolution: (stride, kernel,
+    padding, input and output channels, output plane; for backward_input the convolution of gy
+    into gx: K in, C out, x's plane)."""
     from minunet.cpu import conv2d
     asked = []
     monkeypatch.setattr(conv2d, "choose_version", lambda *a: asked.append(a) or 1)
@@ -216,6 +247,7 @@ CONV_T_CASES = [
     (1, 1, 3, 5, 1, (3, 2)),    # asymmetric, batch 1, one channel
     (3, 5, 1, 1, 7, (1, 1)),    # one pixel, a 1x1 kernel
     (2, 3, 7, 2, 4, (2, 3)),    # odd sizes
+    (1, 9, 40, 30, 5, (2, 2)),  # several blocks of input rows in one image (cpu/gemm.py)
 ]
 
 

@@ -10,7 +10,8 @@ version, allocating the outputs with NumPy and launching the numba loops.
 One module per op family, with the stems of kernels/*.cu and of the oracles in
 tests/reference.py:
 
-    conv2d.py            convolution, versions v1 (direct), v2 (im2col + GEMM), v3 (direct over padded planes)
+    conv2d.py            convolution, versions v1 (direct), v2 (im2col + GEMM), v3 (direct over padded planes),
+                         v4 (Winograd, conv2d_winograd.py; a 1x1 kernel as one product per image)
     conv_transpose2d.py  transposed convolution with kernel == stride (the U-Net's up-convolution)
     max_pool2d.py        max pooling with argmax
     concat.py            crop-and-concatenate along channels
@@ -19,6 +20,8 @@ tests/reference.py:
     batch_norm.py        batch normalisation
     optim.py             fused SGD and Adam/AdamW updates
     runtime.py           numba's thread pool, the kernel decorator, scratch buffers
+    simd.py              explicit 512-bit SIMD vectors for numba code
+    gemm.py              matrix products on those vectors (1x1 convolutions, the up-convolution)
 
 How a kernel is built
 ---------------------

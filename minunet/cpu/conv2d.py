@@ -1,10 +1,10 @@
-"""minunet.cpu.conv2d: 2-D convolution (cross-correlation, as PyTorch's), three versions.
+"""minunet.cpu.conv2d: 2-D convolution (cross-correlation, as PyTorch's), four versions.
 
     y[n,k,i,j] = b[k] + sum_{c,u,v} x[n,c,i*sh-ph+u, j*sw-pw+v] * w[k,c,u,v]
 
 forward computes y, backward_input gx = d/dx sum(y * gy), backward_weight gw = d/dw sum(y * gy)
 (the bias gradient is activation.bias_backward). Every version computes the same function;
-`version=None` picks one by shape (`_direct`), the tests run them all against
+`version=None` picks one by shape (`choose_version`), the tests run them all against
 tests/reference.py and benchmarks/bench_cpu.py times them all.
 
 Convolution versions (`version=`, see VERSIONS)
@@ -34,38 +34,66 @@ Convolution versions (`version=`, see VERSIONS)
   v3  direct loops over zero-padded planes, blocked for the FPU's registers (see its section
       below): no columns, so nothing 9x the size of x goes through memory, and no packing of
       GEMM operands. On 2 cores it beats v2 on every stride-1 3x3 layer of the U-Net except
-      the 8x8, many-channel bottom, by 2x on the few-channel top; version=None picks it there
-      and v2 elsewhere (`choose_version`).
+      the 8x8, many-channel bottom, by 2x on the few-channel top.
+  v4  Winograd's minimal filtering F(4x4, 3x3) for stride-1 3x3 kernels (conv2d_winograd.py
+      teaches it): 36 multiplies per 4x4 tile of outputs instead of 144, as 36 matrix products
+      between transformed inputs and transformed filters, on explicit SIMD vectors (simd.py).
+      A 1x1 kernel with stride 1 and no padding v4 runs as one product per image on the same
+      vectors (gemm.py), on numba's threads like every other kernel, not BLAS's. Every other
+      convolution v4 runs as v3.
 """
 import numba
 import numpy as np
 from numba import prange
 
 from minunet.contract import conv_out_hw
+from minunet.cpu import conv2d_winograd, gemm
 from minunet.cpu.runtime import batches, kernel, one_blas_thread, scratch
 
 VERSIONS = {
-    "conv2d_forward": (1, 2, 3),
-    "conv2d_backward_input": (1, 2, 3),
-    "conv2d_backward_weight": (1, 2, 3),
+    "conv2d_forward": (1, 2, 3, 4),
+    "conv2d_backward_input": (1, 2, 3, 4),
+    "conv2d_backward_weight": (1, 2, 3, 4),
 }
 
-# version=None runs v3 for every stride-1 convolution with a kernel larger than 1x1, except on
-# planes smaller than _DIRECT_PLANE places that also have more than _DIRECT_CHANNELS output
-# channels (the 8x8 bottom of a wide U-Net): there v2's GEMMs are big enough for BLAS to win.
-# A 1x1 kernel needs no im2col, so v2 is a plain GEMM; strided convolutions are v2's. Measured
-# on the U-Net's layers, 2 cores, with
+# version=None picks a convolution's version by its shape (choose_version):
+#   v4, Winograd, for every stride-1 3x3 convolution with at least _WINOGRAD_CHANNELS input and
+#       output channels: 4 times fewer multiplies, and its transforms cost little next to them
+#       once both sides have a few channels (the U-Net's first layer, from 1 or 3 channels, is
+#       v3's); and v4 for a 1x1 kernel with stride 1 and no padding: one product per image;
+#   v3, the direct loops, for the other stride-1 convolutions with a kernel larger than 1x1,
+#       except on planes smaller than _DIRECT_PLANE places that also have more than
+#       _DIRECT_CHANNELS output channels: there v2's GEMMs are big enough for BLAS to win;
+#   v2, im2col + GEMM, for the rest (the strided convolutions).
+# Measured on the U-Net's layers, 2 cores, with `python benchmarks/conv_vs_torch.py` and
 # `PYTHONPATH=. python -m pytest benchmarks/bench_cpu.py --benchmark-only -k conv2d`.
+_WINOGRAD_CHANNELS = 8
 _DIRECT_PLANE = 16 * 16
 _DIRECT_CHANNELS = 64
 
 
-def choose_version(stride, khw, plane, channels):
-    """The version that version=None runs (see above): 3 or 2. `plane` is the size of the
-    output plane Ho*Wo (for backward_input, of x's plane H*W) and `channels` its channel count."""
-    direct = (tuple(stride) == (1, 1) and tuple(khw) != (1, 1)
-              and (plane >= _DIRECT_PLANE or channels <= _DIRECT_CHANNELS))
-    return 3 if direct else 2
+def choose_version(stride, khw, padding, c_in, c_out, plane):
+    """The version that version=None runs (see above) for a convolution of c_in channels into
+    c_out channels of `plane` places (Ho*Wo). For backward_input it is the convolution of gy
+    into gx: c_in = K, c_out = C and plane = H*W."""
+    stride, khw = tuple(stride), tuple(khw)
+    if stride == (1, 1) and khw == (3, 3) and min(c_in, c_out) >= _WINOGRAD_CHANNELS:
+        return 4
+    if _pointwise(stride, khw, padding):
+        return 4
+    if stride == (1, 1) and khw != (1, 1) and (plane >= _DIRECT_PLANE or c_out <= _DIRECT_CHANNELS):
+        return 3
+    return 2
+
+
+def _pointwise(stride, khw, padding):
+    """Whether the convolution is one product per image: 1x1 kernel, stride 1, no padding."""
+    return tuple(stride) == (1, 1) and tuple(khw) == (1, 1) and tuple(padding) == (0, 0)
+
+
+def _winograd_fits(stride, khw):
+    """Whether v4 runs Winograd's F(4x4, 3x3): a stride-1 3x3 kernel."""
+    return tuple(stride) == (1, 1) and tuple(khw) == (3, 3)
 
 
 _THIN = 256  # below this many output pixels per image, v2 runs one GEMM over the images side by side
@@ -502,12 +530,19 @@ def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding):
 def conv2d_forward(x, w, b, stride, padding, version=None):
     # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo)
     Ho, Wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, padding)
-    v = version or choose_version(stride, w.shape[2:], Ho * Wo, w.shape[0])
+    v = version or choose_version(stride, w.shape[2:], padding, x.shape[1], w.shape[0], Ho * Wo)
     if v == 1:
         y = np.empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
         _conv2d_forward_v1(x, w, np.zeros(w.shape[0], x.dtype) if b is None else b, *stride, *padding, y)
         return y
-    if v == 3:
+    if v == 4 and _winograd_fits(stride, w.shape[2:]):
+        return conv2d_winograd.conv2d_forward(x, w, b, padding)
+    if v == 4 and _pointwise(stride, w.shape[2:], padding):
+        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
+        gemm.pointwise_forward(x, w.reshape(w.shape[0], -1), np.zeros(w.shape[0], x.dtype) if b is None else b,
+                                gemm.row_blocks(Ho, Wo), y)
+        return y
+    if v >= 3:
         return _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo)
     return _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo)
 
@@ -515,12 +550,19 @@ def conv2d_forward(x, w, b, stride, padding, version=None):
 def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
     # gy: (N, K, Ho, Wo), w: (K, C, kh, kw) -> gx: x_shape = (N, C, H, W)
     N, C, H, W = x_shape
-    v = version or choose_version(stride, w.shape[2:], H * W, C)
+    v = version or choose_version(stride, w.shape[2:], padding, w.shape[0], C, H * W)
     if v == 1:
         gx = np.zeros(x_shape, gy.dtype)
         _conv2d_backward_input_v1(gy, w, *stride, *padding, gx)
         return gx
-    if v == 3:
+    if v == 4 and _winograd_fits(stride, w.shape[2:]):
+        return conv2d_winograd.conv2d_backward_input(gy, w, x_shape, padding)
+    if v == 4 and _pointwise(stride, w.shape[2:], padding):
+        gx = np.empty(x_shape, gy.dtype)
+        gemm.pointwise_forward(gy, np.ascontiguousarray(w.reshape(w.shape[0], -1).T), np.zeros(C, gy.dtype),
+                                gemm.row_blocks(H, W), gx)
+        return gx
+    if v >= 3:
         return _conv2d_backward_input_v3(gy, w, x_shape, stride, padding)
     return _conv2d_backward_input_v2(gy, w, x_shape, stride, padding)
 
@@ -528,11 +570,17 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
 def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
     # x: (N, C, H, W), gy: (N, K, Ho, Wo) -> gw: w_shape = (K, C, kh, kw)
     K, C, kh, kw = w_shape
-    v = version or choose_version(stride, (kh, kw), gy.shape[2] * gy.shape[3], K)
+    v = version or choose_version(stride, (kh, kw), padding, C, K, gy.shape[2] * gy.shape[3])
     if v == 1:
         gw = np.empty(w_shape, x.dtype)
         _conv2d_backward_weight_v1(x, gy, *stride, *padding, gw)
         return gw
-    if v == 3:
+    if v == 4 and _winograd_fits(stride, (kh, kw)):
+        return conv2d_winograd.conv2d_backward_weight(x, gy, w_shape, padding)
+    if v == 4 and _pointwise(stride, (kh, kw), padding):
+        gw = np.empty(w_shape, x.dtype)
+        gemm.weight_gradient(gy, x, gw.reshape(K, C))
+        return gw
+    if v >= 3:
         return _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding)
     return _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding)

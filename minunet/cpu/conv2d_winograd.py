@@ -1,0 +1,764 @@
+"""minunet.cpu.conv2d_winograd: stride-1 3x3 convolutions by Winograd's minimal filtering, F(4x4, 3x3).
+
+conv2d's version 4 on the CPU (minunet.cpu.conv2d routes to it). A direct 3x3 convolution spends
+9 multiply-adds per output pixel per (input, output) channel pair; Winograd's algorithm
+(Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks", 2015) spends 36 per
+4x4 tile of outputs, 2.25 per pixel: 4 times fewer, paid for with cheap linear transforms
+of the inputs and outputs.
+
+The 1-D idea, F(4, 3): four outputs y_i = sum_k g_k d_{i+k} of a 3-tap filter g over six
+inputs d are the coefficients of a polynomial product, which can be recovered from its values
+at six points (here 0, 1, -1, 2, -2 and infinity). So
+
+    y = A^T [ (G g) * (B^T d) ]        (* lane by lane: 6 multiplies instead of 12)
+
+with B^T (6x6) evaluating the input at the points, G (6x3) the filter, A^T (4x6)
+interpolating back (the matrices are written out in `_bt`, `_g`, `_at` below). In 2-D the
+transforms apply along both axes: a 6x6 input tile d and the 3x3 filter g give the 4x4
+output tile Y = A^T [ (G g G^T) * (B^T d B) ] A. Summed over input channels c, the 36 lane-
+wise products of one tile become 36 independent matrix products, one per transformed point p:
+
+    M[p] (K, T) = U[p] (K, C) @ V[p] (C, T),    U[p] = (G w[k, c] G^T)[p], V[p] = (B^T d B)[p]
+
+over the T tiles of the batch. So a convolution is: the weight transform (U, once per call),
+the input transform (V), 36 matrix products (where nearly all the work is), and the output
+transform (Y from M), plus the bias.
+
+The two gradients are Winograd convolutions too:
+  backward_input   gx = a stride-1 convolution of gy with w flipped in space and its channel
+                   axes swapped, padded by 2 - p: the forward kernel with U of that filter.
+  backward_weight  gw[k, c] = sum over tiles of the correlation of an input tile (6x6) with an
+                   output-gradient tile (4x4), F(3x3, 4x4) with the same points:
+                       gw = G^T [ sum_t (A gy_t A^T) * (B^T x_t B) ] G
+                   i.e. per point p the product (K, T) @ (T, C) summed over tiles, and one
+                   inverse transform per (k, c) at the end.
+
+Accuracy: the points 0, +-1, +-2 keep the transforms' coefficients small (at most 8 in A^T,
+5 in B^T), and float32 results stay within the 1e-4 relative tolerance of the oracle tests
+(tests/test_kernels.py) at every U-Net shape measured (benchmarks/winograd_accuracy.py says how
+far). Weight transforms are computed in float64 and rounded once.
+
+How the work is laid out (all float lanes run over tiles)
+---------------------------------------------------------
+The tiles of the batch are grouped by tile row, (image n, tile row ti), each of TW tiles;
+one task takes a block of consecutive tile rows and a group of output channels, and does
+everything for them in buffers of its own that stay in the core's cache:
+  1. copies the 6 input rows each of its tile rows reads into zero-padded rows (the padding
+     and the image border handled once, here);
+  2. input transform: one SIMD vector holds one value of 16 (float32; 8 in float64)
+     neighbouring tiles of a row, loaded with a stride-4 shuffle (simd.load_every4),
+     so the whole transform is vector arithmetic, written V[p, c, t] with t contiguous;
+  3. the 36 products M[p] = U[p] @ V[p], a register-blocked micro-kernel: 4 output channels
+     x 2 vectors of tiles of accumulators stay in registers along the sum over c, each step
+     one broadcast of U and 8 fused multiply-adds (`_multiply`);
+  4. output transform and bias, written into y's rows with a stride-4 interleaving store that
+     drops the columns past the image's edge (simd.store_every4).
+Tasks split the tile rows into blocks of about _BLOCK_BYTES of V, and, where there are fewer
+blocks than twice the threads (the small planes at the bottom of a U-Net), split the
+output channels too (each such task transforms the inputs again: cheap next to its products).
+"""
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from minunet.cpu.runtime import kernel
+from minunet.cpu.simd import (fma, gather, lanes, load, load_every4, load_range, scatter, splat, store,
+                              store_every4, store_range, transpose, zeros)
+
+_BLOCK_BYTES = 512 << 10   # transformed inputs per task: fits in one core's L2 with its products
+_FAST = {"contract"}
+_SIXTH, _24TH = 1.0 / 6.0, 1.0 / 24.0
+
+
+def _kernel(fn):
+    """a prange kernel, launched through runtime.kernel"""
+    return kernel(fn, fastmath=_FAST)
+
+
+def _helper(fn):
+    return numba.njit(cache=True, fastmath=_FAST)(fn)
+
+
+# ---------------------------------------------------------------------------------------------
+# the 1-D transforms of F(4, 3), points 0, 1, -1, 2, -2, infinity (scalars or SIMD vectors)
+# ---------------------------------------------------------------------------------------------
+
+@_helper
+def _bt(d0, d1, d2, d3, d4, d5):
+    """B^T d, the input at the six points:
+        [4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]"""
+    p, q = d4 - 4.0 * d2, d3 - 4.0 * d1
+    r, s = d4 - d2, 2.0 * (d3 - d1)
+    return (4.0 * d0 - 5.0 * d2 + d4, p + q, p - q, r + s, r - s, 4.0 * d1 - 5.0 * d3 + d5)
+
+
+@_helper
+def _g(g0, g1, g2):
+    """G g, the filter at the six points:
+        [1/4, 0, 0], [-1/6, -1/6, -1/6], [-1/6, 1/6, -1/6], [1/24, 1/12, 1/6], [1/24, -1/12, 1/6], [0, 0, 1]"""
+    e, f = g0 + g2, 4.0 * g2 + g0
+    return (0.25 * g0, -_SIXTH * (e + g1), -_SIXTH * (e - g1), _24TH * (f + 2.0 * g1), _24TH * (f - 2.0 * g1), g2)
+
+
+@_helper
+def _at(m0, m1, m2, m3, m4, m5):
+    """A^T m, back from the six points to four outputs:
+        [1, 1, 1, 1, 1, 0], [0, 1, -1, 2, -2, 0], [0, 1, 1, 4, 4, 0], [0, 1, -1, 8, -8, 1]"""
+    a, b = m1 + m2, m1 - m2
+    c, d = m3 + m4, m3 - m4
+    return (m0 + a + c, b + 2.0 * d, a + 4.0 * c, b + 8.0 * d + m5)
+
+
+@_helper
+def _a(h0, h1, h2, h3):
+    """A h: an output gradient's 4 values at the six points (the transform of gy in
+    backward_weight, where gy plays the filter of F(3, 4))"""
+    e, o = h0 + h2, h1 + h3
+    e4, o4 = h0 + 4.0 * h2, 2.0 * h1 + 8.0 * h3
+    return (h0, e + o, e - o, e4 + o4, e4 - o4, h3)
+
+
+@_helper
+def _gt(m0, m1, m2, m3, m4, m5):
+    """G^T m, back from the six points to a 3-tap weight gradient"""
+    a, b = m1 + m2, m1 - m2
+    c, d = m3 + m4, m3 - m4
+    return (0.25 * m0 - _SIXTH * a + _24TH * c, _SIXTH * (d * 0.5 - b), _SIXTH * (c - a) + m5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the steps of a task
+# ---------------------------------------------------------------------------------------------
+# Tiles are numbered along the tile rows laid side by side, each row followed by one dummy tile:
+# tile (lr, tj) of a run of tile rows is number t = lr*(TW + 1) + tj, and its input columns
+# start at 4*t in `xs`, the run's input rows copied end to end in segments of S = 4*(TW + 1)
+# columns. The dummy tile keeps a row's last tile, which reads 2 columns past 4*TW, out of the
+# next row, and with it one run of vectors covers all the tiles whatever the plane's width (a
+# row of 2 tiles on an 8x8 plane wastes no lanes). Dummy tiles are computed and never written out.
+
+@_helper
+def _transform_filter(g00, g01, g02, g10, g11, g12, g20, g21, g22):
+    """G g G^T of the 3x3 filter g, as 36 values in row-major (a, b) order"""
+    r0, r1, r2 = _g(g00, g01, g02), _g(g10, g11, g12), _g(g20, g21, g22)    # along each row
+    c0, c1, c2 = _g(r0[0], r1[0], r2[0]), _g(r0[1], r1[1], r2[1]), _g(r0[2], r1[2], r2[2])
+    c3, c4, c5 = _g(r0[3], r1[3], r2[3]), _g(r0[4], r1[4], r2[4]), _g(r0[5], r1[5], r2[5])
+    return (c0[0], c1[0], c2[0], c3[0], c4[0], c5[0], c0[1], c1[1], c2[1], c3[1], c4[1], c5[1],
+            c0[2], c1[2], c2[2], c3[2], c4[2], c5[2], c0[3], c1[3], c2[3], c3[3], c4[3], c5[3],
+            c0[4], c1[4], c2[4], c3[4], c4[4], c5[4], c0[5], c1[5], c2[5], c3[5], c4[5], c5[5])
+
+
+@_helper
+def _transform_filters(w, flip, o0, no, U):
+    # U[p, oo, i] = (G f G^T)[p] of the filter f from input channel i to output channel o0 + oo of
+    # this convolution: f = w[o, i] (K, C, 3, 3), or with flip, f = w[i, o] turned 180 degrees
+    # (the filter of the input gradient). Vectors run over i, gathered from w.
+    K, C = w.shape[0], w.shape[1]
+    n_in = U.shape[2]
+    L = lanes(w)
+    for oo in range(no):
+        o = o0 + oo
+        base, step, tap = (o * 9 + 8, 9 * C, -1) if flip else (o * C * 9, 9, 1)  # w[o or i] at base + i*step
+        for i0 in range(0, n_in - L + 1, L):
+            b = base + i0 * step
+            e = _transform_filter(gather(w, b, step), gather(w, b + tap, step), gather(w, b + 2 * tap, step),
+                                  gather(w, b + 3 * tap, step), gather(w, b + 4 * tap, step),
+                                  gather(w, b + 5 * tap, step), gather(w, b + 6 * tap, step),
+                                  gather(w, b + 7 * tap, step), gather(w, b + 8 * tap, step))
+            _store36(U, oo * n_in + i0, no * n_in, e)
+        wf = w.reshape(-1)
+        for i in range(n_in - n_in % L, n_in):          # the channels past the last whole vector
+            b = base + i * step
+            e = _transform_filter(np.float64(wf[b]), np.float64(wf[b + tap]), np.float64(wf[b + 2 * tap]),
+                                  np.float64(wf[b + 3 * tap]), np.float64(wf[b + 4 * tap]),
+                                  np.float64(wf[b + 5 * tap]), np.float64(wf[b + 6 * tap]),
+                                  np.float64(wf[b + 7 * tap]), np.float64(wf[b + 8 * tap]))
+            for p in range(36):
+                U[p, oo, i] = e[p]
+
+
+@_helper
+def _store36(a, o, step, e):
+    """store the 36 vectors e at a's flat places o, o + step, ..., o + 35*step"""
+    for b in range(6):
+        v0, v1, v2, v3, v4, v5 = e[b], e[6 + b], e[12 + b], e[18 + b], e[24 + b], e[30 + b]
+        store(a, o + b * step, v0)
+        store(a, o + (6 + b) * step, v1)
+        store(a, o + (12 + b) * step, v2)
+        store(a, o + (18 + b) * step, v3)
+        store(a, o + (24 + b) * step, v4)
+        store(a, o + (30 + b) * step, v5)
+
+
+@_helper
+def _pad_rows(x, r0, nr, TH, S, top, left, c0, c1, xs):
+    # xs[c, i, lr*S + q] = x[n, c, 4*ti - top + i, q - left] for q < S (0 outside x) and channels
+    # c0 <= c < c1, where r0 + lr = n*TH + ti runs over nr tile rows; 0 from nr*S to the end.
+    # Vectors with masks: a lane outside x reads nothing and stays 0.
+    N, C, H, W = x.shape
+    rows, Wx = xs.shape[1], xs.shape[2]
+    L = lanes(xs)
+    z = zeros(xs)
+    for c in range(c0, c1):
+        for i in range(rows):
+            dst = xs[c, i]
+            for lr in range(nr):
+                n, ti = (r0 + lr) // TH, (r0 + lr) % TH
+                h, base = 4 * ti - top + i, lr * S
+                if 0 <= h < H:
+                    src = x[n, c, h]
+                    for q in range(0, S, L):
+                        j = q - left                    # x's column under lane 0
+                        store_range(dst, base + q, load_range(src, j, -j, W - j), 0, S - q)
+                else:
+                    for q in range(0, S, L):
+                        store_range(dst, base + q, z, 0, S - q)
+            for q in range(nr * S, Wx, L):
+                store_range(dst, q, z, 0, Wx - q)
+
+
+@_helper
+def _tile_inputs(xs, c, t0, tmp, out, o, step):
+    # (B^T d B)[a, b] of the L tiles d = xs[c, :, 4*t : 4*t+6], t0 <= t < t0 + L, one vector per
+    # point, stored at out's flat places o + (a*6 + b)*step
+    L = lanes(xs)
+    for i in range(6):                                  # along each row: B^T over the columns
+        row = xs[c, i]
+        d0, d1, d2, d3 = load_every4(row, 4 * t0)
+        d4, d5, _, _ = load_every4(row, 4 * t0 + 4)
+        e0, e1, e2, e3, e4, e5 = _bt(d0, d1, d2, d3, d4, d5)
+        store(tmp, (6 * i) * L, e0)
+        store(tmp, (6 * i + 1) * L, e1)
+        store(tmp, (6 * i + 2) * L, e2)
+        store(tmp, (6 * i + 3) * L, e3)
+        store(tmp, (6 * i + 4) * L, e4)
+        store(tmp, (6 * i + 5) * L, e5)
+    for b in range(6):                                  # then down each column
+        v0, v1, v2, v3, v4, v5 = _bt(load(tmp, b * L), load(tmp, (6 + b) * L), load(tmp, (12 + b) * L),
+                                     load(tmp, (18 + b) * L), load(tmp, (24 + b) * L), load(tmp, (30 + b) * L))
+        store(out, o + b * step, v0)
+        store(out, o + (6 + b) * step, v1)
+        store(out, o + (12 + b) * step, v2)
+        store(out, o + (18 + b) * step, v3)
+        store(out, o + (24 + b) * step, v4)
+        store(out, o + (30 + b) * step, v5)
+
+
+@_helper
+def _input_transform(xs, nt, c0, c1, V):
+    # xs: (C, 6, Wx) -> V: (36, C, TBv), V[p, c, t] = (B^T d B)[p] of tile t of channel c, for
+    # c0 <= c < c1 and t < nt rounded up to whole vectors
+    C, TBv = V.shape[1], V.shape[2]
+    L = lanes(xs)
+    tmp = np.empty(36 * L, xs.dtype)
+    for c in range(c0, c1):
+        for t0 in range(0, nt, L):
+            _tile_inputs(xs, c, t0, tmp, V, c * TBv + t0, C * TBv)
+
+
+@_helper
+def _input_transform_t(xs, nt, c0, c1, VT):
+    # xs: (C, 6, Wx) -> VT: (36, TBv, Cv), V transposed: VT[p, t, c] = (B^T d B)[p] of tile t of
+    # channel c for c0 <= c < c1 (c0 a multiple of the lanes), and 0 for C <= c < Cv. Each vector
+    # of channels is transformed into `blk` as (36, channel, tile) and transposed into place.
+    C, Cv, TBv = xs.shape[0], VT.shape[2], VT.shape[1]
+    L = lanes(xs)
+    tmp = np.empty(36 * L, xs.dtype)
+    blk = np.empty(36 * L * L, xs.dtype)
+    z = zeros(xs)
+    for t0 in range(0, nt, L):
+        for cg in range(c0, min(c1, Cv), L):
+            for cc in range(L):
+                if cg + cc < C:
+                    _tile_inputs(xs, cg + cc, t0, tmp, blk, cc * L, L * L)
+                else:
+                    for p in range(36):
+                        store(blk, (p * L + cc) * L, z)
+            for p in range(36):
+                transpose(blk, p * L * L, L, VT, (p * TBv + t0) * Cv + cg, Cv)
+
+
+@_helper
+def _multiply(U, V, Mt):
+    # Mt[p, k, t] = sum_c U[p, k, c] * V[p, c, t]. Micro-kernel: 8 output channels x 2 vectors of
+    # tiles, 16 accumulators in registers along the sum over c, each step 2 loads of V, 8
+    # broadcasts of U and 16 fused multiply-adds.
+    C, TBv = V.shape[1], V.shape[2]
+    nk = Mt.shape[1]
+    L = lanes(V)
+    z = zeros(V)
+    for p in range(36):
+        kk = 0
+        while kk + 8 <= nk:
+            u = U[p, kk:kk + 8]
+            for t in range(0, TBv, 2 * L):
+                two = t + L < TBv                       # the last step may have one vector only
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
+                b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
+                i = p * C * TBv + t
+                for c in range(C):
+                    x0 = load(V, i + c * TBv)
+                    x1 = load(V, i + c * TBv + L) if two else z
+                    s = splat(u[0, c], z)
+                    a0, b0 = fma(s, x0, a0), fma(s, x1, b0)
+                    s = splat(u[1, c], z)
+                    a1, b1 = fma(s, x0, a1), fma(s, x1, b1)
+                    s = splat(u[2, c], z)
+                    a2, b2 = fma(s, x0, a2), fma(s, x1, b2)
+                    s = splat(u[3, c], z)
+                    a3, b3 = fma(s, x0, a3), fma(s, x1, b3)
+                    s = splat(u[4, c], z)
+                    a4, b4 = fma(s, x0, a4), fma(s, x1, b4)
+                    s = splat(u[5, c], z)
+                    a5, b5 = fma(s, x0, a5), fma(s, x1, b5)
+                    s = splat(u[6, c], z)
+                    a6, b6 = fma(s, x0, a6), fma(s, x1, b6)
+                    s = splat(u[7, c], z)
+                    a7, b7 = fma(s, x0, a7), fma(s, x1, b7)
+                o = (p * nk + kk) * TBv + t
+                _store8(Mt, o, TBv, a0, a1, a2, a3, a4, a5, a6, a7)
+                if two:
+                    _store8(Mt, o + L, TBv, b0, b1, b2, b3, b4, b5, b6, b7)
+            kk += 8
+        for k in range(kk, nk):                         # the output channels past the last 8
+            u0 = U[p, k]
+            for t in range(0, TBv, L):
+                a0 = z
+                for c in range(C):
+                    a0 = fma(splat(u0[c], z), load(V, (p * C + c) * TBv + t), a0)
+                store(Mt, (p * nk + k) * TBv + t, a0)
+
+
+@_helper
+def _store8(a, o, step, v0, v1, v2, v3, v4, v5, v6, v7):
+    store(a, o, v0)
+    store(a, o + step, v1)
+    store(a, o + 2 * step, v2)
+    store(a, o + 3 * step, v3)
+    store(a, o + 4 * step, v4)
+    store(a, o + 5 * step, v5)
+    store(a, o + 6 * step, v6)
+    store(a, o + 7 * step, v7)
+
+
+@_helper
+def _output_transform(Mt, b, k0, r0, nr, TH, TW, y):
+    # y[n, k0+kk, 4*ti + i, 4*tj + j] = (A^T M A)[i, j] + b[k0+kk], M[a, b'] = Mt[a*6+b', kk, t] for
+    # the tiles t = lr*(TW+1) + tj of tile rows r0 + lr; places past y's edge are not written
+    nk, TBv = Mt.shape[1], Mt.shape[2]
+    Ho, Wo = y.shape[2], y.shape[3]
+    L = lanes(Mt)
+    T1 = TW + 1
+    nt = nr * T1
+    P = nk * TBv                                        # from one point to the next in Mt
+    tmp = np.empty(24 * L, Mt.dtype)
+    for kk in range(nk):
+        bias = splat(b[k0 + kk], zeros(Mt))
+        for t0 in range(0, nt, L):
+            o = kk * TBv + t0
+            for a in range(6):                          # along each row: A^T over the columns
+                q0, q1, q2, q3 = _at(load(Mt, o), load(Mt, o + P), load(Mt, o + 2 * P),
+                                     load(Mt, o + 3 * P), load(Mt, o + 4 * P), load(Mt, o + 5 * P))
+                store(tmp, (4 * a) * L, q0)
+                store(tmp, (4 * a + 1) * L, q1)
+                store(tmp, (4 * a + 2) * L, q2)
+                store(tmp, (4 * a + 3) * L, q3)
+                o += 6 * P
+            y0 = _at(load(tmp, 0), load(tmp, 4 * L), load(tmp, 8 * L),                # then down each column
+                     load(tmp, 12 * L), load(tmp, 16 * L), load(tmp, 20 * L))
+            y1 = _at(load(tmp, L), load(tmp, 5 * L), load(tmp, 9 * L),
+                     load(tmp, 13 * L), load(tmp, 17 * L), load(tmp, 21 * L))
+            y2 = _at(load(tmp, 2 * L), load(tmp, 6 * L), load(tmp, 10 * L),
+                     load(tmp, 14 * L), load(tmp, 18 * L), load(tmp, 22 * L))
+            y3 = _at(load(tmp, 3 * L), load(tmp, 7 * L), load(tmp, 11 * L),
+                     load(tmp, 15 * L), load(tmp, 19 * L), load(tmp, 23 * L))
+            for lr in range(t0 // T1, min(nr, (t0 + L - 1) // T1 + 1)):   # the tile rows in the vector
+                n, ti = (r0 + lr) // TH, (r0 + lr) % TH
+                start = lr * T1 - t0                    # the lane of tile (lr, 0), maybe < 0
+                lo, hi = max(0, start), min(L, start + TW)
+                for i in range(4):
+                    h = 4 * ti + i
+                    if h < Ho and lo < hi:              # lane l -> columns 4*(l - start) + j
+                        store_every4(y[n, k0 + kk, h], -4 * start, y0[i] + bias, y1[i] + bias,
+                                     y2[i] + bias, y3[i] + bias, 4 * lo, min(4 * hi, Wo + 4 * start))
+
+
+@_helper
+def _gradient_transform(gs, nt, k0, k1, G):
+    # gs: (K, 4, Wx) -> G: (36, K, TBv), G[a*6+b, k, t] = (A g A^T)[a, b] of the output-gradient
+    # tile g = gs[k, :, 4*t : 4*t+4], for k0 <= k < k1
+    K, TBv = G.shape[1], G.shape[2]
+    L = lanes(gs)
+    tmp = np.empty(24 * L, gs.dtype)
+    for k in range(k0, k1):
+        for t0 in range(0, nt, L):
+            for i in range(4):
+                h0, h1, h2, h3 = load_every4(gs[k, i], 4 * t0)
+                e0, e1, e2, e3, e4, e5 = _a(h0, h1, h2, h3)
+                store(tmp, (6 * i) * L, e0)
+                store(tmp, (6 * i + 1) * L, e1)
+                store(tmp, (6 * i + 2) * L, e2)
+                store(tmp, (6 * i + 3) * L, e3)
+                store(tmp, (6 * i + 4) * L, e4)
+                store(tmp, (6 * i + 5) * L, e5)
+            o, step = k * TBv + t0, K * TBv
+            for b in range(6):
+                v0, v1, v2, v3, v4, v5 = _a(load(tmp, b * L), load(tmp, (6 + b) * L),
+                                            load(tmp, (12 + b) * L), load(tmp, (18 + b) * L))
+                store(G, o + b * step, v0)
+                store(G, o + (6 + b) * step, v1)
+                store(G, o + (12 + b) * step, v2)
+                store(G, o + (18 + b) * step, v3)
+                store(G, o + (24 + b) * step, v4)
+                store(G, o + (30 + b) * step, v5)
+
+
+@_helper
+def _multiply_transposed(G, k0, nk, VT, nt, acc):
+    # acc[p, kk, c] += sum_t G[p, k0 + kk, t] * VT[p, t, c] over the tiles t < nt, rounded up to
+    # whole vectors (G is 0 at the dummy tiles and past the last one). Micro-kernel: 8 output channels x 2 vectors of input
+    # channels, 16 accumulators in registers along the sum over t, each step 2 loads of VT, 8
+    # broadcasts of G and 16 fused multiply-adds.
+    K, TBv = G.shape[1], G.shape[2]
+    Cv = VT.shape[2]
+    L = lanes(VT)
+    T = (nt + L - 1) // L * L
+    z = zeros(VT)
+    for p in range(36):
+        kk = 0
+        while kk < nk:
+            rows = min(8, nk - kk)                      # 8 output channels, or the last few
+            g = G[p, k0 + kk:k0 + kk + rows]
+            for c in range(0, Cv, 2 * L):
+                two = c + L < Cv
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
+                b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
+                i = p * TBv * Cv + c
+                if rows == 8:
+                    for t in range(T):
+                        x0 = load(VT, i + t * Cv)
+                        x1 = load(VT, i + t * Cv + L) if two else z
+                        s = splat(g[0, t], z)
+                        a0, b0 = fma(s, x0, a0), fma(s, x1, b0)
+                        s = splat(g[1, t], z)
+                        a1, b1 = fma(s, x0, a1), fma(s, x1, b1)
+                        s = splat(g[2, t], z)
+                        a2, b2 = fma(s, x0, a2), fma(s, x1, b2)
+                        s = splat(g[3, t], z)
+                        a3, b3 = fma(s, x0, a3), fma(s, x1, b3)
+                        s = splat(g[4, t], z)
+                        a4, b4 = fma(s, x0, a4), fma(s, x1, b4)
+                        s = splat(g[5, t], z)
+                        a5, b5 = fma(s, x0, a5), fma(s, x1, b5)
+                        s = splat(g[6, t], z)
+                        a6, b6 = fma(s, x0, a6), fma(s, x1, b6)
+                        s = splat(g[7, t], z)
+                        a7, b7 = fma(s, x0, a7), fma(s, x1, b7)
+                    o = (p * nk + kk) * Cv + c
+                    _add8(acc, o, Cv, a0, a1, a2, a3, a4, a5, a6, a7)
+                    if two:
+                        _add8(acc, o + L, Cv, b0, b1, b2, b3, b4, b5, b6, b7)
+                else:
+                    for r in range(rows):
+                        a0 = b0 = z
+                        for t in range(T):
+                            s = splat(g[r, t], z)
+                            a0 = fma(s, load(VT, i + t * Cv), a0)
+                            if two:
+                                b0 = fma(s, load(VT, i + t * Cv + L), b0)
+                        o = (p * nk + kk + r) * Cv + c
+                        store(acc, o, load(acc, o) + a0)
+                        if two:
+                            store(acc, o + L, load(acc, o + L) + b0)
+            kk += rows
+
+
+@_helper
+def _add8(a, o, step, v0, v1, v2, v3, v4, v5, v6, v7):
+    store(a, o, load(a, o) + v0)
+    store(a, o + step, load(a, o + step) + v1)
+    store(a, o + 2 * step, load(a, o + 2 * step) + v2)
+    store(a, o + 3 * step, load(a, o + 3 * step) + v3)
+    store(a, o + 4 * step, load(a, o + 4 * step) + v4)
+    store(a, o + 5 * step, load(a, o + 5 * step) + v5)
+    store(a, o + 6 * step, load(a, o + 6 * step) + v6)
+    store(a, o + 7 * step, load(a, o + 7 * step) + v7)
+
+
+@_helper
+def _filter_gradients(m, o, step, gw, k, c0):
+    # gw[k, c0 + j] = G^T M G for the lanes j of one vector of input channels (those past gw's
+    # last channel are dropped), M[a, b] the vector at m's flat place o + (a*6 + b)*step
+    C = gw.shape[1]
+    rows = (_gt(load(m, o), load(m, o + step), load(m, o + 2 * step), load(m, o + 3 * step),  # along each row
+                load(m, o + 4 * step), load(m, o + 5 * step)),
+            _gt(load(m, o + 6 * step), load(m, o + 7 * step), load(m, o + 8 * step), load(m, o + 9 * step),
+                load(m, o + 10 * step), load(m, o + 11 * step)),
+            _gt(load(m, o + 12 * step), load(m, o + 13 * step), load(m, o + 14 * step), load(m, o + 15 * step),
+                load(m, o + 16 * step), load(m, o + 17 * step)),
+            _gt(load(m, o + 18 * step), load(m, o + 19 * step), load(m, o + 20 * step), load(m, o + 21 * step),
+                load(m, o + 22 * step), load(m, o + 23 * step)),
+            _gt(load(m, o + 24 * step), load(m, o + 25 * step), load(m, o + 26 * step), load(m, o + 27 * step),
+                load(m, o + 28 * step), load(m, o + 29 * step)),
+            _gt(load(m, o + 30 * step), load(m, o + 31 * step), load(m, o + 32 * step), load(m, o + 33 * step),
+                load(m, o + 34 * step), load(m, o + 35 * step)))
+    r0, r1, r2, r3, r4, r5 = rows
+    at = (k * C + c0) * 9
+    for v in range(3):                                           # then down each column
+        g0, g1, g2 = _gt(r0[v], r1[v], r2[v], r3[v], r4[v], r5[v])
+        scatter(gw, at + v, 9, g0, C - c0)                       # gw[k, c, 0, v] for the channels c
+        scatter(gw, at + 3 + v, 9, g1, C - c0)
+        scatter(gw, at + 6 + v, 9, g2, C - c0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernels
+# ---------------------------------------------------------------------------------------------
+# Two ways to share the work between threads, by the number of tiles:
+#   by tiles     (large planes, few channels) one prange iteration per block of tile rows (and
+#                group of output channels): its own transforms, products and output, all in
+#                its core's cache; the filters are transformed once, beforehand.
+#   by channels  (small planes, many channels: too few tiles for a block per thread) first every
+#                input transformed, shared, split over input channels; then one prange iteration
+#                per block of output channels, which transforms its own filters, multiplies and
+#                writes its outputs. Its transformed filters never leave its cache: at 8x8 they
+#                are 4 times the filters, some megabytes.
+
+@_kernel
+def _transform_all_filters(w, flip, U):
+    # U: (36, O, I) transformed filters of every output channel, as _transform_filters;
+    # one prange iteration per 8 output channels
+    O = U.shape[1]
+    for ob in prange((O + 7) // 8):
+        o0 = ob * 8
+        no = min(8, O - o0)
+        Ub = np.empty((36, no, U.shape[2]), U.dtype)
+        _transform_filters(w, flip, o0, no, Ub)
+        U[:, o0:o0 + no] = Ub
+
+
+@_helper
+def _task(t, rows_per_block, R, groups, K):
+    """(first tile row, tile rows, first output channel, output channels) of task t"""
+    blk, g = t // groups, t % groups
+    r0 = blk * rows_per_block
+    Kg = (K + groups - 1) // groups
+    k0 = min(K, g * Kg)
+    return r0, min(R, r0 + rows_per_block) - r0, k0, min(K, k0 + Kg) - k0
+
+
+@_kernel
+def _forward_by_tiles(x, U, b, ph, pw, rows_per_block, groups, y):
+    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W), padded by (ph, pw), by the
+    # transformed filters U: (36, K, C)
+    N, C = x.shape[0], x.shape[1]
+    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    L = lanes(x)
+    TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
+    R = N * TH
+    for task in prange((R + rows_per_block - 1) // rows_per_block * groups):
+        r0, nr, k0, nk = _task(task, rows_per_block, R, groups, K)
+        if nk > 0:
+            nt = nr * (TW + 1)
+            TBv = (nt + L - 1) // L * L
+            xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
+            _pad_rows(x, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
+            V = np.empty((36, C, TBv), x.dtype)
+            _input_transform(xs, nt, 0, C, V)
+            Mt = np.empty((36, nk, TBv), x.dtype)
+            _multiply(U[:, k0:k0 + nk], V, Mt)
+            _output_transform(Mt, b, k0, r0, nr, TH, TW, y)
+
+
+@_kernel
+def _forward_by_channels(x, w, flip, b, ph, pw, CB, KB, y):
+    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W), padded by (ph, pw), by w (or
+    # w flipped, see _transform_filters); every tile at once, the inputs transformed CB channels
+    # to a task, the products and outputs KB output channels to a task
+    N, C = x.shape[0], x.shape[1]
+    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    L = lanes(x)
+    TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
+    R = N * TH
+    nt = R * (TW + 1)
+    TBv = (nt + L - 1) // L * L
+    xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
+    V = np.empty((36, C, TBv), x.dtype)
+    for cb in prange((C + CB - 1) // CB):
+        c0, c1 = cb * CB, min(C, cb * CB + CB)
+        _pad_rows(x, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
+        _input_transform(xs, nt, c0, c1, V)
+    for kb in prange((K + KB - 1) // KB):
+        k0 = kb * KB
+        nk = min(K, k0 + KB) - k0
+        Ub = np.empty((36, nk, C), x.dtype)
+        _transform_filters(w, flip, k0, nk, Ub)
+        Mt = np.empty((36, nk, TBv), x.dtype)
+        _multiply(Ub, V, Mt)
+        _output_transform(Mt, b, k0, 0, R, TH, TW, y)
+
+
+@_kernel
+def _backward_weight_by_tiles(x, gy, ph, pw, rows_per_block, part):
+    # part[th, p, k, c] = thread th's share of sum_t (A gy_t A^T)[p] * (B^T x_t B)[p]: one prange
+    # iteration per thread, over every threads-th block of tile rows
+    N, C = x.shape[0], x.shape[1]
+    K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    n_parts, Cv = part.shape[0], part.shape[3]
+    L = lanes(x)
+    TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
+    R = N * TH
+    n_blocks = (R + rows_per_block - 1) // rows_per_block
+    TBv = (rows_per_block * (TW + 1) + L - 1) // L * L
+    for th in prange(n_parts):
+        acc = part[th]
+        acc[:] = 0
+        xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
+        VT = np.empty((36, TBv, Cv), x.dtype)
+        gs = np.empty((K, 4, 4 * TBv + 4), x.dtype)
+        G = np.empty((36, K, TBv), x.dtype)
+        for blk in range(th, n_blocks, n_parts):
+            r0 = blk * rows_per_block
+            nr = min(R, r0 + rows_per_block) - r0
+            nt = nr * (TW + 1)
+            _pad_rows(x, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
+            _input_transform_t(xs, nt, 0, Cv, VT)
+            _pad_rows(gy, r0, nr, TH, 4 * (TW + 1), 0, 0, 0, K, gs)
+            _gradient_transform(gs, nt, 0, K, G)
+            _multiply_transposed(G, 0, K, VT, nt, acc)
+
+
+@_kernel
+def _filters_from_parts(part, gw):
+    # gw[k, c] = G^T M G, M (6x6) the sum over part's first axis of part[:, :, k, c]; one prange
+    # iteration per output channel k, vectors over c
+    n_parts, _, K, Cv = part.shape
+    L = lanes(part)
+    for k in prange(K):
+        m = np.empty(36 * L, part.dtype)
+        for c0 in range(0, Cv, L):
+            for p in range(36):
+                s = load(part, (p * K + k) * Cv + c0)
+                for th in range(1, n_parts):
+                    s = s + load(part, ((th * 36 + p) * K + k) * Cv + c0)
+                store(m, p * L, s)
+            _filter_gradients(m, 0, L, gw, k, c0)
+
+
+@_kernel
+def _backward_weight_by_channels(x, gy, ph, pw, KB, gw):
+    # gw: (K, C, 3, 3), every tile at once: the transforms of x and gy split over channels, then
+    # one prange iteration per block of KB output channels, from the products to gw
+    N, C = x.shape[0], x.shape[1]
+    K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    L = lanes(x)
+    TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
+    R = N * TH
+    nt = R * (TW + 1)
+    TBv = (nt + L - 1) // L * L
+    Cv = (C + L - 1) // L * L
+    xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
+    VT = np.empty((36, TBv, Cv), x.dtype)
+    gs = np.empty((K, 4, 4 * TBv + 4), x.dtype)
+    G = np.empty((36, K, TBv), x.dtype)
+    nc = Cv // L
+    for task in prange(nc + K):                         # a vector of input channels, or one output channel
+        if task < nc:
+            c0, c1 = task * L, min(C, task * L + L)
+            _pad_rows(x, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
+            _input_transform_t(xs, nt, c0, c0 + L, VT)
+        else:
+            k = task - nc
+            _pad_rows(gy, 0, R, TH, 4 * (TW + 1), 0, 0, k, k + 1, gs)
+            _gradient_transform(gs, nt, k, k + 1, G)
+    for kb in prange((K + KB - 1) // KB):
+        k0 = kb * KB
+        nk = min(K, k0 + KB) - k0
+        acc = np.zeros((36, nk, Cv), x.dtype)
+        _multiply_transposed(G, k0, nk, VT, nt, acc)
+        for kk in range(nk):
+            for c0 in range(0, Cv, L):
+                _filter_gradients(acc, kk * Cv + c0, nk * Cv, gw, k0 + kk, c0)
+
+
+# ---------------------------------------------------------------------------------------------
+# drivers (minunet.cpu.conv2d checks the arguments and sends only stride-1 3x3 convolutions here)
+# ---------------------------------------------------------------------------------------------
+
+_BY_CHANNELS_BYTES = 2 << 20  # every tile's transformed inputs under this: split by channels
+_KB = 16                      # output channels per task when split by channels
+
+
+def _tiles(N, Ho, Wo, itemsize):
+    """(tile rows, tiles per row, whole vectors of tiles of the batch)"""
+    L = 64 // itemsize
+    R, TW = N * ((Ho + 3) // 4), (Wo + 3) // 4
+    return R, TW, (R * (TW + 1) + L - 1) // L * L
+
+
+def _by_channels(C, N, Ho, Wo, itemsize):
+    """Whether a convolution of C input channels onto (N, ., Ho, Wo) shares work by channels."""
+    return 36 * C * _tiles(N, Ho, Wo, itemsize)[2] * itemsize <= _BY_CHANNELS_BYTES
+
+
+def _blocking(R, TW, C, K, itemsize):
+    """(tile rows per block, output-channel groups) for R tile rows of TW tiles: blocks of about
+    _BLOCK_BYTES of transformed inputs (and at least two vectors of tiles), their number a
+    multiple of the threads; where the blocks are fewer than twice the threads, groups of output
+    channels (of 8 at least) make up the difference."""
+    threads = numba.get_num_threads()
+    tiles = max(128 // itemsize, _BLOCK_BYTES // (36 * C * itemsize))
+    n_blocks = math.ceil(R / max(1, min(R, tiles // (TW + 1))))
+    if n_blocks >= threads:
+        n_blocks = min(R, math.ceil(n_blocks / threads) * threads)
+    rows = math.ceil(R / n_blocks)
+    n_blocks = math.ceil(R / rows)
+    groups = 1
+    while n_blocks * groups < 2 * threads and K // (2 * groups) >= 8:
+        groups *= 2
+    return rows, groups
+
+
+def conv2d_forward(x, w, b, padding):
+    # x: (N, C, H, W), w: (K, C, 3, 3), b: (K,) or None -> y: (N, K, H + 2ph - 2, W + 2pw - 2)
+    (ph, pw), (H, W) = padding, x.shape[2:]
+    return _forward(x, w, False, b, ph, pw, H + 2 * ph - 2, W + 2 * pw - 2)
+
+
+def conv2d_backward_input(gy, w, x_shape, padding):
+    # gy: (N, K, Ho, Wo), w: (K, C, 3, 3) -> gx: x_shape, the convolution of gy, padded by 2 - p,
+    # by w turned 180 degrees with its channel axes swapped
+    return _forward(gy, w, True, None, 2 - padding[0], 2 - padding[1], *x_shape[2:])
+
+
+def _forward(x, w, flip, b, ph, pw, Ho, Wo):
+    N, C = x.shape[:2]
+    K = w.shape[1] if flip else w.shape[0]
+    y = np.empty((N, K, Ho, Wo), x.dtype)
+    b = np.zeros(K, x.dtype) if b is None else b
+    if _by_channels(C, N, Ho, Wo, x.itemsize):
+        _forward_by_channels(x, w, flip, b, ph, pw, max(1, C // (4 * numba.get_num_threads())), _KB, y)
+        return y
+    U = np.empty((36, K, C), x.dtype)
+    _transform_all_filters(w, flip, U)
+    R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
+    _forward_by_tiles(x, U, b, ph, pw, *_blocking(R, TW, C, K, x.itemsize), y)
+    return y
+
+
+def conv2d_backward_weight(x, gy, w_shape, padding):
+    # x: (N, C, H, W), gy: (N, K, Ho, Wo) -> gw: w_shape = (K, C, 3, 3)
+    (N, C), (K, Ho, Wo) = x.shape[:2], gy.shape[1:]
+    gw = np.empty(w_shape, x.dtype)
+    if _by_channels(C + K, N, Ho, Wo, x.itemsize):
+        _backward_weight_by_channels(x, gy, padding[0], padding[1], _KB, gw)
+        return gw
+    R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
+    rows, _ = _blocking(R, TW, C, K, x.itemsize)
+    Cv = -(-C // (64 // x.itemsize)) * (64 // x.itemsize)
+    part = np.empty((min(numba.get_num_threads(), math.ceil(R / rows)), 36, K, Cv), x.dtype)
+    _backward_weight_by_tiles(x, gy, padding[0], padding[1], rows, part)
+    _filters_from_parts(part, gw)
+    return gw

@@ -21,8 +21,16 @@ alternating the two import orders, and reports numpy-first images/s over minunet
 images/s (1.0 = the order does not matter, as it must not: importing minunet changes nothing
 in the process).
 
+--config picks the network and batch among benchmarks/flops.py's UNET_CONFIGS: base16 (the
+README's default model, 128x128, batch 4), camvid (3 -> 11 channels, base 32, 256x256, batch 4)
+or valid572 (the paper's: base 64, 'valid' convolutions, 572x572, batch 1); the options
+--base-channels etc. override its entries. A configuration whose float64 reference forward
+would take minutes (more than _CHECK_GFLOP of work) is checked at the smallest input size the
+same network takes, one image; benchmarks/conv_vs_torch.py checks its layers at the timed shapes.
+
     PYTHONPATH=. python -m pytest benchmarks/bench_train_step.py --benchmark-only
-    PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --base-channels 16 --size 128 --batch 4
+    PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --config base16 --pairs 5
+    PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --config camvid --pairs 3 --rounds 3
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --compare-import-order --pairs 5
 """
 import argparse
@@ -60,8 +68,11 @@ from minunet import functional as F  # noqa: E402
 from minunet.autograd import tensor  # noqa: E402
 from minunet.unet import UNet  # noqa: E402
 
-CONFIG = dict(base_channels=16, size=128, batch=4, depth=4, padding="same", in_channels=1, num_classes=2,
-              lr=0.01, momentum=0.9)
+from flops import UNET_CONFIGS, unet_layers  # noqa: E402
+
+CONFIG = dict(UNET_CONFIGS["base16"], lr=0.01, momentum=0.9)
+_CONFIG_KEYS = ("in_channels", "num_classes", "base_channels", "depth", "size", "batch", "padding")
+_CHECK_GFLOP = 30
 
 
 def _synchronize(device):
@@ -70,9 +81,11 @@ def _synchronize(device):
 
 
 def _batch(cfg, seed=0):
+    """Images, and targets of the network's output size (smaller than the input for 'valid')."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((cfg["batch"], cfg["in_channels"], cfg["size"], cfg["size"])).astype(np.float32)
-    y = rng.integers(0, cfg["num_classes"], size=(cfg["batch"], cfg["size"], cfg["size"]))
+    out = UNet(1, 2, 1, cfg["depth"], cfg["padding"]).output_size(cfg["size"])
+    y = rng.integers(0, cfg["num_classes"], size=(cfg["batch"], out, out))
     return x, y
 
 
@@ -95,8 +108,8 @@ def minunet_step(cfg, device):
 
 
 def reference_loss(model, x, y):
-    """The mean cross-entropy of the 'same'-padded, BatchNorm-free U-Net `model` on (x, y),
-    layer by layer with tests/reference.py in float64: the check of minunet's forward pass."""
+    """The mean cross-entropy of the BatchNorm-free U-Net `model` on (x, y), layer by layer with
+    tests/reference.py in float64: the check of minunet's forward pass."""
     from validate import reference as ref
 
     def block(seq, a):
@@ -115,14 +128,19 @@ def reference_loss(model, x, y):
     x = block(model.bottleneck, x)
     for up, dec, skip in zip(model.up, model.decoder, reversed(skips)):
         x = ref.conv_transpose2d_forward(x, up.weight.numpy(), up.bias.numpy(), up.stride, up.padding, (0, 0))
-        x = block(dec, ref.concat_forward([skip, x], [(0, 0), (0, 0)], x.shape[2:]))
+        top, left = (skip.shape[2] - x.shape[2]) // 2, (skip.shape[3] - x.shape[3]) // 2  # 'valid': the center
+        x = block(dec, ref.concat_forward([skip, x], [(top, left), (0, 0)], x.shape[2:]))
     head = model.head
     return float(ref.cross_entropy(ref.conv2d_forward(x, head.weight.numpy(), head.bias.numpy(), (1, 1), (0, 0)), y))
 
 
 def check_step(cfg):
-    """minunet's loss at the timed configuration (on the CPU) against reference_loss."""
+    """minunet's loss at the timed configuration (on the CPU) against reference_loss; above
+    _CHECK_GFLOP of forward work, at the smallest input the network takes, one image."""
     from validate import check
+    if sum(s.flops for s in unet_layers(**{k: cfg[k] for k in _CONFIG_KEYS})) > _CHECK_GFLOP * 1e9:
+        net = UNet(1, 2, 1, cfg["depth"], cfg["padding"])
+        cfg = dict(cfg, batch=1, size=net.nearest_input_sizes(1)[-1])
     nn.manual_seed(0)
     model = UNet(cfg["in_channels"], cfg["num_classes"], cfg["base_channels"], cfg["depth"], cfg["padding"])
     x, y = _batch(cfg)
@@ -132,9 +150,15 @@ def check_step(cfg):
 def _torch_unet(cfg):
     tnn = torch.nn
 
+    pad = 1 if cfg["padding"] == "same" else 0
+
     def block(c_in, c_out):
-        return tnn.Sequential(tnn.Conv2d(c_in, c_out, 3, padding=1), tnn.ReLU(),
-                              tnn.Conv2d(c_out, c_out, 3, padding=1), tnn.ReLU())
+        return tnn.Sequential(tnn.Conv2d(c_in, c_out, 3, padding=pad), tnn.ReLU(),
+                              tnn.Conv2d(c_out, c_out, 3, padding=pad), tnn.ReLU())
+
+    def crop(skip, hw):  # the skip's center, as minunet.functional.center_crop
+        top, left = (skip.shape[2] - hw[0]) // 2, (skip.shape[3] - hw[1]) // 2
+        return skip[:, :, top:top + hw[0], left:left + hw[1]]
 
     class TorchUNet(tnn.Module):
         def __init__(self):
@@ -155,7 +179,8 @@ def _torch_unet(cfg):
                 x = torch.nn.functional.max_pool2d(x, 2)
             x = self.bottleneck(x)
             for up, dec, skip in zip(self.up, self.decoder, reversed(skips)):
-                x = dec(torch.cat([skip, up(x)], 1))
+                x = up(x)
+                x = dec(torch.cat([crop(skip, x.shape[2:]), x], 1))
             return self.head(x)
     return TorchUNet()
 
@@ -197,7 +222,7 @@ def measure_in_subprocess(library, cfg, device, rounds, import_first="numpy"):
     """images/s of `library` ('minunet' or 'pytorch'), timed in a fresh Python process that
     imports it first, after numpy if `import_first` is 'numpy' (benchmarks/isolated.py says why)."""
     args = ["--device", device, "--rounds", rounds, f"--import-first={import_first}"] + [
-        f"--{k.replace('_', '-')}={cfg[k]}" for k in ("base_channels", "size", "batch", "depth")]
+        f"--{k.replace('_', '-')}={cfg[k]}" for k in _CONFIG_KEYS]
     return isolated.measure(pathlib.Path(__file__).resolve(), library, args)["images_per_s"]
 
 
@@ -239,10 +264,11 @@ def test_train_step(benchmark, device):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--base-channels", type=int, default=CONFIG["base_channels"])
-    p.add_argument("--size", type=int, default=CONFIG["size"])
-    p.add_argument("--batch", type=int, default=CONFIG["batch"])
-    p.add_argument("--depth", type=int, default=CONFIG["depth"])
+    p.add_argument("--config", default="base16", choices=sorted(UNET_CONFIGS),
+                   help="the network and batch (benchmarks/flops.py); the options below override its entries")
+    for k in _CONFIG_KEYS:
+        p.add_argument(f"--{k.replace('_', '-')}", type=str if k == "padding" else int, default=None,
+                       choices=["same", "valid"] if k == "padding" else None)
     p.add_argument("--rounds", type=int, default=7, help="timed steps per measurement (the median counts)")
     p.add_argument("--pairs", type=int, default=3,
                    help="minunet/PyTorch measurements, alternating, each in its own process (the median ratio counts)")
@@ -256,7 +282,8 @@ def main():
                    help="time minunet alone, alternating processes that import numpy first and minunet first")
     args = p.parse_args()
     device = backend.normalize_device(args.device)
-    cfg = dict(CONFIG, base_channels=args.base_channels, size=args.size, batch=args.batch, depth=args.depth)
+    cfg = dict(CONFIG, **UNET_CONFIGS[args.config])
+    cfg.update({k: getattr(args, k) for k in _CONFIG_KEYS if getattr(args, k) is not None})
     if args.library:
         step = minunet_step(cfg, device) if args.library == "minunet" else torch_step(cfg, device, args.torch_tf32)
         print(json.dumps({"library": args.library, "device": device, "config": cfg,
@@ -267,17 +294,18 @@ def main():
     if args.compare_import_order:
         compare_import_order(cfg, device, args.rounds, args.pairs)
         return
-    print(f"U-Net train step, {device}: base_channels={cfg['base_channels']} depth={cfg['depth']} "
-          f"{cfg['size']}x{cfg['size']} batch {cfg['batch']}, SGD momentum {cfg['momentum']}; "
-          f"each figure the median of {args.rounds} steps in a fresh process")
+    print(f"U-Net train step, {device}: {cfg['in_channels']} -> {cfg['num_classes']} channels, base_channels="
+          f"{cfg['base_channels']} depth={cfg['depth']} padding={cfg['padding']} {cfg['size']}x{cfg['size']} batch "
+          f"{cfg['batch']}, SGD momentum {cfg['momentum']}; each figure the median of {args.rounds} steps in a fresh "
+          f"process importing {'NumPy, then the library' if args.import_first == 'numpy' else 'the library first'}")
     if not _torch_usable(device):
-        ours = measure_in_subprocess("minunet", cfg, device, args.rounds)
+        ours = measure_in_subprocess("minunet", cfg, device, args.rounds, args.import_first)
         print(f"minunet  {ours:9.2f} images/s\npytorch  not installed or no GPU for it: no ratio")
         return
     ratios = []
     for i in range(args.pairs):
-        ours = measure_in_subprocess("minunet", cfg, device, args.rounds)
-        theirs = measure_in_subprocess("pytorch", cfg, device, args.rounds)
+        ours = measure_in_subprocess("minunet", cfg, device, args.rounds, args.import_first)
+        theirs = measure_in_subprocess("pytorch", cfg, device, args.rounds, args.import_first)
         ratios.append(ours / theirs)
         print(f"pair {i + 1}: minunet {ours:8.2f} images/s   pytorch {theirs:8.2f} images/s   ratio {ratios[-1]:.3f}",
               flush=True)

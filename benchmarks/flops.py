@@ -29,12 +29,25 @@ def conv_transpose2d_flops(x_shape, w_shape):
 
 class ConvShape(NamedTuple):
     """One convolution layer: x (N, C, H, W), w (K, C, kh, kw) for conv2d or
-    (Cin, Cout, kh, kw) for conv_transpose2d, stride and padding as (h, w) pairs."""
+    (Cin, Cout, kh, kw) for conv_transpose2d (transposed=True), stride and padding as (h, w)
+    pairs."""
     name: str
     x_shape: tuple
     w_shape: tuple
     stride: tuple = (1, 1)
     padding: tuple = (1, 1)
+    transposed: bool = False
+
+    @property
+    def y_shape(self):
+        return self.conv_transpose2d_y_shape if self.transposed else self.conv2d_y_shape
+
+    @property
+    def flops(self):
+        """A pass's work, counted as the direct convolution's (forward = either backward)."""
+        if self.transposed:
+            return conv_transpose2d_flops(self.x_shape, self.w_shape)
+        return conv2d_flops(self.x_shape, self.w_shape, self.conv2d_y_shape)
 
     @property
     def conv2d_y_shape(self):
@@ -63,3 +76,46 @@ UNET_CONV_TRANSPOSE_SHAPES = [
     ConvShape("up_256to128_16px", (4, 256, 16, 16), (256, 128, 2, 2), stride=(2, 2), padding=(0, 0)),
     ConvShape("up_128to64_32px", (4, 128, 32, 32), (128, 64, 2, 2), stride=(2, 2), padding=(0, 0)),
 ]
+
+
+def unet_layers(in_channels=1, num_classes=2, base_channels=16, depth=4, size=128, batch=4, padding="same"):
+    """Every convolution of minunet.unet.UNet(in_channels, num_classes, base_channels, depth,
+    padding) on a batch of `batch` size x size images, in the order the forward pass runs
+    them: per level two 3x3 convolutions, the bottleneck's two, per level on the way up a 2x2
+    stride-2 up-convolution and two 3x3 convolutions (the first on the skip concatenated in
+    front of the up-convolution's output), and the 1x1 head. Names say where and the shape:
+    "enc1.0 16->32 64px" is level 1's first convolution, from 16 to 32 channels on 64x64."""
+    pad = 1 if padding == "same" else 0
+    widths = [base_channels * 2 ** level for level in range(depth + 1)]
+    layers, s, c = [], size, in_channels
+
+    def block(where, c_in, c_out):
+        nonlocal s
+        for j, ci in enumerate((c_in, c_out)):
+            layers.append(ConvShape(f"{where}.{j} {ci}->{c_out} {s}px", (batch, ci, s, s), (c_out, ci, 3, 3),
+                                    (1, 1), (pad, pad)))
+            s += 2 * pad - 2
+    skips = []
+    for level in range(depth):
+        block(f"enc{level}", c, widths[level])
+        skips.append(s)
+        c, s = widths[level], s // 2
+    block("bottom", widths[-2], widths[-1])
+    for level in reversed(range(depth)):
+        layers.append(ConvShape(f"up{level} {widths[level + 1]}->{widths[level]} {s}px",
+                                (batch, widths[level + 1], s, s), (widths[level + 1], widths[level], 2, 2),
+                                (2, 2), (0, 0), transposed=True))
+        s *= 2
+        block(f"dec{level}", 2 * widths[level], widths[level])
+    layers.append(ConvShape(f"head {widths[0]}->{num_classes} 1x1 {s}px", (batch, widths[0], s, s),
+                            (num_classes, widths[0], 1, 1), (1, 1), (0, 0)))
+    return layers
+
+
+# The configurations the benchmarks time (bench_train_step.py, conv_vs_torch.py): the README's
+# default model on the synthetic data, the CamVid worked example, and the paper's network.
+UNET_CONFIGS = {
+    "base16": dict(in_channels=1, num_classes=2, base_channels=16, depth=4, size=128, batch=4, padding="same"),
+    "camvid": dict(in_channels=3, num_classes=11, base_channels=32, depth=4, size=256, batch=4, padding="same"),
+    "valid572": dict(in_channels=1, num_classes=2, base_channels=64, depth=4, size=572, batch=1, padding="valid"),
+}

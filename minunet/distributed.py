@@ -76,7 +76,7 @@ import time
 import numpy as np
 
 from minunet import backend, nn
-from minunet.autograd import Function, Tensor
+from minunet.autograd import Function
 from minunet.data import DataLoader
 
 BUCKET_MIB = 4  # gradient bucket size (MiB): large enough to amortise latency, small enough to start early

@@ -63,22 +63,12 @@ import numba
 import numpy as np
 from numba import prange
 
-from minunet.cpu.runtime import kernel
+from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel
 from minunet.cpu.simd import (fma, gather, lanes, load, load_every4, load_range, scatter, splat, store,
                               store_every4, store_range, transpose, zeros)
 
 _BLOCK_BYTES = 512 << 10   # transformed inputs per task: fits in one core's L2 with its products
-_FAST = {"contract"}
 _SIXTH, _24TH = 1.0 / 6.0, 1.0 / 24.0
-
-
-def _kernel(fn):
-    """a prange kernel, launched through runtime.kernel"""
-    return kernel(fn, fastmath=_FAST)
-
-
-def _helper(fn):
-    return numba.njit(cache=True, fastmath=_FAST)(fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,7 +145,7 @@ def _transform_filters(w, flip, o0, no, U):
     # U[p, oo, i] = (G f G^T)[p] of the filter f from input channel i to output channel o0 + oo of
     # this convolution: f = w[o, i] (K, C, 3, 3), or with flip, f = w[i, o] turned 180 degrees
     # (the filter of the input gradient). Vectors run over i, gathered from w.
-    K, C = w.shape[0], w.shape[1]
+    C = w.shape[1]
     n_in = U.shape[2]
     L = lanes(w)
     for oo in range(no):
@@ -421,7 +411,7 @@ def _multiply_transposed(G, k0, nk, VT, nt, acc):
     # whole vectors (G is 0 at the dummy tiles and past the last one). Micro-kernel: 8 output channels x 2 vectors of input
     # channels, 16 accumulators in registers along the sum over t, each step 2 loads of VT, 8
     # broadcasts of G and 16 fused multiply-adds.
-    K, TBv = G.shape[1], G.shape[2]
+    TBv = G.shape[2]
     Cv = VT.shape[2]
     L = lanes(VT)
     T = (nt + L - 1) // L * L

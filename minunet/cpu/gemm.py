@@ -18,18 +18,12 @@ Two micro-kernels, both register-blocked:
 Arrays are addressed flat (offset, row stride), so a product can read a slice of a batch of
 images without a copy.
 """
-import numba
 import numpy as np
 from numba import prange
 
-from minunet.cpu.runtime import kernel
-from minunet.cpu.simd import fma, hsum, lanes, load, load_range, splat, store_range, zeros
+from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel
+from minunet.cpu.simd import fma, hsum, lanes, load_range, splat, store_range, zeros
 
-_FAST = {"contract"}
-
-
-def _helper(fn):
-    return numba.njit(cache=True, fastmath=_FAST)(fn)
 
 
 @_helper
@@ -151,10 +145,6 @@ def _product_nt(A, a0, lda, sa, B, b0, ldb, sb, n_batch, M, N, T, C, c0, ldc):
 # passes over them); 4 x 4 blocks of the weight gradient, each summing over the whole batch.
 
 _BLOCK_PIXELS = 1024
-
-
-def _kernel(fn):
-    return kernel(fn, fastmath=_FAST)
 
 
 def row_blocks(H, W):

@@ -141,6 +141,21 @@ def kernel(fn=None, *, fastmath=False):
     return launch
 
 
+# LLVM may contract a*b + c into one fused multiply-add: what the SIMD kernels (gemm.py,
+# conv2d_winograd.py) are written for. Only contraction: no reassociation, so sums keep their order.
+_FMA = {"contract"}
+
+
+def fma_kernel(fn):
+    """`kernel` with FMA contraction."""
+    return kernel(fn, fastmath=_FMA)
+
+
+def fma_helper(fn):
+    """fn compiled as a serial numba function that the kernels call (cached, FMA contraction)."""
+    return numba.njit(cache=True, fastmath=_FMA)(fn)
+
+
 
 _SCRATCH_BYTES = 64 << 20  # a kernel's temporaries (im2col's columns, ...) for this many bytes of images at a time
 

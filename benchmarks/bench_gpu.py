@@ -18,18 +18,26 @@ thread a serial sum over every output pixel), so they run a fixed two rounds.
 
 Every bench records in `benchmark.extra_info`:
   kernel, version, shape   what was timed (the contract's kernel name)
-  gflops, pct_peak_fp32    convolutions: useful FLOP/s / 1e9 (benchmarks/flops.py) and that as a
-                           percentage of the device's FP32 peak (below)
+  flops, min_bytes         convolutions: the useful FLOPs and the bytes the pass must move at
+                           least (benchmarks/flops.py), whatever the version
+  gflops, pct_peak_fp32    convolutions: useful FLOP/s / 1e9 and that as a percentage of the
+                           device's FP32 peak (below); the TF32 version (cuda.TF32_VERSION)
+                           records pct_peak_tf32, of the dense TF32 tensor-core peak, instead
   gbytes_per_s, pct_peak_bw  memory-bound kernels: the bytes they must read and write at least
                            once, per second / 1e9, and that as a percentage of the DRAM peak
   torch_ms, torch_ratio    where PyTorch with CUDA is installed: PyTorch's median time for the
                            same op on the same data (cuDNN for convolutions) and minunet's speed
-                           relative to it (torch time / minunet time; 1.0 = as fast)
+                           relative to it (torch time / minunet time; 1.0 = as fast). Timed
+                           once per op and shape (not per version), with cuDNN's TF32 off,
+                           and once more with TF32 on for the TF32 version
 
 The peaks come from the device attributes (`device_peaks`):
   FP32:  SMs x clock x FP32 lanes per SM x 2 (one fused multiply-add = 2 FLOPs per lane per
          clock). The lanes per SM depend on the architecture: 64 on sm_60, sm_70, sm_75 and
          sm_80 (A100), 128 on sm_61, sm_86, sm_89, sm_90 (H100) and later.
+  TF32:  SMs x clock x dense TF32 FLOPs per SM per clock of the tensor cores: 1024 on sm_80,
+         2048 on sm_90 (H100/H200: ~495 TFLOP/s); None for other architectures. minunet's
+         mma.sync path can reach only part of sm_90's peak, which needs wgmma.
   DRAM:  2 (double data rate) x memory clock x bus width in bytes.
 PyTorch runs with its TF32 switches pinned off (torch.backends.cudnn.allow_tf32 and
 torch.backends.cuda.matmul.allow_tf32, the first of which defaults to True), so cuDNN does true
@@ -41,7 +49,7 @@ import time
 import numpy as np
 import pytest
 
-from flops import UNET_CONV_SHAPES, UNET_CONV_TRANSPOSE_SHAPES, conv2d_flops, conv_transpose2d_flops
+from flops import UNET_CONV_SHAPES, UNET_CONV_TRANSPOSE_SHAPES, conv2d_flops, conv_min_bytes, conv_transpose2d_flops
 from minunet import backend
 from validate import check, reference, reference_of
 
@@ -57,6 +65,8 @@ pytestmark = pytest.mark.gpu
 # FP32 lanes (CUDA cores) per SM by compute capability; 128 for anything newer than listed
 _FP32_LANES = {(6, 0): 64, (6, 1): 128, (7, 0): 64, (7, 2): 64, (7, 5): 64, (8, 0): 64,
                (8, 6): 128, (8, 7): 128, (8, 9): 128, (9, 0): 128}
+# dense TF32 tensor-core FLOPs per SM per clock, where known
+_TF32_FLOPS_PER_SM = {(8, 0): 1024, (9, 0): 2048}
 
 
 def device_peaks(device_id=None):
@@ -73,6 +83,8 @@ def device_peaks(device_id=None):
         "clock_mhz": clock_khz / 1e3 if clock_khz else None,
         "fp32_lanes_per_sm": lanes,
         "fp32_gflops": sms * clock_khz * 1e3 * lanes * 2 / 1e9 if clock_khz else None,
+        "tf32_gflops": sms * clock_khz * 1e3 * _TF32_FLOPS_PER_SM[cc] / 1e9 if clock_khz and cc in _TF32_FLOPS_PER_SM
+        else None,
         "dram_gbytes_per_s": 2 * mem_khz * 1e3 * bus_bits / 8 / 1e9 if mem_khz and bus_bits else None,
     }
 
@@ -109,9 +121,13 @@ def _torch_median_seconds(torch, fn, min_time=0.5, min_rounds=5, max_rounds=200)
     return float(np.median(times))
 
 
-def _bench(benchmark, fn, info, torch=None, torch_fn=None, flops=None, nbytes=None, slow=False):
-    """Time fn + synchronize with pytest-benchmark, then torch_fn, and record the figures. The
-    caller has run fn once (NVRTC compiles then) and checked its output."""
+_TORCH_SECONDS = {}  # (kernel, shape, tf32) -> PyTorch's median: timed once, whatever minunet's version
+
+
+def _bench(benchmark, fn, info, torch=None, torch_fn=None, flops=None, nbytes=None, slow=False, tf32=False):
+    """Time fn + synchronize with pytest-benchmark, then torch_fn (once per kernel and shape, with
+    cuDNN's TF32 on where `tf32`), and record the figures. The caller has run fn once (NVRTC
+    compiles then) and checked its output."""
     def call():
         fn()
         _sync()
@@ -128,14 +144,22 @@ def _bench(benchmark, fn, info, torch=None, torch_fn=None, flops=None, nbytes=No
     t = benchmark.stats.stats.median
     if flops is not None:
         benchmark.extra_info["gflops"] = round(flops / t / 1e9, 2)
-        if PEAKS["fp32_gflops"]:
-            benchmark.extra_info["pct_peak_fp32"] = round(100 * flops / t / 1e9 / PEAKS["fp32_gflops"], 2)
+        peak = "tf32" if tf32 else "fp32"
+        if PEAKS[f"{peak}_gflops"]:
+            benchmark.extra_info[f"pct_peak_{peak}"] = round(100 * flops / t / 1e9 / PEAKS[f"{peak}_gflops"], 2)
     if nbytes is not None:
         benchmark.extra_info["gbytes_per_s"] = round(nbytes / t / 1e9, 2)
         if PEAKS["dram_gbytes_per_s"]:
             benchmark.extra_info["pct_peak_bw"] = round(100 * nbytes / t / 1e9 / PEAKS["dram_gbytes_per_s"], 2)
     if torch_fn is not None:
-        t_torch = _torch_median_seconds(torch, torch_fn)
+        key = (info["kernel"], info["shape"], tf32)
+        if key not in _TORCH_SECONDS:
+            torch.backends.cudnn.allow_tf32 = tf32
+            try:
+                _TORCH_SECONDS[key] = _torch_median_seconds(torch, torch_fn)
+            finally:
+                torch.backends.cudnn.allow_tf32 = False
+        t_torch = _TORCH_SECONDS[key]
         benchmark.extra_info["torch_ms"] = round(t_torch * 1e3, 4)
         benchmark.extra_info["torch_ratio"] = round(t_torch / t, 3)
 
@@ -179,10 +203,12 @@ def test_conv2d(benchmark, torch_gpu, rng, which, version, shape):
         "forward": lambda: reference.conv2d_forward(hx, hw, None, s, p),
         "backward_input": lambda: reference.conv2d_backward_input(hgy, hw, hx.shape, s, p),
         "backward_weight": lambda: reference.conv2d_backward_weight(hx, hgy, hw.shape, s, p)}[which]())
-    check(fn(), expected, f"{kernel} v{version} {shape.name}")
+    check(fn(), expected, f"{kernel} v{version} {shape.name}", rtol=2e-3 if version == cuda.TF32_VERSION else 1e-4)
     torch_fn = None if torch_gpu is None else _torch_conv(torch_gpu, which, False, x, w, gy, s, p)
-    _bench(benchmark, fn, dict(kernel=kernel, version=version, shape=shape.name), torch_gpu, torch_fn,
-           flops=conv2d_flops(x.shape, w.shape, gy.shape), slow=version == 1)
+    flops = conv2d_flops(x.shape, w.shape, gy.shape)
+    _bench(benchmark, fn, dict(kernel=kernel, version=version, shape=shape.name, flops=flops,
+                               min_bytes=conv_min_bytes(which, x.shape, w.shape, gy.shape)),
+           torch_gpu, torch_fn, flops=flops, slow=version == 1, tf32=version == cuda.TF32_VERSION)
 
 
 # --------------------------------------------------------------------- conv_transpose2d
@@ -207,8 +233,12 @@ def test_conv_transpose2d(benchmark, torch_gpu, rng, which, shape):
     }[which]
     check(fn(), expected(), f"{kernel} {shape.name}")
     torch_fn = None if torch_gpu is None else _torch_conv(torch_gpu, which, True, x, w, gy, s, p)
-    _bench(benchmark, fn, dict(kernel=kernel, shape=shape.name), torch_gpu, torch_fn,
-           flops=conv_transpose2d_flops(x.shape, w.shape))
+    flops = conv_transpose2d_flops(x.shape, w.shape)
+    # a transposed convolution's forward is conv2d's backward_input with x and y swapped, and so on
+    adjoint = {"forward": "backward_input", "backward_input": "forward", "backward_weight": "backward_weight"}[which]
+    _bench(benchmark, fn, dict(kernel=kernel, shape=shape.name, flops=flops,
+                               min_bytes=conv_min_bytes(adjoint, gy.shape, w.shape, x.shape)),
+           torch_gpu, torch_fn, flops=flops)
 
 
 # ------------------------------------------------------------------ memory-bound kernels

@@ -281,15 +281,20 @@ def main():
                    help="with --library: what this process imported first (read before argparse runs)")
     p.add_argument("--compare-import-order", action="store_true",
                    help="time minunet alone, alternating processes that import numpy first and minunet first")
+    p.add_argument("--precision", choices=backend.PRECISIONS, default="fp32",
+                   help="minunet's convolutions: fp32, or tf32 (the GPU's TF32 tensor cores, as `minunet train "
+                        "--precision tf32`; compare it with --torch-tf32)")
     args = p.parse_args()
     device = backend.normalize_device(args.device)
     cfg = dict(CONFIG, **UNET_CONFIGS[args.config])
     cfg.update({k: getattr(args, k) for k in _CONFIG_KEYS if getattr(args, k) is not None})
     if args.library:
-        step = minunet_step(cfg, device) if args.library == "minunet" else torch_step(cfg, device, args.torch_tf32)
-        print(json.dumps({"library": args.library, "device": device, "config": cfg,
-                          "torch_tf32": args.torch_tf32 if args.library == "pytorch" else None,
-                          "images_per_s": images_per_second(step, cfg["batch"], args.rounds)}))
+        with backend.conv_precision(args.precision):
+            step = minunet_step(cfg, device) if args.library == "minunet" else torch_step(cfg, device, args.torch_tf32)
+            print(json.dumps({"library": args.library, "device": device, "config": cfg,
+                              "torch_tf32": args.torch_tf32 if args.library == "pytorch" else None,
+                              "precision": args.precision if args.library == "minunet" else None,
+                              "images_per_s": images_per_second(step, cfg["batch"], args.rounds)}))
         return
     check_step(cfg)
     if args.compare_import_order:

@@ -10,6 +10,7 @@ UNET_CONV_SHAPES holds the convolution layers of a U-Net (batch 4, 'same' paddin
 a CPU can time in seconds; UNET_CONV_TRANSPOSE_SHAPES its 2x2 stride-2 up-convolutions. The
 CPU and GPU benches both draw their shapes from here, so their figures compare.
 """
+import math
 from typing import NamedTuple
 
 
@@ -25,6 +26,17 @@ def conv_transpose2d_flops(x_shape, w_shape):
     N, Cin, H, W = x_shape
     _, Cout, kh, kw = w_shape
     return 2 * N * Cin * H * W * Cout * kh * kw
+
+
+def conv_min_bytes(which, x_shape, w_shape, y_shape, itemsize=4):
+    """The bytes one pass of a convolution must move at least: each input read once, the output
+    written once (x, w -> y; gy, w -> gx; x, gy -> gw), whatever the kernel's layout or tiling.
+    FLOPs / min_bytes is the pass's arithmetic intensity: above the device's peak FLOP/s divided
+    by its memory bandwidth (67 TFLOP/s / 4.8 TB/s = 14 FLOP/byte in FP32 on an H200) the pass
+    can be compute-bound; below, memory-bound."""
+    n = {"forward": (x_shape, w_shape, y_shape), "backward_input": (y_shape, w_shape, x_shape),
+         "backward_weight": (x_shape, y_shape, w_shape)}[which]
+    return itemsize * sum(math.prod(s) for s in n)
 
 
 class ConvShape(NamedTuple):

@@ -13,16 +13,22 @@ the whole check ends in under 8 minutes; --budget-scale stretches them all), and
 runs out of time is recorded as such, not fatal:
 
   step        budget  what
-  tests         150   pytest -m gpu tests: every kernel, every version, float32 and float64,
+  compile        40   NVRTC compiles every kernel of minunet.cuda, one module (a tiled kernel, or
+                      a family's others) per process on all CPU cores, into CuPy's kernel
+                      cache, so that the steps below (each a process of its own) load binaries
+                      instead of compiling (the tiled convolutions take seconds each: a minute
+                      and more, one after another)
+  tests         120   pytest -m gpu tests: every kernel, every version, float32 and float64,
                       gradient checks, the U-Net step (counts and failing ids)
   memcheck       45   compute-sanitizer --tool memcheck over SANITIZED_TESTS (CuPy's memory
                       pool off, so that every array is an allocation of its own)
   racecheck      45   compute-sanitizer --tool racecheck (shared-memory hazards), same tests
   benches       120   benchmarks/bench_gpu.py: every kernel, v2 and the others first ...
-  benches_v1     60   ... then the naive v1 convolutions (slow by design), so that a timeout
+  benches_v1     45   ... then the naive v1 convolutions (slow by design), so that a timeout
                       there loses no other figure; GFLOP/s or GB/s and % of peak per kernel
   train_step     60   benchmarks/bench_train_step.py: minunet's U-Net step, and PyTorch's
-                      (cuDNN) with TF32 off and with TF32 on, each in a process of its own
+                      (cuDNN) with TF32 off; then minunet with --precision tf32 and PyTorch
+                      with TF32 on; each in a process of its own
 
 The report holds: the device (name, compute capability, SMs, memory, the FP32 and DRAM peaks
 the percentages divide by), the versions (driver, CUDA runtime, NVRTC, CuPy, NumPy, Python,
@@ -60,11 +66,32 @@ isolated.use_cuda_emulator_if_asked()
 
 from minunet import backend  # noqa: E402
 
-BUDGET_S = {"tests": 150, "memcheck": 45, "racecheck": 45, "benches": 120, "benches_v1": 60, "train_step": 60}
+BUDGET_S = {"compile": 40, "tests": 120, "memcheck": 45, "racecheck": 45, "benches": 120, "benches_v1": 45,
+            "train_step": 60}
 # the kernel tests the sanitizers run: every kernel but the naive v1 convolutions, float32
 SANITIZED_TESTS = ["tests/test_kernels.py", "-k", "cuda and f32 and not v1"]
 TRAIN_STEP = ["--base-channels=16", "--size=128", "--batch=4", "--depth=4", "--rounds=10"]
 # --smoke: the same flow on inputs an emulator finishes in a minute (its figures mean nothing)
+# the benches' timing: enough rounds for a stable median, few enough for ~120 benches in budget
+BENCH_OPTIONS = ["--benchmark-max-time=0.25", "--benchmark-min-rounds=5"]
+# run with `python -c` by the compile step: every kernel name's module, in parallel
+COMPILE_ALL = """
+import concurrent.futures, os, sys
+sys.path[:0] = [os.getcwd(), os.path.join(os.getcwd(), "benchmarks")]
+import isolated
+isolated.use_cuda_emulator_if_asked()
+from minunet import cuda
+
+def compile_one(family_group):
+    cuda._module(*family_group)
+    return family_group
+
+if __name__ == "__main__":
+    jobs = sorted({(family, cuda._module_group(family, name)) for family, names in cuda.FAMILIES.items()
+                   for name in names}, key=str)
+    with concurrent.futures.ProcessPoolExecutor(min(len(jobs), os.cpu_count() or 1)) as pool:
+        print(len(list(pool.map(compile_one, jobs))), "modules compiled")
+"""
 SMOKE = {"tests": ["-k", "relu or concat or test_unet_training_step"], "sanitized": ["-k", "relu_forward"],
          "benches": ["-k", "relu_forward or sgd_update"], "benches_v1": None,
          "train_step": ["--base-channels=2", "--size=16", "--batch=1", "--depth=1", "--rounds=1"],
@@ -206,6 +233,7 @@ def train_step(args, tmp, budget_s):
     script = str(ROOT / "benchmarks" / "bench_train_step.py")
     config = SMOKE["train_step"] if args.smoke else TRAIN_STEP
     runs = {"minunet": ["--library=minunet"], "pytorch_tf32_off": ["--library=pytorch"],
+            "minunet_tf32": ["--library=minunet", "--precision=tf32"],
             "pytorch_tf32_on": ["--library=pytorch", "--torch-tf32"]}
     out = {"config": config}
     try:
@@ -215,7 +243,7 @@ def train_step(args, tmp, budget_s):
         torch_cuda = False
     t_end = time.perf_counter() + budget_s
     for key, extra in runs.items():
-        if key != "minunet" and not torch_cuda:
+        if key.startswith("pytorch") and not torch_cuda:
             out[key] = skipped("PyTorch with CUDA is not installed here")
             continue
         step = run_step(f"train_step {key}", [sys.executable, script, *extra, "--device=cuda", *config],
@@ -224,11 +252,11 @@ def train_step(args, tmp, budget_s):
             lines = [line for line in step["log_tail"].splitlines() if line.startswith("{")]
             step["images_per_s"] = json.loads(lines[-1])["images_per_s"] if lines else None
         out[key] = step
-    ours = out["minunet"].get("images_per_s")
-    for key in ("pytorch_tf32_off", "pytorch_tf32_on"):
-        theirs = out[key].get("images_per_s")
-        if ours and theirs:
-            out[f"ratio_{key}"] = round(ours / theirs, 3)  # minunet / PyTorch: 1.0 = as fast
+    for ours_key, key in (("minunet", "pytorch_tf32_off"), ("minunet", "pytorch_tf32_on"),
+                          ("minunet_tf32", "pytorch_tf32_on")):
+        ours, theirs = out[ours_key].get("images_per_s"), out[key].get("images_per_s")
+        if ours and theirs:  # minunet / PyTorch: 1.0 = as fast
+            out[f"ratio_{key}" if ours_key == "minunet" else f"ratio_{ours_key}_{key}"] = round(ours / theirs, 3)
     return out
 
 
@@ -263,6 +291,12 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         tmp = pathlib.Path(tmp)
+        if "compile" not in args.skip:
+            if args.smoke:  # the emulator compiles with g++, slowly: only what the smoke steps run
+                steps["compile"] = skipped("--smoke")
+            else:
+                steps["compile"] = run_step("compile", [sys.executable, "-c", COMPILE_ALL], budget["compile"],
+                                            tmp / "compile.log")
         if "tests" not in args.skip:
             if not has_pytest:
                 steps["tests"] = skipped("pytest is not installed")
@@ -303,6 +337,8 @@ def main(argv=None):
                     steps[key] = skipped("--smoke")
                     continue
                 selection = SMOKE[key] + SMOKE["bench_options"]
+            else:
+                selection = selection + BENCH_OPTIONS
             out = tmp / f"{key}.json"
             step = run_step(key, pytest_cmd + ["-m", "gpu", *bench_files, "--benchmark-only",
                                                f"--benchmark-json={out}", *selection], budget[key], tmp / f"{key}.log")

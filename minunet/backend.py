@@ -12,6 +12,8 @@ its signature, its checks and its outputs). This is the only module that imports
 does so guardedly: without CuPy, or with CuPy but no GPU, minunet runs on the CPU and asking
 for 'cuda' raises an error that says which of the two is missing.
 """
+import contextlib
+
 import numpy as np
 
 from minunet import contract
@@ -106,3 +108,27 @@ def kernels_for(a):
             from minunet import cpu as module
         kernels = _kernels[device] = contract.Kernels(module, array_module(a), {"cpu": "CPU", "cuda": "GPU"}[device])
     return kernels
+
+
+PRECISIONS = ("fp32", "tf32")
+
+
+@contextlib.contextmanager
+def conv_precision(precision):
+    """Within the block, convolutions called without a version run at `precision` on the GPU:
+    'fp32' (each kernel module's DEFAULT_VERSION) or 'tf32' (the CUDA module's TF32 tensor-core
+    version, cuda.TF32_VERSION: float32 inputs rounded to 10 mantissa bits, about 1e-3 relative
+    error; float64 arrays keep full precision). The CPU has no TF32, so its kernels are
+    unaffected, as PyTorch's allow_tf32 leaves the CPU alone."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "fp32" or not cuda_available():
+        yield
+        return
+    from minunet import cuda
+    saved = dict(cuda.DEFAULT_VERSION)
+    cuda.DEFAULT_VERSION.update({op: cuda.TF32_VERSION for op in saved})
+    try:
+        yield
+    finally:
+        cuda.DEFAULT_VERSION.update(saved)

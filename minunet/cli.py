@@ -178,6 +178,9 @@ def build_parser():
                    help=f"the U-Net paper's border weight map on the cross-entropy (w0 {d.border_w0}, "
                         f"sigma {d.border_sigma}; default {_on(d.border_weights)})")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], help="default auto: the GPU when usable")
+    g.add_argument("--precision", choices=["fp32", "tf32"],
+                   help=f"tf32: the GPU's convolutions on its TF32 tensor cores (about 1e-3 relative error; "
+                        f"no effect on the CPU); default {d.precision}")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--out", metavar="DIR",
                    help="run folder (default runs/<timestamp>); made at the first checkpoint, and never one "

@@ -216,36 +216,50 @@ def _conv2d_call(c, x_shape, w_shape, stride, padding, names):
     return stride, padding, (N, K, Ho, Wo), 2 * N * K * Ho * Wo * C * kh * kw
 
 
+def _relu_mask(c, relu_y, gy):
+    """relu_y: the output y of the ReLU fused into the convolution (whose backward lets gy through
+    where y > 0), of gy's shape and dtype; or None."""
+    if relu_y is not None:
+        c.floats(gy=gy, relu_y=relu_y)
+        c.same_shape("relu_y", relu_y, gy.shape)
+    return relu_y
+
+
 @_declare
-def conv2d_forward(c, x, w, b, stride, padding, version=None):
+def conv2d_forward(c, x, w, b, stride, padding, version=None, relu=False):
     """x (N,C,H,W), w (K,C,kh,kw), b (K,) or None -> y (N,K,Ho,Wo), Ho = (H + 2ph - kh) // sh + 1:
-    y[n,k,i,j] = b[k] + sum_{c,u,v} x[n,c,i*sh-ph+u, j*sw-pw+v] w[k,c,u,v] (out-of-range x are 0)."""
+    y[n,k,i,j] = b[k] + sum_{c,u,v} x[n,c,i*sh-ph+u, j*sw-pw+v] w[k,c,u,v] (out-of-range x are 0);
+    relu=True: max(y, 0), a ReLU fused into the convolution."""
     dtype = c.floats(ndim=4, x=x, w=w)
     stride, padding, y_shape, flops = _conv2d_call(c, x.shape, w.shape, stride, padding, ("x", f"w {w.shape}"))
-    return c.call(x, w, c.vector("b", b, w.shape[0], dtype), stride, padding, c.version(version),
+    return c.call(x, w, c.vector("b", b, w.shape[0], dtype), stride, padding, c.version(version), bool(relu),
                   out=Out(y_shape, dtype), flops=flops)
 
 
 @_declare
-def conv2d_backward_input(c, gy, w, x_shape, stride, padding, version=None):
-    """gy (N,K,Ho,Wo), w (K,C,kh,kw) -> gx (x_shape) = d/dx sum(y * gy)."""
+def conv2d_backward_input(c, gy, w, x_shape, stride, padding, version=None, relu_y=None):
+    """gy (N,K,Ho,Wo), w (K,C,kh,kw) -> gx (x_shape) = d/dx sum(y * gy); with relu_y (the output of
+    the fused ReLU) of gy * (relu_y > 0) instead."""
     dtype = c.floats(ndim=4, gy=gy, w=w)
     x_shape = c.shape("x_shape", x_shape)
     stride, padding, y_shape, flops = _conv2d_call(c, x_shape, w.shape, stride, padding,
                                                    (f"x_shape {x_shape}", f"w {w.shape}"))
     c.same_shape("gy", gy, y_shape)
-    return c.call(gy, w, x_shape, stride, padding, c.version(version), out=Out(x_shape, dtype), flops=flops)
+    return c.call(gy, w, x_shape, stride, padding, c.version(version), _relu_mask(c, relu_y, gy),
+                  out=Out(x_shape, dtype), flops=flops)
 
 
 @_declare
-def conv2d_backward_weight(c, x, gy, w_shape, stride, padding, version=None):
-    """x (N,C,H,W), gy (N,K,Ho,Wo) -> gw (w_shape) = d/dw sum(y * gy); the bias gradient is
-    bias_backward's."""
+def conv2d_backward_weight(c, x, gy, w_shape, stride, padding, version=None, relu_y=None, bias=False):
+    """x (N,C,H,W), gy (N,K,Ho,Wo) -> gw (w_shape) = d/dw sum(y * gy), of gy * (relu_y > 0) with
+    relu_y; bias=True: (gw, gb) with gb (K,) = that gy summed over n, h, w (bias_backward's)."""
     dtype = c.floats(ndim=4, x=x, gy=gy)
     w_shape = c.shape("w_shape", w_shape)
     stride, padding, y_shape, flops = _conv2d_call(c, x.shape, w_shape, stride, padding, ("x", f"w_shape {w_shape}"))
     c.same_shape("gy", gy, y_shape)
-    return c.call(x, gy, w_shape, stride, padding, c.version(version), out=Out(w_shape, dtype), flops=flops)
+    out = (Out(w_shape, dtype), Out((w_shape[0],), dtype)) if bias else Out(w_shape, dtype)
+    return c.call(x, gy, w_shape, stride, padding, c.version(version), _relu_mask(c, relu_y, gy), bool(bias),
+                  out=out, flops=flops)
 
 
 # ---- conv_transpose2d with kernel == stride and no padding: the U-Net's up-convolution --------

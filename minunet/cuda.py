@@ -16,11 +16,14 @@ builds the source as the TEXT of common.cuh followed by the TEXT of the family's
 #include, so an edit to the header changes the source, hence CuPy's cache key, and a stale
 binary is never loaded); `#line` markers keep compiler messages pointing at the right file
 and line. Every kernel is a `template <typename T>`; `name_expressions` asks NVRTC for the
-float and double instantiation of each (e.g. "conv2d_forward_v2<float>"), and
-`module.get_function` finds them by those names. `_module` compiles each family once per
-process, on first use; CuPy also keeps the binary in its on-disk cache, so later processes
-skip NVRTC. The sources are found next to this file (minunet/kernels, where the wheel puts
-them) or in the repository (kernels/ beside minunet/).
+float and double instantiation of each (e.g. "conv2d_forward_v2<float>"; the register-tiled
+kernels also take their block tile, "conv2d_forward_v3<float, 128, 64>", one instantiation per
+entry of TILES), and `module.get_function` finds them by those names. `_module` compiles once
+per process, on first use, either one tiled kernel (all its instantiations: they take NVRTC
+seconds each, so a process pays only for those it runs) or all the other kernels of a family
+together; CuPy also keeps the binary in its on-disk cache, so later processes skip NVRTC. The
+sources are found next to this file (minunet/kernels, where the wheel puts them) or in the
+repository (kernels/ beside minunet/).
 
 `_compile_table()` lists (family, source, name expressions, NVRTC options) for every family (the
 one entry point for tools; it is private only because the public names here are the kernels):
@@ -40,6 +43,18 @@ Versions
 The three conv2d kernels take `version=` (VERSIONS; None means DEFAULT_VERSION):
   1  naive, one thread per output element (the _v1 kernels of conv2d.cu)
   2  shared-memory tiled implicit GEMM (the _v2 kernels of conv2d.cu)
+  3  register-tiled implicit GEMM, 8 x 8 outputs per thread, register-staged double buffering
+  4  as 3 with warp tiling and a 4-stage cp.async pipeline (the engine of common.cuh)
+  5  as 4 on the TF32 tensor cores (mma.sync): float32 inputs rounded to 10 mantissa bits,
+     products summed in float32, so results differ from float32's by about 1e-3 relative.
+     float32 only: float64 arrays run version 4 (as PyTorch's allow_tf32 leaves float64
+     alone); needs compute capability 8.0 or newer.
+They also take the contract's fused forms (relu=, relu_y=, bias=), which versions 3 and up
+compute inside their kernels and versions 1 and 2 as extra passes. Versions 3 and up take their
+block tile (BM, BN) from `_gemm_tile`, the one function that picks a tile for a layer's shape,
+and read the weights re-laid out tap by tap ((kh, kw, C, K) for the forward, (kh, kw, K, C) for
+backward_input): a copy of the small weight tensor that makes every tile row of it one
+contiguous, 16-byte-aligned run.
 The conv_transpose2d kernels are the transposed convolution with kernel == stride and no
 padding (the U-Net's 2x2/2 up-convolution), conv_transpose2d.cu's patch-GEMM kernels;
 minunet.functional runs every other transposed convolution on conv2d's kernels, as conv2d's
@@ -53,6 +68,7 @@ This module imports cupy unconditionally: minunet.backend imports it only for cu
 import functools
 import math
 import pathlib
+import re
 
 import cupy
 import numpy as np
@@ -60,9 +76,9 @@ import numpy as np
 from minunet.contract import conv_out_hw
 
 VERSIONS = {
-    "conv2d_forward": (1, 2),
-    "conv2d_backward_input": (1, 2),
-    "conv2d_backward_weight": (1, 2),
+    "conv2d_forward": (1, 2, 3, 4, 5),
+    "conv2d_backward_input": (1, 2, 3, 4, 5),
+    "conv2d_backward_weight": (1, 2, 3, 4, 5),
 }
 DEFAULT_VERSION = {name: 2 for name in VERSIONS}
 
@@ -72,8 +88,7 @@ DEFAULT_VERSION = {name: 2 for name in VERSIONS}
 
 # the kernels of each family, as named in its .cu file (each instantiated for float and double)
 FAMILIES = {
-    "conv2d": ("conv2d_forward_v1", "conv2d_forward_v2", "conv2d_backward_input_v1",
-               "conv2d_backward_input_v2", "conv2d_backward_weight_v1", "conv2d_backward_weight_v2"),
+    "conv2d": tuple(f"conv2d_{p}_v{v}" for p in ("forward", "backward_input", "backward_weight") for v in range(1, 6)),
     "conv_transpose2d": ("conv_transpose2d_forward_v2", "conv_transpose2d_backward_input_v2",
                          "conv_transpose2d_backward_weight_v2"),
     "max_pool2d": ("max_pool2d_forward", "max_pool2d_backward"),
@@ -84,6 +99,14 @@ FAMILIES = {
     "optim": ("sgd_update", "adam_update"),
 }
 _CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+
+# The block tiles (BM, BN) each register-tiled kernel (v3 and up: a name ending in _v3, _v4, ...) is
+# instantiated for, per dtype. Every instantiation costs NVRTC about 2 s, so float64 (the gradient
+# checks' dtype, not a speed target) gets one.
+TILES = {np.dtype(np.float32): ((128, 128), (128, 64), (64, 128)), np.dtype(np.float64): ((128, 128),)}
+
+# The TF32 tensor-core version: its kernels exist for float32 only; float64 runs TF32_FALLBACK.
+TF32_VERSION, TF32_FALLBACK = 5, 4
 
 # What cuda.py passes to cupy.RawModule. CuPy appends "-ftz=true" (cupy/cuda/compiler.py) and
 # "-arch=..." for the current device; NVRTC_OPTIONS is the former, the compile test adds -arch.
@@ -114,23 +137,55 @@ def _family_source(family):
             f'#line 1 "{family}.cu"\n{(d / f"{family}.cu").read_text()}')
 
 
-def _name_expressions(family):
-    return [f"{name}<{ctype}>" for name in FAMILIES[family] for ctype in ("float", "double")]
+def _name_version(name):
+    """The version a kernel name ends with (conv2d_forward_v3 -> 3), or None."""
+    version = re.search(r"_v(\d+)$", name)
+    return int(version.group(1)) if version else None
+
+
+def _tiled(name):
+    """Is `name` a register-tiled kernel (version 3 or later), templated on its block tile too?"""
+    return (_name_version(name) or 0) >= 3
+
+
+def _expression(name, dtype, tile=None):
+    """The name expression of one instantiation: "conv2d_forward_v2<float>", "conv2d_forward_v3<float, 128, 64>"."""
+    return f"{name}<{_CTYPE[dtype]}, {tile[0]}, {tile[1]}>" if tile else f"{name}<{_CTYPE[dtype]}>"
+
+
+def _instantiations(name):
+    """[(dtype, tile or None)] that kernel `name` is compiled for."""
+    dtypes = [np.dtype(np.float32)] if _name_version(name) == TF32_VERSION else list(_CTYPE)
+    return [(dtype, tile) for dtype in dtypes for tile in (TILES[dtype] if _tiled(name) else (None,))]
+
+
+def _name_expressions(family, names=None):
+    return [_expression(name, dtype, tile) for name in (names or FAMILIES[family])
+            for dtype, tile in _instantiations(name)]
 
 
 def _compile_table():
-    """[(family, source, name_expressions, nvrtc_options)]: what `_module` compiles, family by family."""
+    """[(family, source, name_expressions, nvrtc_options)]: every kernel of every family, as `_module` compiles them."""
     return [(family, _family_source(family), _name_expressions(family), NVRTC_OPTIONS) for family in FAMILIES]
 
 
-@functools.cache
-def _module(family):
-    return cupy.RawModule(code=_family_source(family), options=OPTIONS, name_expressions=_name_expressions(family))
+def _module_group(family, name):
+    """What is compiled together with kernel `name`: a tiled kernel on its own (its instantiations
+    take seconds each), None for all the other kernels of its family (quick to compile)."""
+    return name if _tiled(name) else None
 
 
 @functools.cache
-def _kernel(family, name, dtype):
-    return _module(family).get_function(f"{name}<{_CTYPE[dtype]}>")
+def _module(family, group):
+    """The module of `family` holding `group` (see _module_group), compiled on first use."""
+    names = [group] if group else [name for name in FAMILIES[family] if not _tiled(name)]
+    return cupy.RawModule(code=_family_source(family), options=OPTIONS,
+                          name_expressions=_name_expressions(family, names))
+
+
+@functools.cache
+def _kernel(family, name, dtype, tile=None):
+    return _module(family, _module_group(family, name)).get_function(_expression(name, dtype, tile))
 
 
 @functools.cache
@@ -138,10 +193,11 @@ def _sm_count(device_id):
     return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
 
 
-def _launch(family, name, dtype, grid, block, args):
-    """Launch kernel `name`<dtype> of `family`; a grid with no blocks launches nothing."""
+def _launch(family, name, dtype, grid, block, args, tile=None):
+    """Launch kernel `name`<dtype> (<dtype, BM, BN> for a tiled one) of `family`; a grid with no
+    blocks launches nothing."""
     if min(grid) > 0:
-        _kernel(family, name, np.dtype(dtype))(grid, block, args)
+        _kernel(family, name, np.dtype(dtype), tile)(grid, block, args)
 
 
 def _grid_1d(n):
@@ -154,10 +210,48 @@ def _cdiv(a, b):
 
 
 def _fits_int32(op, **sizes):
-    """The GEMM kernels index rows, columns and pixels with int (plus up to one tile of slack)."""
+    """The GEMM kernels index rows, columns and pixels with int (plus up to one tile of slack); the
+    tiled ones (v3 and up) also offsets inside the activation tensors."""
     for name, size in sizes.items():
-        if size > _INT32_MAX - GEMM_TILE_N:
+        if size > _INT32_MAX - 128:
             raise ValueError(f"{op}: {name} = {size} is too large for the kernels' 32-bit indices")
+
+
+def _gemm_tile(M, N, dtype):
+    """The block tile (BM, BN) of the register-tiled kernels for an M x N matrix product (M rows:
+    output channels; N columns: pixels, or taps for a weight gradient), among TILES[dtype].
+
+    A tile pays for its whole area whatever part of it lies inside the matrix, and a 128 x 128 tile
+    does the most work per byte it stages; but a grid with fewer blocks than the GPU has SMs leaves
+    SMs idle. So: no 128-wide side where the matrix has at most 64 (half the tile would be zeros);
+    then the largest tile whose grid still gives every SM a block; if none does, the tile with the
+    most blocks (the smaller one of equal counts). These rules are reasoned, not yet measured: the
+    benches time each version at the U-Net's shapes, and a GPU run should check them."""
+    tiles = TILES[np.dtype(dtype)]
+    fitting = [t for t in tiles if (t[0] == 64 or M > 64) and (t[1] == 64 or N > 64)] or list(tiles)
+    blocks = {t: _cdiv(M, t[0]) * _cdiv(N, t[1]) for t in fitting}
+    full = [t for t in fitting if blocks[t] >= _sm_count(cupy.cuda.Device().id)]
+    if full:
+        return max(full, key=lambda t: t[0] * t[1])
+    return max(fitting, key=lambda t: (blocks[t], -t[0] * t[1]))
+
+
+def _tile_threads(tile):
+    return (tile[0] // 8) * (tile[1] // 8)
+
+
+def _kernel_version(op, v, dtype):
+    """The version whose kernels run for version `v` on `dtype` arrays: TF32_VERSION runs
+    TF32_FALLBACK on float64 (and refuses GPUs without TF32 tensor cores)."""
+    if v != TF32_VERSION:
+        return v
+    if np.dtype(dtype) != np.float32:
+        return TF32_FALLBACK
+    cc = cupy.cuda.Device().compute_capability
+    if int(cc) < 80:
+        raise ValueError(f"{op}: version {v} (TF32 tensor cores) needs compute capability 8.0 or newer; "
+                         f"this GPU has {cc[:-1]}.{cc[-1]}")
+    return v
 
 
 # ------------------------------------------------------------------------------------------
@@ -191,49 +285,93 @@ def _conv2d_grid(op, v, outputs, pixels, taps, rows):
     return (_cdiv(pixels, GEMM_TILE_N), _cdiv(rows, GEMM_TILE_M)), (GEMM_THREADS,)
 
 
-def conv2d_forward(x, w, b, stride, padding, version=None):
-    # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo)
-    op, v = "conv2d_forward", version or DEFAULT_VERSION["conv2d_forward"]
+def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
+    # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo) (max(y, 0) with relu)
+    op = "conv2d_forward"
+    v = _kernel_version(op, version or DEFAULT_VERSION[op], x.dtype)
     dims = _conv2d_dims(x.shape, w.shape, stride, padding)
-    N, C, _, _, K, kh, kw, *_, Ho, Wo = (int(d) for d in dims)
+    N, C, H, W, K, kh, kw, *_, Ho, Wo = (int(d) for d in dims)
     y = cupy.empty((N, K, Ho, Wo), x.dtype)
+    if v >= 3:
+        _fits_int32(op, x_elements=x.size, y_elements=y.size)
+        tile = _gemm_tile(K, N * Ho * Wo, x.dtype)
+        wt = cupy.ascontiguousarray(w.transpose(2, 3, 1, 0))  # (kh, kw, C, K)
+        # (const T* x, const T* wt, const T* b, T* y, int N, C, H, W, K, kh, kw, sh, sw, ph, pw, Ho, Wo,
+        #  int relu)
+        _launch("conv2d", f"conv2d_forward_v{v}", x.dtype, (_cdiv(N * Ho * Wo, tile[1]), _cdiv(K, tile[0])),
+                (_tile_threads(tile),), (x, wt, b, y, *dims, np.int32(relu)), tile)
+        return y
     grid, block = _conv2d_grid(op, v, y.size, N * Ho * Wo, C * kh * kw, K)
     # (const T* x, const T* w, const T* b, T* y, int N, C, H, W, K, kh, kw, sh, sw, ph, pw, Ho, Wo)
     _launch("conv2d", f"conv2d_forward_v{v}", x.dtype, grid, block, (x, w, b, y, *dims))
+    if relu:  # v1 and v2 have no fused epilogue: a second pass
+        cupy.maximum(y, 0, out=y)
     return y
 
 
-def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
-    # gy: (N, K, Ho, Wo), w: (K, C, kh, kw) -> gx: x_shape = (N, C, H, W)
-    op, v = "conv2d_backward_input", version or DEFAULT_VERSION["conv2d_backward_input"]
+def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=None):
+    # gy: (N, K, Ho, Wo), w: (K, C, kh, kw), relu_y: gy's shape or None -> gx: x_shape = (N, C, H, W)
+    op = "conv2d_backward_input"
+    v = _kernel_version(op, version or DEFAULT_VERSION[op], gy.dtype)
     dims = _conv2d_dims(x_shape, w.shape, stride, padding)
     N, C, H, W, K, kh, kw = (int(d) for d in dims[:7])
     gx = cupy.empty(x_shape, gy.dtype)
+    if v >= 3:  # the ReLU mask fused into the loads of gy
+        _fits_int32(op, gy_elements=gy.size, gx_elements=gx.size)
+        tile = _gemm_tile(C, N * H * W, gy.dtype)
+        wt = cupy.ascontiguousarray(w.transpose(2, 3, 0, 1))  # (kh, kw, K, C)
+        # (const T* gy, const T* wt, const T* b, T* gx, int N, C, H, W, K, kh, kw, sh, sw, ph, pw, Ho, Wo,
+        #  const T* relu_y): no b here
+        _launch("conv2d", f"conv2d_backward_input_v{v}", gy.dtype, (_cdiv(N * H * W, tile[1]), _cdiv(C, tile[0])),
+                (_tile_threads(tile),), (gy, wt, None, gx, *dims, relu_y), tile)
+        return gx
+    if relu_y is not None:  # v1 and v2 have no fused mask: a first pass
+        gy = relu_backward(gy, relu_y)
     grid, block = _conv2d_grid(op, v, gx.size, N * H * W, K * kh * kw, C)
     # (const T* gy, const T* w, const T* b, T* gx, int N, C, H, W, K, kh, kw, sh, sw, ph, pw, Ho, Wo): no b here
     _launch("conv2d", f"conv2d_backward_input_v{v}", gy.dtype, grid, block, (gy, w, None, gx, *dims))
     return gx
 
 
-def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
-    # x: (N, C, H, W), gy: (N, K, Ho, Wo) -> gw: w_shape = (K, C, kh, kw)
-    op, v = "conv2d_backward_weight", version or DEFAULT_VERSION["conv2d_backward_weight"]
+def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None, relu_y=None, bias=False):
+    # x: (N, C, H, W), gy: (N, K, Ho, Wo), relu_y: gy's shape or None -> gw: w_shape = (K, C, kh, kw),
+    # or (gw, gb (K,)) with bias
+    op = "conv2d_backward_weight"
+    v = _kernel_version(op, version or DEFAULT_VERSION[op], x.dtype)
     dims = _conv2d_dims(x.shape, w_shape, stride, padding)
+    N, C, _, _, K, kh, kw, *_, Ho, Wo = (int(d) for d in dims)
+    P, R = N * Ho * Wo, C * kh * kw
+    if v >= 3:  # the mask and the bias gradient fused: gb is the GEMM's column R, a column of ones
+        _fits_int32(op, pixels=P, taps=R + 1, x_elements=x.size, gy_elements=gy.size)
+        RB = R + bool(bias)
+        tile = _gemm_tile(K, RB, x.dtype)
+        tiles = (_cdiv(RB, tile[1]), _cdiv(K, tile[0]))
+        splits, chunk = _split_k(P, tiles[0] * tiles[1])
+        parts = cupy.empty((splits, K, RB), x.dtype)
+        # (const T* x, const T* gy, T* gw_parts, int N, C, H, W, K, kh, kw, sh, sw, ph, pw, Ho, Wo, int chunk,
+        #  const T* relu_y, int bias)
+        _launch("conv2d", f"conv2d_backward_weight_v{v}", x.dtype, (*tiles, splits), (_tile_threads(tile),),
+                (x, gy, parts, *dims, np.int32(chunk), relu_y, np.int32(bias)), tile)
+        total = parts[0] if splits == 1 else parts.sum(axis=0)
+        if not bias:
+            return total.reshape(w_shape)
+        return cupy.ascontiguousarray(total[:, :R]).reshape(w_shape), cupy.ascontiguousarray(total[:, R])
+    if relu_y is not None:  # v1 and v2 fuse neither: a pass for the mask, one for the bias gradient
+        gy = relu_backward(gy, relu_y)
     if v == 1:
         gw = cupy.empty(w_shape, x.dtype)
         # (const T* x, const T* gy, T* gw, int N, C, H, W, K, kh, kw, sh, sw, ph, pw, Ho, Wo)
         _launch("conv2d", "conv2d_backward_weight_v1", x.dtype, _grid_1d(gw.size), (THREADS,), (x, gy, gw, *dims))
-        return gw
-    N, C, _, _, K, kh, kw, *_, Ho, Wo = (int(d) for d in dims)
-    P, R = N * Ho * Wo, C * kh * kw
-    _fits_int32(op, pixels=P, taps=R)
-    tiles = (_cdiv(R, GEMM_TILE_N), _cdiv(K, GEMM_TILE_M))
-    splits, chunk = _split_k(P, tiles[0] * tiles[1])
-    parts = cupy.empty((splits, *w_shape), x.dtype)
-    # (const T* x, const T* gy, T* gw_parts, int N, C, H, W, K, kh, kw, sh, sw, ph, pw, Ho, Wo, int chunk)
-    _launch("conv2d", "conv2d_backward_weight_v2", x.dtype, (*tiles, splits), (GEMM_THREADS,),
-            (x, gy, parts, *dims, np.int32(chunk)))
-    return parts[0] if splits == 1 else parts.sum(axis=0)
+    else:
+        _fits_int32(op, pixels=P, taps=R)
+        tiles = (_cdiv(R, GEMM_TILE_N), _cdiv(K, GEMM_TILE_M))
+        splits, chunk = _split_k(P, tiles[0] * tiles[1])
+        parts = cupy.empty((splits, *w_shape), x.dtype)
+        # (const T* x, const T* gy, T* gw_parts, int N, C, H, W, K, kh, kw, sh, sw, ph, pw, Ho, Wo, int chunk)
+        _launch("conv2d", "conv2d_backward_weight_v2", x.dtype, (*tiles, splits), (GEMM_THREADS,),
+                (x, gy, parts, *dims, np.int32(chunk)))
+        gw = parts[0] if splits == 1 else parts.sum(axis=0)
+    return (gw, bias_backward(gy)) if bias else gw
 
 
 # ------------------------------------------------------------------------------------------

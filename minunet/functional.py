@@ -83,20 +83,34 @@ def _check_conv_tensors(op, x, weight, bias):
 
 
 class Conv2d(Function):
+    """conv2d, and with relu=True conv2d followed by a ReLU as one op: the kernels fuse the ReLU
+    into the forward's epilogue and its mask (y > 0) into the loads of gy in both gradients, and
+    the weight gradient computes the bias gradient on the way (bias=True): no pass over memory of
+    its own for the ReLU, its backward or the bias gradient."""
     name = "conv2d"
 
-    def forward(self, x, w, b, stride, padding):
-        # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) -> y: (N, K, Ho, Wo)
+    def forward(self, x, w, b, stride, padding, relu=False):
+        # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) -> y: (N, K, Ho, Wo) (max(y, 0) with relu)
         x, w = _contiguous(x), _contiguous(w)
         self.x, self.w, self.stride, self.padding = x, w, stride, padding
-        return backend.kernels_for(x).conv2d_forward(x, w, b, stride, padding)
+        y = backend.kernels_for(x).conv2d_forward(x, w, b, stride, padding, relu=relu)
+        self.relu_y = y if relu else None
+        return y
 
     def backward(self, gy):
         k, gy = backend.kernels_for(gy), _contiguous(gy)
         need_x, need_w, need_b = self.needs_input_grad
-        gx = k.conv2d_backward_input(gy, self.w, self.x.shape, self.stride, self.padding) if need_x else None
-        gw = k.conv2d_backward_weight(self.x, gy, self.w.shape, self.stride, self.padding) if need_w else None
-        gb = k.bias_backward(gy) if need_b else None
+        mask = self.relu_y
+        gx = gw = gb = None
+        if need_x:
+            gx = k.conv2d_backward_input(gy, self.w, self.x.shape, self.stride, self.padding, relu_y=mask)
+        if need_w:
+            gw = k.conv2d_backward_weight(self.x, gy, self.w.shape, self.stride, self.padding, relu_y=mask,
+                                          bias=need_b)
+            if need_b:
+                gw, gb = gw
+        elif need_b:
+            gb = k.bias_backward(gy if mask is None else k.relu_backward(gy, mask))
         return gx, gw, gb
 
 
@@ -107,6 +121,16 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     _check_conv_tensors(op, x, weight, bias)
     stride, padding = pair(op, "stride", stride, 1), pair(op, "padding", padding, 0)
     return Conv2d.apply(x, weight, bias, stride=stride, padding=padding)
+
+
+def conv2d_relu(x, weight, bias=None, stride=1, padding=0):
+    """relu(conv2d(x, weight, bias, stride, padding)) as one fused op (see Conv2d): the same values,
+    with the ReLU, its backward and the bias gradient inside the convolution's kernels.
+    nn.Sequential uses it for a Conv2d followed by a ReLU."""
+    op = "conv2d_relu"
+    _check_conv_tensors(op, x, weight, bias)
+    stride, padding = pair(op, "stride", stride, 1), pair(op, "padding", padding, 0)
+    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=True)
 
 
 def _patchwise(w_shape, stride, padding, output_padding):

@@ -311,7 +311,10 @@ def _as_buffer(name, value):
 # ---------------------------------------------------------------------------- containers
 
 class Sequential(Module):
-    """Modules applied one after another; children are named '0', '1', ..."""
+    """Modules applied one after another; children are named '0', '1', ...
+
+    A Conv2d directly followed by a ReLU runs as one fused op (F.conv2d_relu): the same values,
+    with the ReLU, its backward and the bias gradient folded into the convolution's kernels."""
 
     def __init__(self, *modules):
         super().__init__()
@@ -329,8 +332,15 @@ class Sequential(Module):
         return iter(self._modules.values())
 
     def forward(self, x):
-        for m in self:
-            x = m(x)
+        modules = list(self)
+        i = 0
+        while i < len(modules):
+            if type(modules[i]) is Conv2d and i + 1 < len(modules) and type(modules[i + 1]) is ReLU:
+                x = modules[i].forward(x, relu=True)
+                i += 2
+            else:
+                x = modules[i](x)
+                i += 1
         return x
 
 
@@ -386,9 +396,10 @@ class Conv2d(Module):
         self.weight = Parameter(_uniform((self.out_channels, self.in_channels, kh, kw), bound))
         self.register_parameter("bias", Parameter(_uniform((self.out_channels,), bound)) if bias else None)
 
-    def forward(self, x):
-        # x: (N, C, H, W) -> y: (N, K, Ho, Wo), Ho = (H + 2 ph - kh) // sh + 1
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+    def forward(self, x, relu=False):
+        # x: (N, C, H, W) -> y: (N, K, Ho, Wo), Ho = (H + 2 ph - kh) // sh + 1; relu: max(y, 0), fused
+        conv = F.conv2d_relu if relu else F.conv2d
+        return conv(x, self.weight, self.bias, self.stride, self.padding)
 
     def extra_repr(self):
         s = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"

@@ -66,7 +66,8 @@ def check_config(cfg):
         raise ValueError(f"--seed must be an integer >= 0, got {cfg.seed!r}")
     choices = {"padding": ("same", "valid"), "val_split": ("random", "contiguous"),
                "optimizer": ("sgd", "adam", "adamw"), "schedule": ("cosine", "constant"),
-               "pairing": ("stem", "sorted"), "mask_mode": ("index", "binary", "gray", "palette")}
+               "pairing": ("stem", "sorted"), "mask_mode": ("index", "binary", "gray", "palette"),
+               "precision": ("fp32", "tf32")}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{flag(name)} {getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")

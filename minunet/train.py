@@ -123,6 +123,7 @@ class TrainConfig:
     border_sigma: float = 5.0
     # run
     device: str = "auto"
+    precision: str = "fp32"               # 'tf32': CUDA convolutions on the TF32 tensor cores
     seed: int = 0
     out: str = None                       # run folder; default runs/<timestamp>
     previews: int = 4                     # validation images drawn in predictions.png
@@ -136,7 +137,7 @@ class TrainConfig:
 
 
 # Options that may differ between a run and its resumption; everything else must match.
-RESUMABLE_CHANGES = ("epochs", "device", "out", "progress", "previews")
+RESUMABLE_CHANGES = ("epochs", "device", "precision", "out", "progress", "previews")
 
 
 # ---- building the pieces ---------------------------------------------------------------
@@ -444,7 +445,7 @@ def train(cfg, log=print, resume=None, overwrite=False):
     model data-parallel (minunet.distributed): `batch_size` is the global batch, each process
     takes its contiguous share of it, and only rank 0 logs and writes the run folder."""
     group = distributed.init()
-    with distributed.cpu_threads(group):
+    with distributed.cpu_threads(group), backend.conv_precision(cfg.precision):
         return _train(cfg, log if group.rank == 0 else (lambda *args, **kwargs: None), resume, overwrite, group)
 
 
@@ -463,6 +464,9 @@ def _train(cfg, log, resume, overwrite, group):
         log(f"device: cpu ({backend.cuda_status()[1]})")
     else:
         log(f"device: {device}")
+    if cfg.precision == "tf32":
+        log("precision: tf32 (the convolutions on the TF32 tensor cores)" if device == "cuda"
+            else "precision: tf32 has no effect on the CPU (float32 throughout)")
     dataset = build_dataset(cfg, training=True)
     train_idx, val_idx = split_indices(len(dataset), cfg.val_fraction, cfg.val_split, seed=cfg.seed)
     model = build_model(cfg, dataset)

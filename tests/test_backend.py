@@ -72,3 +72,17 @@ def test_normalize_device_cuda_with_a_gpu(monkeypatch):
     assert backend.normalize_device("cuda") == "cuda"
     assert backend.normalize_device("cuda:0") == "cuda"
     assert backend.normalize_device("auto") == "cuda"
+
+
+def test_conv_precision_leaves_the_cpu_alone_and_checks_its_name():
+    """conv_precision('tf32') changes nothing on the CPU (no TF32 there: the same bits); an
+    unknown precision is a clear error (the GPU side is in tests/test_cuda_backend.py)."""
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, 3, 6, 6)).astype(np.float32), rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    k = backend.kernels_for(x)
+    with backend.conv_precision("tf32"):
+        y = k.conv2d_forward(x, w, None, (1, 1), (1, 1))
+    np.testing.assert_array_equal(y, k.conv2d_forward(x, w, None, (1, 1), (1, 1)))
+    with pytest.raises(ValueError, match="precision 'fp16': expected one of fp32, tf32"):
+        with backend.conv_precision("fp16"):
+            pass

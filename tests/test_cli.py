@@ -383,3 +383,9 @@ def test_checkpoints_of_another_architecture(run, folder, tmp_path, capsys):
     _one_error_line(capsys, rc, "does not fit this model", "shape mismatch")
     rc = main(["eval", "--model", str(run / "best.safetensors"), "--data", str(folder), "--mask-mode", "binary"])
     _one_error_line(capsys, rc, "the masks define 2 classes (--mask-mode binary), but the model")
+
+
+def test_train_precision_tf32_is_recorded_and_says_it_does_nothing_on_the_cpu(tmp_path, capsys):
+    out = _train(tmp_path, "tf32", "--precision", "tf32", "--epochs", "1")
+    assert "precision: tf32 has no effect on the CPU" in capsys.readouterr().out
+    assert read_checkpoint(out / "last.safetensors").train_config["precision"] == "tf32"

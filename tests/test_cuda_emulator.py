@@ -8,7 +8,10 @@ shared-memory race, a __syncthreads() that not every thread reaches, a warp shuf
 every lane reaches, a result that depends on the order of blocks (in reverse and shuffled
 order; and a block reading another block's output, in any order), a grid-stride loop that
 does not loop, shared memory read before it is written, a write through a const pointer,
-and a scalar argument of the wrong C type.
+and a scalar argument of the wrong C type; and for the models of common.cuh's PTX wrappers:
+shared memory read while an async copy into it is in flight (a missing or too shallow
+async_wait, a missing barrier after it), copies never retired, an mma not reached by every
+lane of the warp.
 
 These tests need g++ on x86-64 Linux, not a GPU, and run in the ordinary CPU suite.
 """
@@ -345,3 +348,96 @@ def test_common_double_atomic_add_compare_and_swap_path_before_sm60(emulator):
         total = cp.zeros(1, np.float64)
         module.get_function("sum_all<double>")((4,), (256,), (x, total, np.int32(5000)))
         np.testing.assert_allclose(cp.asnumpy(total)[0], cp.asnumpy(x).sum(), rtol=1e-12, err_msg=f"sm_{arch}")
+
+
+# ---- asynchronous copies and tensor cores: the models of common.cuh's PTX wrappers ----------
+
+def _conv2d_forward_tiled(common, conv2d, version=4, tile=(64, 128), K=70):
+    """Compile common.cuh + conv2d.cu as given and run conv2d_forward_v<version><float, BM, BN> as
+    minunet.cuda launches it: x (2, 19, 9, 9), w (K, 19, 3, 3) re-laid as (3, 3, 19, K), padding
+    1 (3 x 3 taps x 3 channel steps: the 4-stage pipeline wraps around); returns y and the
+    float64 reference as NumPy."""
+    source = f'#line 1 "common.cuh"\n{common}\n#line 1 "conv2d.cu"\n{conv2d}'
+    name = f"conv2d_forward_v{version}<float, {tile[0]}, {tile[1]}>"
+    kernel = cp.RawModule(code=source, options=("--std=c++17",), name_expressions=[name]).get_function(name)
+    N, C, H, W, kh, kw = 2, 19, 9, 9, 3, 3
+    rng = np.random.default_rng(3)
+    x, w = rng.standard_normal((N, C, H, W)).astype(np.float32), rng.standard_normal((K, C, kh, kw)).astype(np.float32)
+    y = cp.empty((N, K, H, W), np.float32)
+    dims = (N, C, H, W, K, kh, kw, 1, 1, 1, 1, H, W)
+    kernel((-(-N * H * W // tile[1]), -(-K // tile[0])), ((tile[0] // 8) * (tile[1] // 8),),
+           (cp.asarray(x), cp.asarray(np.ascontiguousarray(w.transpose(2, 3, 1, 0))), None, y,
+            *(np.int32(d) for d in dims), np.int32(0)))
+    xp = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
+    y_ref = sum(np.einsum("nchw,kc->nkhw", xp[:, :, u:u + H, v:v + W], w[:, :, u, v]) for u in range(3) for v in range(3))
+    return cp.asnumpy(y), y_ref
+
+
+PIPELINE_WAIT = "            async_wait<STAGES - 2>();\n            __syncthreads();"
+
+
+def test_minunet_async_pipeline_unbroken_runs_clean(emulator):
+    common, conv2d = (KERNEL_DIR / "common.cuh").read_text(), (KERNEL_DIR / "conv2d.cu").read_text()
+    for version in (4, 5):
+        y, y_ref = _conv2d_forward_tiled(common, conv2d, version)
+        np.testing.assert_allclose(y, y_ref, rtol=2e-3, atol=2e-3 * np.abs(y_ref).max())
+
+
+@pytest.mark.parametrize("broken, what", [
+    ("            __syncthreads();", "no async_wait"),
+    ("            async_wait<STAGES - 1>();\n            __syncthreads();", "one group too few retired"),
+])
+def test_minunet_async_pipeline_missing_wait_is_caught(emulator, broken, what):
+    """A read of shared memory that an async copy has not yet landed in (a missing async_wait, or
+    one that leaves one group too many in flight) is an error naming the copy's thread."""
+    common = _break((KERNEL_DIR / "common.cuh").read_text(), PIPELINE_WAIT, broken)
+    with pytest.raises(cp.EmulatorError, match=r"conv2d_forward_v4<float, 64, 128>: read of shared byte \d+ \(byte \d+ "
+                                               r"of [AB]s in AsyncStaged.*\) while an async copy of thread "
+                                               r"\(\d+,0,0\) into it is in flight"):
+        _conv2d_forward_tiled(common, (KERNEL_DIR / "conv2d.cu").read_text())
+
+
+def test_minunet_async_pipeline_missing_barrier_is_caught(emulator):
+    """async_wait orders only the calling thread's copies: without the __syncthreads() after it a
+    thread reads words whose copies another thread has not retired yet (or retired without a
+    barrier in between: a race)."""
+    common = _break((KERNEL_DIR / "common.cuh").read_text(), PIPELINE_WAIT, "            async_wait<STAGES - 2>();")
+    with pytest.raises(cp.EmulatorError, match=r"conv2d_forward_v4<float, 64, 128>: (read of shared byte \d+ while an "
+                                               r"async copy|shared-memory race|read of shared byte \d+, which no thread)"):
+        _conv2d_forward_tiled(common, (KERNEL_DIR / "conv2d.cu").read_text())
+
+
+ASYNC_KERNELS = r"""
+// a copy issued and committed but never waited for
+extern "C" __global__ void copy_never_waited(const float* x, float* y) {
+    __shared__ float tile[64];
+    async_copy<4>(&tile[threadIdx.x], &x[threadIdx.x]);
+    async_commit();
+    y[threadIdx.x] = x[threadIdx.x];
+}
+
+// mma_tf32_16x8x8 by half a warp
+extern "C" __global__ void mma_by_half_a_warp(float* y) {
+    float d[4] = {0, 0, 0, 0};
+    unsigned a[4] = {0, 0, 0, 0}, b[2] = {0, 0};
+    if (threadIdx.x < 16) mma_tf32_16x8x8(d, a, b);
+    y[threadIdx.x] = d[0];
+}
+"""
+
+
+def _async_module():
+    source = (KERNEL_DIR / "common.cuh").read_text() + ASYNC_KERNELS
+    return cp.RawModule(code=source, options=("--std=c++17",), name_expressions=["copy_never_waited", "mma_by_half_a_warp"])
+
+
+def test_async_copies_never_retired_are_caught(emulator):
+    with pytest.raises(cp.EmulatorError, match=r"copy_never_waited: thread \(0,0,0\) ended with 1 async copies in "
+                                               r"flight"):
+        _async_module().get_function("copy_never_waited")((1,), (64,), (data(64), cp.empty(64, np.float32)))
+
+
+def test_mma_not_reached_by_every_lane_is_caught(emulator):
+    with pytest.raises(cp.EmulatorError, match=r"mma_by_half_a_warp: warp collective at .* is not reached by every "
+                                               r"lane of its mask"):
+        _async_module().get_function("mma_by_half_a_warp")((1,), (32,), (cp.empty(32, np.float32),))

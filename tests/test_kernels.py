@@ -10,7 +10,10 @@ the `device` fixture from conftest.py.
 Inputs are drawn in the tested dtype and the reference runs in float64 on those very values,
 so the only difference left is the kernel's own rounding. Tolerances: float64 results must
 agree to rtol 1e-10; float32 ones to rtol 1e-4, with an absolute slack of 1e-4 times the
-largest |reference| value because sums of many float32 terms of both signs cancel.
+largest |reference| value because sums of many float32 terms of both signs cancel. The CUDA
+convolutions' TF32 version (cuda.TF32_VERSION) rounds float32 inputs to 10 mantissa bits, so
+its float32 results must agree to TF32's tolerance instead, rtol 2e-3 (each product carries up
+to 2 x 2^-11 of relative error); tests/test_cuda_backend.py bounds that error element by element.
 
 Shapes come from fixed lists (the U-Net's own cases, odd sizes, stride larger than the kernel,
 overlapping pooling windows, padding, batch 1, one channel), a few drawn from a seeded
@@ -27,6 +30,7 @@ from minunet import backend, contract
 
 DTYPES = [pytest.param(np.float32, id="f32"), pytest.param(np.float64, id="f64")]
 RTOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float64): 1e-10}
+TF32_RTOL = 2e-3
 
 
 # ---------------------------------------------------------------------------------- harness
@@ -58,9 +62,10 @@ def run(device, kernel, *args, **kwargs):
     to `device`, check that it left its inputs untouched, and return its outputs as NumPy."""
     to_dev = lambda a: backend.to_device(a, device) if isinstance(a, np.ndarray) else a  # noqa: E731
     dev_args = [[to_dev(a) for a in arg] if isinstance(arg, list) else to_dev(arg) for arg in args]
+    dev_kwargs = {name: to_dev(a) for name, a in kwargs.items()}
     k = backend.kernels_for(backend.to_device(np.zeros(1), device))
-    out = getattr(k, kernel)(*dev_args, **kwargs)
-    for arg, dev_arg in zip(args, dev_args):
+    out = getattr(k, kernel)(*dev_args, **dev_kwargs)
+    for arg, dev_arg in zip([*args, *kwargs.values()], [*dev_args, *dev_kwargs.values()]):
         for a, d in zip(arg, dev_arg) if isinstance(arg, list) else [(arg, dev_arg)]:
             if isinstance(a, np.ndarray):
                 np.testing.assert_array_equal(backend.to_numpy(d), a, err_msg=f"{kernel} modified an input")
@@ -69,14 +74,26 @@ def run(device, kernel, *args, **kwargs):
     return backend.to_numpy(out)
 
 
-def check(actual, expected, dtype, what):
-    """`actual` has `dtype`, the reference's shape, and its values within the dtype's tolerance."""
+def check(actual, expected, dtype, what, rtol=None):
+    """`actual` has `dtype`, the reference's shape, and its values within the dtype's tolerance
+    (or `rtol`)."""
     dtype = np.dtype(dtype)
     assert isinstance(actual, np.ndarray), f"{what}: got {type(actual).__name__}, expected an array"
     assert actual.dtype == dtype, f"{what}: dtype {actual.dtype}, expected {dtype}"
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
     scale = float(np.abs(expected).max(initial=0.0)) or 1.0
-    np.testing.assert_allclose(actual, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * scale, err_msg=what)
+    rtol = RTOL[dtype] if rtol is None else rtol
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+def conv_rtol(device, kernel, version, dtype):
+    """The tolerance of a convolution kernel's result: TF32's where the CUDA version that runs
+    (version, or DEFAULT_VERSION for None) is the TF32 one and the arrays are float32."""
+    if device == "cuda" and np.dtype(dtype) == np.float32:
+        from minunet import cuda
+        if (cuda.DEFAULT_VERSION[kernel] if version is None else version) == cuda.TF32_VERSION:
+            return TF32_RTOL
+    return RTOL[np.dtype(dtype)]
 
 
 def case_id(case):
@@ -131,7 +148,8 @@ def test_conv2d_forward(device, version, dtype, case, bias, rng):
     x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
     b = b if bias else None
     y = run(device, "conv2d_forward", x, w, b, stride, padding, version=version)
-    check(y, ref.conv2d_forward(x, w, b, stride, padding), dtype, "conv2d_forward y")
+    check(y, ref.conv2d_forward(x, w, b, stride, padding), dtype, "conv2d_forward y",
+          conv_rtol(device, "conv2d_forward", version, dtype))
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
@@ -140,7 +158,8 @@ def test_conv2d_backward_input(device, version, dtype, case, rng):
     x, w, _, stride, padding = _conv_inputs(rng, dtype, case)
     (gy,) = make(rng, dtype, ref.conv2d_forward(x, w, None, stride, padding).shape)
     gx = run(device, "conv2d_backward_input", gy, w, x.shape, stride, padding, version=version)
-    check(gx, ref.conv2d_backward_input(gy, w, x.shape, stride, padding), dtype, "conv2d_backward_input gx")
+    check(gx, ref.conv2d_backward_input(gy, w, x.shape, stride, padding), dtype, "conv2d_backward_input gx",
+          conv_rtol(device, "conv2d_backward_input", version, dtype))
 
 
 @pytest.mark.parametrize("case", CONV_CASES, ids=case_id)
@@ -149,7 +168,37 @@ def test_conv2d_backward_weight(device, version, dtype, case, rng):
     x, w, _, stride, padding = _conv_inputs(rng, dtype, case)
     (gy,) = make(rng, dtype, ref.conv2d_forward(x, w, None, stride, padding).shape)
     gw = run(device, "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=version)
-    check(gw, ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, "conv2d_backward_weight gw")
+    check(gw, ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, "conv2d_backward_weight gw",
+          conv_rtol(device, "conv2d_backward_weight", version, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_fused_relu_and_bias(device, dtype, rng):
+    """The fused forms, every version: conv2d_forward(relu=True) = relu(conv2d_forward);
+    conv2d_backward_input(relu_y=y) and conv2d_backward_weight(relu_y=y, bias=True) = the
+    gradients of gy * (y > 0), with gb its sum over n, h, w (what bias_backward gives)."""
+    k = backend.kernels_for(backend.to_device(np.zeros(1), device))
+    for case in [(2, 4, 8, 8, 5, (3, 3), (1, 1), (1, 1)), (1, 2, 9, 7, 3, (3, 3), (2, 2), (1, 1)),
+                 (2, 70, 13, 11, 67, (3, 3), (1, 1), (1, 1))]:
+        x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
+        y_ref = ref.relu_forward(ref.conv2d_forward(x, w, b, stride, padding))
+        (gy,) = make(rng, dtype, y_ref.shape)
+        gz = ref.relu_backward(gy, y_ref)
+        for version in k.VERSIONS["conv2d_forward"]:
+            what = f"{device} v{version} {case_id(case)}"
+            rtol = {kernel: conv_rtol(device, kernel, version, dtype) for kernel in k.VERSIONS}
+            y = run(device, "conv2d_forward", x, w, b, stride, padding, version=version, relu=True)
+            check(y, y_ref, dtype, f"conv2d_forward relu {what}", rtol["conv2d_forward"])
+            y_dev = y_ref.astype(dtype)  # the reference's mask: a kernel's own y may differ in sign near 0
+            gx = run(device, "conv2d_backward_input", gy, w, x.shape, stride, padding, version=version, relu_y=y_dev)
+            check(gx, ref.conv2d_backward_input(gz, w, x.shape, stride, padding), dtype,
+                  f"conv2d_backward_input relu_y {what}", rtol["conv2d_backward_input"])
+            gw, gb = run(device, "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=version,
+                         relu_y=y_dev, bias=True)
+            check(gw, ref.conv2d_backward_weight(x, gz, w.shape, stride, padding), dtype,
+                  f"conv2d_backward_weight relu_y {what}", rtol["conv2d_backward_weight"])
+            check(gb, ref.bias_backward(gz), dtype, f"conv2d_backward_weight bias {what}",
+                  rtol["conv2d_backward_weight"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -162,11 +211,14 @@ def test_conv2d_forward_drawn(device, version, dtype, case):
     x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
     (gy,) = make(rng, dtype, ref.conv2d_forward(x, w, None, stride, padding).shape)
     check(run(device, "conv2d_forward", x, w, b, stride, padding, version=version),
-          ref.conv2d_forward(x, w, b, stride, padding), dtype, f"conv2d_forward y {case}")
+          ref.conv2d_forward(x, w, b, stride, padding), dtype, f"conv2d_forward y {case}",
+          conv_rtol(device, "conv2d_forward", version, dtype))
     check(run(device, "conv2d_backward_input", gy, w, x.shape, stride, padding, version=version),
-          ref.conv2d_backward_input(gy, w, x.shape, stride, padding), dtype, f"conv2d_backward_input gx {case}")
+          ref.conv2d_backward_input(gy, w, x.shape, stride, padding), dtype, f"conv2d_backward_input gx {case}",
+          conv_rtol(device, "conv2d_backward_input", version, dtype))
     check(run(device, "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=version),
-          ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, f"conv2d_backward_weight gw {case}")
+          ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, f"conv2d_backward_weight gw {case}",
+          conv_rtol(device, "conv2d_backward_weight", version, dtype))
 
 
 @pytest.mark.parametrize("split", ["tiles", "channels"])

@@ -48,6 +48,7 @@ from numba import prange
 
 from minunet.contract import conv_out_hw
 from minunet.cpu import conv2d_winograd, gemm
+from minunet.cpu.activation import bias_backward, relu_backward
 from minunet.cpu.runtime import batches, kernel, one_blas_thread, scratch
 
 VERSIONS = {
@@ -527,8 +528,29 @@ def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding):
 # convolution: the public kernels
 # ---------------------------------------------------------------------------------------------
 
-def conv2d_forward(x, w, b, stride, padding, version=None):
-    # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo)
+def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
+    # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo) (max(y, 0) with relu)
+    y = _conv2d_forward(x, w, b, stride, padding, version)
+    if relu:  # no fused epilogue on the CPU: a second pass, in place
+        np.maximum(y, 0, out=y)
+    return y
+
+
+def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=None):
+    # gy: (N, K, Ho, Wo), w: (K, C, kh, kw), relu_y: gy's shape or None -> gx: x_shape = (N, C, H, W)
+    gy = gy if relu_y is None else relu_backward(gy, relu_y)  # the CPU fuses no mask: a pass of its own
+    return _conv2d_backward_input(gy, w, x_shape, stride, padding, version)
+
+
+def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None, relu_y=None, bias=False):
+    # x: (N, C, H, W), gy: (N, K, Ho, Wo), relu_y: gy's shape or None -> gw: w_shape = (K, C, kh, kw),
+    # or (gw, gb (K,)) with bias
+    gy = gy if relu_y is None else relu_backward(gy, relu_y)
+    gw = _conv2d_backward_weight(x, gy, w_shape, stride, padding, version)
+    return (gw, bias_backward(gy)) if bias else gw
+
+
+def _conv2d_forward(x, w, b, stride, padding, version):
     Ho, Wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, padding)
     v = version or choose_version(stride, w.shape[2:], padding, x.shape[1], w.shape[0], Ho * Wo)
     if v == 1:
@@ -547,8 +569,7 @@ def conv2d_forward(x, w, b, stride, padding, version=None):
     return _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo)
 
 
-def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
-    # gy: (N, K, Ho, Wo), w: (K, C, kh, kw) -> gx: x_shape = (N, C, H, W)
+def _conv2d_backward_input(gy, w, x_shape, stride, padding, version):
     N, C, H, W = x_shape
     v = version or choose_version(stride, w.shape[2:], padding, w.shape[0], C, H * W)
     if v == 1:
@@ -567,8 +588,7 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None):
     return _conv2d_backward_input_v2(gy, w, x_shape, stride, padding)
 
 
-def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None):
-    # x: (N, C, H, W), gy: (N, K, Ho, Wo) -> gw: w_shape = (K, C, kh, kw)
+def _conv2d_backward_weight(x, gy, w_shape, stride, padding, version):
     K, C, kh, kw = w_shape
     v = version or choose_version(stride, (kh, kw), padding, C, K, gy.shape[2] * gy.shape[3])
     if v == 1:

@@ -52,6 +52,22 @@ returns its message, which the Python side raises as an exception.
 __CUDA_ARCH__ is 900 (an H200) unless the options define it (-D__CUDA_ARCH__=500 compiles the
 pre-sm_60 paths). __launch_bounds__ is accepted and not enforced.
 
+Asynchronous copies and tensor cores
+------------------------------------
+kernels/common.cuh reaches cp.async, cvt.rna.tf32 and mma.sync only through five device
+functions (async_copy, async_commit, async_wait, to_tf32, mma_tf32_16x8x8), defined there
+unless MINUNET_EMULATED_PTX is set. This header sets it and models exactly those five, at the
+end of the file:
+  - async_copy snapshots its source (bounds-checked like any read) and marks the destination
+    words "in flight"; the bytes land in shared memory only when async_wait retires the
+    copy's group, as the latest moment a GPU may complete it. Reading or writing a word with a
+    copy in flight (a missing or too shallow async_wait), a copy retired without a barrier
+    before other threads read it (an ordinary race, seen by the shadow), and a thread that ends
+    with copies in flight are ERRORS.
+  - mma_tf32_16x8x8 is a warp collective (WARP_MMA): all 32 lanes must reach it, their
+    fragments are assembled in the PTX manual's layout, and each lane gets its part of the
+    product of the TF32-rounded operands, summed in float.
+
 Limits (documented, not hidden): no dynamic (`extern __shared__`) shared memory, and no limit
 on the static amount; an index past one __shared__ array into the next is not a bounds error
 (the race and never-written checks often catch it); the cross-block and race checks of global
@@ -101,10 +117,17 @@ typedef dim3 uint3;
 namespace emu {
 
 enum { RUNNABLE, AT_BARRIER, AT_WARP, DONE };
-enum { WARP_SHFL, WARP_SHFL_UP, WARP_SHFL_DOWN, WARP_SHFL_XOR, WARP_BALLOT, WARP_SYNC };
+enum { WARP_SHFL, WARP_SHFL_UP, WARP_SHFL_DOWN, WARP_SHFL_XOR, WARP_BALLOT, WARP_SYNC, WARP_MMA };
 enum { EMU_ORDER_FORWARD, EMU_ORDER_REVERSE, EMU_ORDER_SHUFFLE };
 constexpr int MAX_THREADS = 1024, MAX_RANGES = 64;
 constexpr size_t STACK_BYTES = 64 * 1024;
+constexpr int MAX_ASYNC = 128;  // async copies one thread may have in flight
+
+struct AsyncCopy {  // one async_copy not yet retired: where it goes, its group, the bytes it read
+    uintptr_t dst;
+    int bytes, group;
+    unsigned char data[16];
+};
 
 struct Thread {
     uint3 idx;
@@ -160,6 +183,11 @@ struct State {
     unsigned long long* range_shadow[MAX_RANGES];  // per 4 bytes of a writable array: its last writer
     unsigned long long block_linear;
     Thread threads[MAX_THREADS];
+    // async copies: per shared word, 1 + the tid whose copy into it is in flight (0: none)
+    unsigned short* async_pending;
+    int async_landing;  // set while a retired copy writes its bytes
+    int async_count[MAX_THREADS], async_committed[MAX_THREADS];
+    AsyncCopy async_copies[MAX_THREADS][MAX_ASYNC];
 };
 State g;
 
@@ -257,6 +285,14 @@ EMU_RT static inline void shared_access(uintptr_t a, size_t n, bool write) {
     if (off + n > g.shared_len)
         fail_in_thread("out-of-bounds %s of %zu bytes at the end of shared memory", write ? "write" : "read", n);
     const unsigned long long tid = (unsigned long long)g.cur_tid, e = g.epoch;
+    if (!g.async_landing)
+        for (size_t w = off >> 2; w <= (off + n - 1) >> 2; ++w)
+            if (g.async_pending[w]) {
+                char other[64];
+                thread_name(other, sizeof other, g.async_pending[w] - 1);
+                fail_in_thread("%s of shared byte %zu while an async copy of %s into it is in flight (no "
+                               "async_wait has retired it)", write ? "write" : "read", w * 4, other);
+            }
     for (size_t w = off >> 2; w <= (off + n - 1) >> 2; ++w) {
         unsigned long long& W = g.shadow[2 * w];
         unsigned long long& R = g.shadow[2 * w + 1];
@@ -441,6 +477,48 @@ EMU_RT static T warp_op(int kind, unsigned int mask, T v, int lane_arg, int widt
     return r;
 }
 
+// One 16 x 8 x 8 TF32 mma of the warp whose lane 0 is thread lo: each lane's `value` points at
+// its MmaFragments (see mma_tf32_16x8x8 at the end of this file); D = A B + C in the PTX
+// manual's fragment layout, with g = lane / 4 and q = lane % 4.
+struct MmaFragments {
+    float d[4];
+    unsigned a[4], b[2];
+};
+
+EMU_RT static float tf32_value(unsigned bits) {
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+EMU_RT static void mma_resolve(int lo) {
+    float A[16][8], B[8][8], C[16][8];
+    for (int lane = 0; lane < 32; ++lane) {
+        const MmaFragments* m = (const MmaFragments*)(uintptr_t)g.threads[lo + lane].value;
+        const int gr = lane / 4, q = lane % 4;
+        A[gr][q] = tf32_value(m->a[0]);
+        A[gr + 8][q] = tf32_value(m->a[1]);
+        A[gr][q + 4] = tf32_value(m->a[2]);
+        A[gr + 8][q + 4] = tf32_value(m->a[3]);
+        B[q][gr] = tf32_value(m->b[0]);
+        B[q + 4][gr] = tf32_value(m->b[1]);
+        C[gr][2 * q] = m->d[0];
+        C[gr][2 * q + 1] = m->d[1];
+        C[gr + 8][2 * q] = m->d[2];
+        C[gr + 8][2 * q + 1] = m->d[3];
+    }
+    for (int lane = 0; lane < 32; ++lane) {
+        MmaFragments* m = (MmaFragments*)(uintptr_t)g.threads[lo + lane].value;
+        const int gr = lane / 4, q = lane % 4;
+        for (int e = 0; e < 4; ++e) {
+            const int r = gr + 8 * (e >> 1), c = 2 * q + (e & 1);
+            float acc = C[r][c];
+            for (int k = 0; k < 8; ++k) acc += A[r][k] * B[k][c];
+            m->d[e] = acc;
+        }
+    }
+}
+
 // ---- the scheduler -------------------------------------------------------------------------
 EMU_RT static void fiber_main() {
     g.body(g.body_ctx);
@@ -505,6 +583,16 @@ EMU_RT static bool resolve_warp(int w, bool* resolved) {
              f.mask);
         return false;
     }
+    if (f.warp_kind == WARP_MMA) {
+        if (f.mask != 0xffffffffu) {
+            fail("mma at %s:%d: every lane of the warp must take part (mask 0x%08x)", f.file, f.line, f.mask);
+            return false;
+        }
+        mma_resolve(lo);
+        for (int lane = 0; lane < 32; ++lane) g.threads[lo + lane].state = RUNNABLE;
+        *resolved = true;
+        return true;
+    }
     unsigned int ballot = 0;
     if (f.warp_kind == WARP_BALLOT)
         for (int lane = 0; lane < 32; ++lane)
@@ -551,6 +639,9 @@ EMU_RT static bool run_block() {
     ++g.epoch;
     g.block_epoch = g.epoch;
     memset((void*)g.shared_lo, 0xff, g.shared_len);  // poison: NaN in float and double
+    memset(g.async_pending, 0, (g.shared_len / 4 + 1) * sizeof(unsigned short));
+    memset(g.async_count, 0, sizeof g.async_count);
+    memset(g.async_committed, 0, sizeof g.async_committed);
     const dim3 b = g.block_dim;
     for (int tid = 0; tid < g.nthreads; ++tid) {
         Thread& t = g.threads[tid];
@@ -583,7 +674,17 @@ EMU_RT static bool run_block() {
             }
         }
         if (!check_unwritten_reads()) return false;
-        if (done == g.nthreads) return true;
+        if (done == g.nthreads) {
+            for (int tid = 0; tid < g.nthreads; ++tid)
+                if (g.async_count[tid]) {
+                    char who[64];
+                    thread_name(who, sizeof who, tid);
+                    fail("%s ended with %d async copies in flight (never retired by async_wait)", who,
+                         g.async_count[tid]);
+                    return false;
+                }
+            return true;
+        }
         const Thread& f = g.threads[first_bar];
         char who[64], who2[64];
         thread_name(who, sizeof who, first_bar);
@@ -631,6 +732,7 @@ EMU_RT static int run_grid(Launch* L) {
         g.shared_lo = (uintptr_t)__emu_shared_begin;
         g.shared_len = (size_t)(__emu_shared_end - __emu_shared_begin);
         g.shadow = (unsigned long long*)calloc(2 * (g.shared_len / 4 + 1), sizeof(unsigned long long));
+        g.async_pending = (unsigned short*)calloc(g.shared_len / 4 + 1, sizeof(unsigned short));
     }
     g.nranges = L->nranges;
     memcpy(g.ranges, L->ranges, sizeof(Range) * (size_t)L->nranges);
@@ -808,3 +910,79 @@ inline float __logf(float v) { return logf(v); }
 inline float rsqrtf(float v) { return 1.0f / sqrtf(v); }
 inline double rsqrt(double v) { return 1.0 / sqrt(v); }
 inline float __fdividef(float a, float b) { return a / b; }
+
+// ---- vector types ----------------------------------------------------------------------------
+#define __align__(n) __attribute__((aligned(n)))
+struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
+struct __attribute__((aligned(16))) double2 { double x, y; };
+struct __attribute__((aligned(16))) uint4 { unsigned int x, y, z, w; };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
+inline double2 make_double2(double x, double y) { return double2{x, y}; }
+
+// ---- the models of common.cuh's PTX wrappers (see "Asynchronous copies and tensor cores") ----
+#define MINUNET_EMULATED_PTX 1
+
+template <int BYTES>
+EMU_RT inline void async_copy(void* dst, const void* src) {
+    using namespace emu;
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    const uintptr_t d = (uintptr_t)dst;
+    if (d - g.shared_lo >= g.shared_len) fail_in_thread("async_copy: destination %p is not shared memory", dst);
+    if (d % BYTES || (uintptr_t)src % BYTES)
+        fail_in_thread("async_copy: a %d-byte copy needs %d-byte aligned addresses (%p <- %p)", BYTES, BYTES, dst, src);
+    access(src, BYTES, false);
+    access(dst, BYTES, true);  // the issuing thread's write, race-checked now; the bytes land later
+    const int tid = g.cur_tid;
+    if (g.async_count[tid] == MAX_ASYNC) fail_in_thread("async_copy: more than %d copies in flight", MAX_ASYNC);
+    AsyncCopy& c = g.async_copies[tid][g.async_count[tid]++];
+    c.dst = d;
+    c.bytes = BYTES;
+    c.group = -1;  // uncommitted
+    memcpy(c.data, src, BYTES);
+    for (uintptr_t w = (d - g.shared_lo) >> 2; w <= (d - g.shared_lo + BYTES - 1) >> 2; ++w)
+        g.async_pending[w] = (unsigned short)(tid + 1);
+}
+
+EMU_RT inline void async_commit() {
+    using namespace emu;
+    const int tid = g.cur_tid, group = ++g.async_committed[tid];
+    for (int i = 0; i < g.async_count[tid]; ++i)
+        if (g.async_copies[tid][i].group < 0) g.async_copies[tid][i].group = group;
+}
+
+template <int PENDING>
+EMU_RT inline void async_wait() {
+    using namespace emu;
+    const int tid = g.cur_tid;
+    int kept = 0;
+    for (int i = 0; i < g.async_count[tid]; ++i) {
+        const AsyncCopy c = g.async_copies[tid][i];
+        if (c.group >= 0 && c.group <= g.async_committed[tid] - PENDING) {
+            for (uintptr_t w = (c.dst - g.shared_lo) >> 2; w <= (c.dst - g.shared_lo + c.bytes - 1) >> 2; ++w)
+                g.async_pending[w] = 0;
+            g.async_landing = 1;
+            access((void*)c.dst, c.bytes, true);
+            g.async_landing = 0;
+            memcpy((void*)c.dst, c.data, c.bytes);
+        } else {
+            g.async_copies[tid][kept++] = c;
+        }
+    }
+    g.async_count[tid] = kept;
+}
+
+// to nearest, ties away from zero, at the 13th bit: cvt.rna.tf32.f32 (NaN and infinity pass)
+EMU_RT inline unsigned to_tf32(float v) {
+    unsigned u;
+    memcpy(&u, &v, 4);
+    if ((u & 0x7f800000u) != 0x7f800000u) u = (u + 0x1000u) & 0xffffe000u;
+    return u;
+}
+
+#define mma_tf32_16x8x8(d, a, b) emu_mma_tf32(d, a, b, __FILE__, __LINE__)
+EMU_RT inline void emu_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2], const char* file,
+                                int line) {
+    emu::MmaFragments m{{d[0], d[1], d[2], d[3]}, {a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
+    emu::warp_op<unsigned long long>(emu::WARP_MMA, 0xffffffffu, (unsigned long long)(uintptr_t)&m, 0, 32, file, line);
+    for (int e = 0; e < 4; ++e) d[e] = m.d[e];
+}

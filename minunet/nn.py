@@ -105,10 +105,13 @@ class Module:
         else:
             object.__setattr__(self, name, value)
 
-    def _forget(self, name):
+    def _forget(self, name, keep=None):
+        # drop `name` from every registry but `keep`, where a re-assignment keeps its place
+        # (PyTorch's order: replacing model.conv1 leaves it first in parameters())
         self.__dict__.pop(name, None)
         for d in (self._parameters, self._buffers, self._modules):
-            d.pop(name, None)
+            if d is not keep:
+                d.pop(name, None)
 
     def __getattr__(self, name):  # only called when ordinary lookup fails
         for key in ("_parameters", "_buffers", "_modules"):
@@ -128,18 +131,18 @@ class Module:
         """Register `param` (a Parameter, or None for an absent one such as bias=False)."""
         if param is not None and not isinstance(param, Parameter):
             raise TypeError(f"register_parameter({name!r}): expected a Parameter or None, got {type(param).__name__}")
-        self._forget(name)
+        self._forget(name, keep=self._parameters)
         self._parameters[name] = param
 
     def register_buffer(self, name, value):
         """Register non-trained state (a Tensor or array, stored as a Tensor) saved in state_dict."""
-        self._forget(name)
+        self._forget(name, keep=self._buffers)
         self._buffers[name] = _as_buffer(name, value)
 
     def register_module(self, name, module):
         if not isinstance(module, Module):
             raise TypeError(f"register_module({name!r}): expected a Module, got {type(module).__name__}")
-        self._forget(name)
+        self._forget(name, keep=self._modules)
         self._modules[name] = module
 
     # ---- walking the tree --------------------------------------------------------------

@@ -104,6 +104,19 @@ def test_register_buffer_and_assignment_rules():
     assert len(list(twice.parameters())) == 2  # weight and bias once each
 
 
+def test_replacing_a_child_or_parameter_keeps_its_place():
+    m = nn.Module()
+    m.a, m.b = nn.Conv2d(1, 2, 1), nn.ReLU()
+    m.p, m.q = nn.Parameter(np.ones(1, np.float32)), nn.Parameter(np.ones(1, np.float32))
+    m.a = nn.Conv2d(1, 3, 1)  # as in PyTorch: replaced in place, not moved to the end
+    m.p = nn.Parameter(np.zeros(1, np.float32))
+    assert [n for n, _ in m.named_children()] == ["a", "b"]
+    assert [n for n, _ in m.named_parameters()] == ["p", "q", "a.weight", "a.bias"]
+    assert m.a.weight.shape == (3, 1, 1, 1)
+    m.b = nn.Parameter(np.ones(1, np.float32))  # a name changing kind moves to its new registry
+    assert [n for n, _ in m.named_children()] == ["a"] and "b" in dict(m.named_parameters())
+
+
 def test_train_eval_is_recursive_and_dropout_follows_it():
     net = small_net()
     assert all(m.training for m in net.modules())

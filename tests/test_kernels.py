@@ -179,26 +179,32 @@ def test_conv2d_fused_relu_and_bias(device, dtype, rng):
     gradients of gy * (y > 0), with gb its sum over n, h, w (what bias_backward gives)."""
     k = backend.kernels_for(backend.to_device(np.zeros(1), device))
     for case in [(2, 4, 8, 8, 5, (3, 3), (1, 1), (1, 1)), (1, 2, 9, 7, 3, (3, 3), (2, 2), (1, 1)),
-                 (2, 70, 13, 11, 67, (3, 3), (1, 1), (1, 1))]:
-        x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
-        y_ref = ref.relu_forward(ref.conv2d_forward(x, w, b, stride, padding))
-        (gy,) = make(rng, dtype, y_ref.shape)
-        gz = ref.relu_backward(gy, y_ref)
+                 (2, 70, 13, 11, 67, (3, 3), (1, 1), (1, 1)), (2, 20, 5, 37, 9, (1, 1), (1, 1), (0, 0))]:
         for version in k.VERSIONS["conv2d_forward"]:
-            what = f"{device} v{version} {case_id(case)}"
-            rtol = {kernel: conv_rtol(device, kernel, version, dtype) for kernel in k.VERSIONS}
-            y = run(device, "conv2d_forward", x, w, b, stride, padding, version=version, relu=True)
-            check(y, y_ref, dtype, f"conv2d_forward relu {what}", rtol["conv2d_forward"])
-            y_dev = y_ref.astype(dtype)  # the reference's mask: a kernel's own y may differ in sign near 0
-            gx = run(device, "conv2d_backward_input", gy, w, x.shape, stride, padding, version=version, relu_y=y_dev)
-            check(gx, ref.conv2d_backward_input(gz, w, x.shape, stride, padding), dtype,
-                  f"conv2d_backward_input relu_y {what}", rtol["conv2d_backward_input"])
-            gw, gb = run(device, "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=version,
-                         relu_y=y_dev, bias=True)
-            check(gw, ref.conv2d_backward_weight(x, gz, w.shape, stride, padding), dtype,
-                  f"conv2d_backward_weight relu_y {what}", rtol["conv2d_backward_weight"])
-            check(gb, ref.bias_backward(gz), dtype, f"conv2d_backward_weight bias {what}",
-                  rtol["conv2d_backward_weight"])
+            _check_fused(device, version, dtype, case, rng)
+
+
+def _check_fused(device, version, dtype, case, rng, what=""):
+    """conv2d_forward(relu=True), conv2d_backward_input(relu_y=) and conv2d_backward_weight(relu_y=,
+    bias=True) of one case and version against the oracle's relu, relu_backward and bias_backward."""
+    x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
+    y_ref = ref.relu_forward(ref.conv2d_forward(x, w, b, stride, padding))
+    (gy,) = make(rng, dtype, y_ref.shape)
+    gz = ref.relu_backward(gy, y_ref)
+    what = f"{device} v{version} {what} {case_id(case)}"
+    rtol = {kernel: conv_rtol(device, kernel, version, dtype)
+            for kernel in ("conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight")}
+    y = run(device, "conv2d_forward", x, w, b, stride, padding, version=version, relu=True)
+    check(y, y_ref, dtype, f"conv2d_forward relu {what}", rtol["conv2d_forward"])
+    y_dev = y_ref.astype(dtype)  # the reference's mask: a kernel's own y may differ in sign near 0
+    gx = run(device, "conv2d_backward_input", gy, w, x.shape, stride, padding, version=version, relu_y=y_dev)
+    check(gx, ref.conv2d_backward_input(gz, w, x.shape, stride, padding), dtype,
+          f"conv2d_backward_input relu_y {what}", rtol["conv2d_backward_input"])
+    gw, gb = run(device, "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=version,
+                 relu_y=y_dev, bias=True)
+    check(gw, ref.conv2d_backward_weight(x, gz, w.shape, stride, padding), dtype,
+          f"conv2d_backward_weight relu_y {what}", rtol["conv2d_backward_weight"])
+    check(gb, ref.bias_backward(gz), dtype, f"conv2d_backward_weight bias {what}", rtol["conv2d_backward_weight"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -226,7 +232,8 @@ def test_conv2d_forward_drawn(device, version, dtype, case):
 def test_cpu_winograd_work_splits(split, dtype, monkeypatch, rng):
     """v4 shares a convolution between threads by blocks of tiles (large planes) or by channels
     (small planes, many channels): each way against the oracle, with blocks small enough that
-    there are several, and channel counts off the micro-kernels' multiples."""
+    there are several, and channel counts off the micro-kernels' multiples; plain and fused
+    (relu=, relu_y=, bias=)."""
     from minunet.cpu import conv2d_winograd
     monkeypatch.setattr(conv2d_winograd, "_BY_CHANNELS_BYTES", 0 if split == "tiles" else 1 << 40)
     monkeypatch.setattr(conv2d_winograd, "_BLOCK_BYTES", 4096)
@@ -241,6 +248,7 @@ def test_cpu_winograd_work_splits(split, dtype, monkeypatch, rng):
               ref.conv2d_backward_input(gy, w, x.shape, stride, padding), dtype, f"gx {what}")
         check(run("cpu", "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=4),
               ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, f"gw {what}")
+        _check_fused("cpu", 4, dtype, case, rng, split)
 
 
 @pytest.mark.parametrize("stride, khw, padding, c_in, c_out, plane, expected", [

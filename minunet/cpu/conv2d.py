@@ -3,9 +3,12 @@
     y[n,k,i,j] = b[k] + sum_{c,u,v} x[n,c,i*sh-ph+u, j*sw-pw+v] * w[k,c,u,v]
 
 forward computes y, backward_input gx = d/dx sum(y * gy), backward_weight gw = d/dw sum(y * gy)
-(the bias gradient is activation.bias_backward). Every version computes the same function;
-`version=None` picks one by shape (`choose_version`), the tests run them all against
-tests/reference.py and benchmarks/bench_cpu.py times them all.
+(and with bias=True the bias gradient, activation.bias_backward's). With relu=True the forward
+is max(y, 0), and with relu_y= (that output) both gradients are those of gy * (relu_y > 0): v4's
+Winograd kernels do that on the way (the bias and the ReLU as they write y, the mask as they
+read gy, the bias gradient from gy's transform), the others as passes of their own. Every
+version computes the same function; `version=None` picks one by shape (`choose_version`), the
+tests run them all against tests/reference.py and benchmarks/bench_cpu.py times them all.
 
 Convolution versions (`version=`, see VERSIONS)
 -----------------------------------------------
@@ -47,7 +50,7 @@ import numpy as np
 from numba import prange
 
 from minunet.contract import conv_out_hw
-from minunet.cpu import conv2d_winograd, gemm
+from minunet.cpu import conv2d_winograd, conv2d_winograd_weight, gemm
 from minunet.cpu.activation import bias_backward, relu_backward
 from minunet.cpu.runtime import batches, kernel, one_blas_thread, scratch
 
@@ -530,73 +533,67 @@ def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding):
 
 def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
     # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo) (max(y, 0) with relu)
-    y = _conv2d_forward(x, w, b, stride, padding, version)
-    if relu:  # no fused epilogue on the CPU: a second pass, in place
+    Ho, Wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, padding)
+    v = version or choose_version(stride, w.shape[2:], padding, x.shape[1], w.shape[0], Ho * Wo)
+    if v == 4 and _winograd_fits(stride, w.shape[2:]):   # v4 adds the bias and the ReLU as it writes y
+        return conv2d_winograd.conv2d_forward(x, w, b, padding, relu)
+    if v == 4 and _pointwise(stride, w.shape[2:], padding):
+        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
+        gemm.pointwise_forward(x, w.reshape(w.shape[0], -1), np.zeros(w.shape[0], x.dtype) if b is None else b,
+                               relu, gemm.row_blocks(Ho, Wo), y)
+        return y
+    if v == 1:
+        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
+        _conv2d_forward_v1(x, w, np.zeros(w.shape[0], x.dtype) if b is None else b, *stride, *padding, y)
+    elif v >= 3:
+        y = _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo)
+    else:
+        y = _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo)
+    if relu:  # v1-v3 fuse no ReLU: a second pass, in place
         np.maximum(y, 0, out=y)
     return y
 
 
 def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=None):
     # gy: (N, K, Ho, Wo), w: (K, C, kh, kw), relu_y: gy's shape or None -> gx: x_shape = (N, C, H, W)
-    gy = gy if relu_y is None else relu_backward(gy, relu_y)  # the CPU fuses no mask: a pass of its own
-    return _conv2d_backward_input(gy, w, x_shape, stride, padding, version)
-
-
-def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None, relu_y=None, bias=False):
-    # x: (N, C, H, W), gy: (N, K, Ho, Wo), relu_y: gy's shape or None -> gw: w_shape = (K, C, kh, kw),
-    # or (gw, gb (K,)) with bias
-    gy = gy if relu_y is None else relu_backward(gy, relu_y)
-    gw = _conv2d_backward_weight(x, gy, w_shape, stride, padding, version)
-    return (gw, bias_backward(gy)) if bias else gw
-
-
-def _conv2d_forward(x, w, b, stride, padding, version):
-    Ho, Wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, padding)
-    v = version or choose_version(stride, w.shape[2:], padding, x.shape[1], w.shape[0], Ho * Wo)
-    if v == 1:
-        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
-        _conv2d_forward_v1(x, w, np.zeros(w.shape[0], x.dtype) if b is None else b, *stride, *padding, y)
-        return y
-    if v == 4 and _winograd_fits(stride, w.shape[2:]):
-        return conv2d_winograd.conv2d_forward(x, w, b, padding)
-    if v == 4 and _pointwise(stride, w.shape[2:], padding):
-        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
-        gemm.pointwise_forward(x, w.reshape(w.shape[0], -1), np.zeros(w.shape[0], x.dtype) if b is None else b,
-                                gemm.row_blocks(Ho, Wo), y)
-        return y
-    if v >= 3:
-        return _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo)
-    return _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo)
-
-
-def _conv2d_backward_input(gy, w, x_shape, stride, padding, version):
     N, C, H, W = x_shape
     v = version or choose_version(stride, w.shape[2:], padding, w.shape[0], C, H * W)
+    if v == 4 and _winograd_fits(stride, w.shape[2:]):   # v4 masks gy as it reads it
+        return conv2d_winograd.conv2d_backward_input(gy, w, x_shape, padding, relu_y)
+    gy = gy if relu_y is None else relu_backward(gy, relu_y)  # the others: a pass of its own
     if v == 1:
         gx = np.zeros(x_shape, gy.dtype)
         _conv2d_backward_input_v1(gy, w, *stride, *padding, gx)
         return gx
-    if v == 4 and _winograd_fits(stride, w.shape[2:]):
-        return conv2d_winograd.conv2d_backward_input(gy, w, x_shape, padding)
     if v == 4 and _pointwise(stride, w.shape[2:], padding):
         gx = np.empty(x_shape, gy.dtype)
-        gemm.pointwise_forward(gy, np.ascontiguousarray(w.reshape(w.shape[0], -1).T), np.zeros(C, gy.dtype),
-                                gemm.row_blocks(H, W), gx)
+        gemm.pointwise_forward(gy, np.ascontiguousarray(w.reshape(w.shape[0], -1).T), np.zeros(C, gy.dtype), False,
+                               gemm.row_blocks(H, W), gx)
         return gx
     if v >= 3:
         return _conv2d_backward_input_v3(gy, w, x_shape, stride, padding)
     return _conv2d_backward_input_v2(gy, w, x_shape, stride, padding)
 
 
-def _conv2d_backward_weight(x, gy, w_shape, stride, padding, version):
+def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None, relu_y=None, bias=False):
+    # x: (N, C, H, W), gy: (N, K, Ho, Wo), relu_y: gy's shape or None -> gw: w_shape = (K, C, kh, kw),
+    # or (gw, gb (K,)) with bias
     K, C, kh, kw = w_shape
     v = version or choose_version(stride, (kh, kw), padding, C, K, gy.shape[2] * gy.shape[3])
+    if v == 4 and _winograd_fits(stride, (kh, kw)):      # v4 masks gy as it reads it, and sums gb
+        gw, gb = conv2d_winograd_weight.conv2d_backward_weight(x, gy, w_shape, padding, relu_y)
+        return (gw, gb) if bias else gw
+    gy = gy if relu_y is None else relu_backward(gy, relu_y)  # the others: passes of their own
+    gw = _conv2d_backward_weight(x, gy, w_shape, stride, padding, v)
+    return (gw, bias_backward(gy)) if bias else gw
+
+
+def _conv2d_backward_weight(x, gy, w_shape, stride, padding, v):
+    K, C, kh, kw = w_shape
     if v == 1:
         gw = np.empty(w_shape, x.dtype)
         _conv2d_backward_weight_v1(x, gy, *stride, *padding, gw)
         return gw
-    if v == 4 and _winograd_fits(stride, (kh, kw)):
-        return conv2d_winograd.conv2d_backward_weight(x, gy, w_shape, padding)
     if v == 4 and _pointwise(stride, (kh, kw), padding):
         gw = np.empty(w_shape, x.dtype)
         gemm.weight_gradient(gy, x, gw.reshape(K, C))

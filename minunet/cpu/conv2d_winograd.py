@@ -31,12 +31,12 @@ The two gradients are Winograd convolutions too:
                    output-gradient tile (4x4), F(3x3, 4x4) with the same points:
                        gw = G^T [ sum_t (A gy_t A^T) * (B^T x_t B) ] G
                    i.e. per point p the product (K, T) @ (T, C) summed over tiles, and one
-                   inverse transform per (k, c) at the end.
+                   inverse transform per (k, c) at the end (conv2d_winograd_weight.py).
 
 Accuracy: the points 0, +-1, +-2 keep the transforms' coefficients small (at most 8 in A^T,
 5 in B^T), and float32 results stay within the 1e-4 relative tolerance of the oracle tests
-(tests/test_kernels.py) at every U-Net shape measured (benchmarks/winograd_accuracy.py says how
-far). Weight transforms are computed in float64 and rounded once.
+(tests/test_kernels.py) at every U-Net shape measured (benchmarks/conv_vs_torch.py checks each
+layer against the oracle at its timed shape). Weight transforms are computed in float64 and rounded once.
 
 How the work is laid out (all float lanes run over tiles)
 ---------------------------------------------------------
@@ -64,8 +64,8 @@ import numpy as np
 from numba import prange
 
 from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel
-from minunet.cpu.simd import (fma, gather, lanes, load, load_every4, load_range, scatter, splat, store,
-                              store_every4, store_range, transpose, zeros)
+from minunet.cpu.simd import (fma, gather, lanes, load, load_every4, load_range, relu, relu_mask, splat, store,
+                              store_every4, store_range, zeros)
 
 _BLOCK_BYTES = 512 << 10   # transformed inputs per task: fits in one core's L2 with its products
 _SIXTH, _24TH = 1.0 / 6.0, 1.0 / 24.0
@@ -100,23 +100,6 @@ def _at(m0, m1, m2, m3, m4, m5):
     a, b = m1 + m2, m1 - m2
     c, d = m3 + m4, m3 - m4
     return (m0 + a + c, b + 2.0 * d, a + 4.0 * c, b + 8.0 * d + m5)
-
-
-@_helper
-def _a(h0, h1, h2, h3):
-    """A h: an output gradient's 4 values at the six points (the transform of gy in
-    backward_weight, where gy plays the filter of F(3, 4))"""
-    e, o = h0 + h2, h1 + h3
-    e4, o4 = h0 + 4.0 * h2, 2.0 * h1 + 8.0 * h3
-    return (h0, e + o, e - o, e4 + o4, e4 - o4, h3)
-
-
-@_helper
-def _gt(m0, m1, m2, m3, m4, m5):
-    """G^T m, back from the six points to a 3-tap weight gradient"""
-    a, b = m1 + m2, m1 - m2
-    c, d = m3 + m4, m3 - m4
-    return (0.25 * m0 - _SIXTH * a + _24TH * c, _SIXTH * (d * 0.5 - b), _SIXTH * (c - a) + m5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,10 +166,12 @@ def _store36(a, o, step, e):
 
 
 @_helper
-def _pad_rows(x, r0, nr, TH, S, top, left, c0, c1, xs):
+def _pad_rows(x, mask, r0, nr, TH, S, top, left, c0, c1, xs):
     # xs[c, i, lr*S + q] = x[n, c, 4*ti - top + i, q - left] for q < S (0 outside x) and channels
     # c0 <= c < c1, where r0 + lr = n*TH + ti runs over nr tile rows; 0 from nr*S to the end.
-    # Vectors with masks: a lane outside x reads nothing and stays 0.
+    # Vectors with masks: a lane outside x reads nothing and stays 0. With a mask (the output
+    # of the ReLU fused into the convolution that made x = gy), x where mask > 0, else 0: the
+    # ReLU's backward on the way in (numba compiles the mask=None case without the test).
     N, C, H, W = x.shape
     rows, Wx = xs.shape[1], xs.shape[2]
     L = lanes(xs)
@@ -201,7 +186,10 @@ def _pad_rows(x, r0, nr, TH, S, top, left, c0, c1, xs):
                     src = x[n, c, h]
                     for q in range(0, S, L):
                         j = q - left                    # x's column under lane 0
-                        store_range(dst, base + q, load_range(src, j, -j, W - j), 0, S - q)
+                        v = load_range(src, j, -j, W - j)
+                        if mask is not None:
+                            v = relu_mask(v, load_range(mask[n, c, h], j, -j, W - j))
+                        store_range(dst, base + q, v, 0, S - q)
                 else:
                     for q in range(0, S, L):
                         store_range(dst, base + q, z, 0, S - q)
@@ -246,28 +234,6 @@ def _input_transform(xs, nt, c0, c1, V):
     for c in range(c0, c1):
         for t0 in range(0, nt, L):
             _tile_inputs(xs, c, t0, tmp, V, c * TBv + t0, C * TBv)
-
-
-@_helper
-def _input_transform_t(xs, nt, c0, c1, VT):
-    # xs: (C, 6, Wx) -> VT: (36, TBv, Cv), V transposed: VT[p, t, c] = (B^T d B)[p] of tile t of
-    # channel c for c0 <= c < c1 (c0 a multiple of the lanes), and 0 for C <= c < Cv. Each vector
-    # of channels is transformed into `blk` as (36, channel, tile) and transposed into place.
-    C, Cv, TBv = xs.shape[0], VT.shape[2], VT.shape[1]
-    L = lanes(xs)
-    tmp = np.empty(36 * L, xs.dtype)
-    blk = np.empty(36 * L * L, xs.dtype)
-    z = zeros(xs)
-    for t0 in range(0, nt, L):
-        for cg in range(c0, min(c1, Cv), L):
-            for cc in range(L):
-                if cg + cc < C:
-                    _tile_inputs(xs, cg + cc, t0, tmp, blk, cc * L, L * L)
-                else:
-                    for p in range(36):
-                        store(blk, (p * L + cc) * L, z)
-            for p in range(36):
-                transpose(blk, p * L * L, L, VT, (p * TBv + t0) * Cv + cg, Cv)
 
 
 @_helper
@@ -334,9 +300,10 @@ def _store8(a, o, step, v0, v1, v2, v3, v4, v5, v6, v7):
 
 
 @_helper
-def _output_transform(Mt, b, k0, r0, nr, TH, TW, y):
+def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y):
     # y[n, k0+kk, 4*ti + i, 4*tj + j] = (A^T M A)[i, j] + b[k0+kk], M[a, b'] = Mt[a*6+b', kk, t] for
-    # the tiles t = lr*(TW+1) + tj of tile rows r0 + lr; places past y's edge are not written
+    # the tiles t = lr*(TW+1) + tj of tile rows r0 + lr (with apply_relu, max of that and 0: the bias and
+    # the ReLU in the registers, before the one store); places past y's edge are not written
     nk, TBv = Mt.shape[1], Mt.shape[2]
     Ho, Wo = y.shape[2], y.shape[3]
     L = lanes(Mt)
@@ -364,6 +331,16 @@ def _output_transform(Mt, b, k0, r0, nr, TH, TW, y):
                      load(tmp, 14 * L), load(tmp, 18 * L), load(tmp, 22 * L))
             y3 = _at(load(tmp, 3 * L), load(tmp, 7 * L), load(tmp, 11 * L),
                      load(tmp, 15 * L), load(tmp, 19 * L), load(tmp, 23 * L))
+            if apply_relu:
+                y0 = (relu(y0[0] + bias), relu(y0[1] + bias), relu(y0[2] + bias), relu(y0[3] + bias))
+                y1 = (relu(y1[0] + bias), relu(y1[1] + bias), relu(y1[2] + bias), relu(y1[3] + bias))
+                y2 = (relu(y2[0] + bias), relu(y2[1] + bias), relu(y2[2] + bias), relu(y2[3] + bias))
+                y3 = (relu(y3[0] + bias), relu(y3[1] + bias), relu(y3[2] + bias), relu(y3[3] + bias))
+            else:
+                y0 = (y0[0] + bias, y0[1] + bias, y0[2] + bias, y0[3] + bias)
+                y1 = (y1[0] + bias, y1[1] + bias, y1[2] + bias, y1[3] + bias)
+                y2 = (y2[0] + bias, y2[1] + bias, y2[2] + bias, y2[3] + bias)
+                y3 = (y3[0] + bias, y3[1] + bias, y3[2] + bias, y3[3] + bias)
             for lr in range(t0 // T1, min(nr, (t0 + L - 1) // T1 + 1)):   # the tile rows in the vector
                 n, ti = (r0 + lr) // TH, (r0 + lr) % TH
                 start = lr * T1 - t0                    # the lane of tile (lr, 0), maybe < 0
@@ -371,136 +348,8 @@ def _output_transform(Mt, b, k0, r0, nr, TH, TW, y):
                 for i in range(4):
                     h = 4 * ti + i
                     if h < Ho and lo < hi:              # lane l -> columns 4*(l - start) + j
-                        store_every4(y[n, k0 + kk, h], -4 * start, y0[i] + bias, y1[i] + bias,
-                                     y2[i] + bias, y3[i] + bias, 4 * lo, min(4 * hi, Wo + 4 * start))
-
-
-@_helper
-def _gradient_transform(gs, nt, k0, k1, G):
-    # gs: (K, 4, Wx) -> G: (36, K, TBv), G[a*6+b, k, t] = (A g A^T)[a, b] of the output-gradient
-    # tile g = gs[k, :, 4*t : 4*t+4], for k0 <= k < k1
-    K, TBv = G.shape[1], G.shape[2]
-    L = lanes(gs)
-    tmp = np.empty(24 * L, gs.dtype)
-    for k in range(k0, k1):
-        for t0 in range(0, nt, L):
-            for i in range(4):
-                h0, h1, h2, h3 = load_every4(gs[k, i], 4 * t0)
-                e0, e1, e2, e3, e4, e5 = _a(h0, h1, h2, h3)
-                store(tmp, (6 * i) * L, e0)
-                store(tmp, (6 * i + 1) * L, e1)
-                store(tmp, (6 * i + 2) * L, e2)
-                store(tmp, (6 * i + 3) * L, e3)
-                store(tmp, (6 * i + 4) * L, e4)
-                store(tmp, (6 * i + 5) * L, e5)
-            o, step = k * TBv + t0, K * TBv
-            for b in range(6):
-                v0, v1, v2, v3, v4, v5 = _a(load(tmp, b * L), load(tmp, (6 + b) * L),
-                                            load(tmp, (12 + b) * L), load(tmp, (18 + b) * L))
-                store(G, o + b * step, v0)
-                store(G, o + (6 + b) * step, v1)
-                store(G, o + (12 + b) * step, v2)
-                store(G, o + (18 + b) * step, v3)
-                store(G, o + (24 + b) * step, v4)
-                store(G, o + (30 + b) * step, v5)
-
-
-@_helper
-def _multiply_transposed(G, k0, nk, VT, nt, acc):
-    # acc[p, kk, c] += sum_t G[p, k0 + kk, t] * VT[p, t, c] over the tiles t < nt, rounded up to
-    # whole vectors (G is 0 at the dummy tiles and past the last one). Micro-kernel: 8 output channels x 2 vectors of input
-    # channels, 16 accumulators in registers along the sum over t, each step 2 loads of VT, 8
-    # broadcasts of G and 16 fused multiply-adds.
-    TBv = G.shape[2]
-    Cv = VT.shape[2]
-    L = lanes(VT)
-    T = (nt + L - 1) // L * L
-    z = zeros(VT)
-    for p in range(36):
-        kk = 0
-        while kk < nk:
-            rows = min(8, nk - kk)                      # 8 output channels, or the last few
-            g = G[p, k0 + kk:k0 + kk + rows]
-            for c in range(0, Cv, 2 * L):
-                two = c + L < Cv
-                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
-                b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
-                i = p * TBv * Cv + c
-                if rows == 8:
-                    for t in range(T):
-                        x0 = load(VT, i + t * Cv)
-                        x1 = load(VT, i + t * Cv + L) if two else z
-                        s = splat(g[0, t], z)
-                        a0, b0 = fma(s, x0, a0), fma(s, x1, b0)
-                        s = splat(g[1, t], z)
-                        a1, b1 = fma(s, x0, a1), fma(s, x1, b1)
-                        s = splat(g[2, t], z)
-                        a2, b2 = fma(s, x0, a2), fma(s, x1, b2)
-                        s = splat(g[3, t], z)
-                        a3, b3 = fma(s, x0, a3), fma(s, x1, b3)
-                        s = splat(g[4, t], z)
-                        a4, b4 = fma(s, x0, a4), fma(s, x1, b4)
-                        s = splat(g[5, t], z)
-                        a5, b5 = fma(s, x0, a5), fma(s, x1, b5)
-                        s = splat(g[6, t], z)
-                        a6, b6 = fma(s, x0, a6), fma(s, x1, b6)
-                        s = splat(g[7, t], z)
-                        a7, b7 = fma(s, x0, a7), fma(s, x1, b7)
-                    o = (p * nk + kk) * Cv + c
-                    _add8(acc, o, Cv, a0, a1, a2, a3, a4, a5, a6, a7)
-                    if two:
-                        _add8(acc, o + L, Cv, b0, b1, b2, b3, b4, b5, b6, b7)
-                else:
-                    for r in range(rows):
-                        a0 = b0 = z
-                        for t in range(T):
-                            s = splat(g[r, t], z)
-                            a0 = fma(s, load(VT, i + t * Cv), a0)
-                            if two:
-                                b0 = fma(s, load(VT, i + t * Cv + L), b0)
-                        o = (p * nk + kk + r) * Cv + c
-                        store(acc, o, load(acc, o) + a0)
-                        if two:
-                            store(acc, o + L, load(acc, o + L) + b0)
-            kk += rows
-
-
-@_helper
-def _add8(a, o, step, v0, v1, v2, v3, v4, v5, v6, v7):
-    store(a, o, load(a, o) + v0)
-    store(a, o + step, load(a, o + step) + v1)
-    store(a, o + 2 * step, load(a, o + 2 * step) + v2)
-    store(a, o + 3 * step, load(a, o + 3 * step) + v3)
-    store(a, o + 4 * step, load(a, o + 4 * step) + v4)
-    store(a, o + 5 * step, load(a, o + 5 * step) + v5)
-    store(a, o + 6 * step, load(a, o + 6 * step) + v6)
-    store(a, o + 7 * step, load(a, o + 7 * step) + v7)
-
-
-@_helper
-def _filter_gradients(m, o, step, gw, k, c0):
-    # gw[k, c0 + j] = G^T M G for the lanes j of one vector of input channels (those past gw's
-    # last channel are dropped), M[a, b] the vector at m's flat place o + (a*6 + b)*step
-    C = gw.shape[1]
-    rows = (_gt(load(m, o), load(m, o + step), load(m, o + 2 * step), load(m, o + 3 * step),  # along each row
-                load(m, o + 4 * step), load(m, o + 5 * step)),
-            _gt(load(m, o + 6 * step), load(m, o + 7 * step), load(m, o + 8 * step), load(m, o + 9 * step),
-                load(m, o + 10 * step), load(m, o + 11 * step)),
-            _gt(load(m, o + 12 * step), load(m, o + 13 * step), load(m, o + 14 * step), load(m, o + 15 * step),
-                load(m, o + 16 * step), load(m, o + 17 * step)),
-            _gt(load(m, o + 18 * step), load(m, o + 19 * step), load(m, o + 20 * step), load(m, o + 21 * step),
-                load(m, o + 22 * step), load(m, o + 23 * step)),
-            _gt(load(m, o + 24 * step), load(m, o + 25 * step), load(m, o + 26 * step), load(m, o + 27 * step),
-                load(m, o + 28 * step), load(m, o + 29 * step)),
-            _gt(load(m, o + 30 * step), load(m, o + 31 * step), load(m, o + 32 * step), load(m, o + 33 * step),
-                load(m, o + 34 * step), load(m, o + 35 * step)))
-    r0, r1, r2, r3, r4, r5 = rows
-    at = (k * C + c0) * 9
-    for v in range(3):                                           # then down each column
-        g0, g1, g2 = _gt(r0[v], r1[v], r2[v], r3[v], r4[v], r5[v])
-        scatter(gw, at + v, 9, g0, C - c0)                       # gw[k, c, 0, v] for the channels c
-        scatter(gw, at + 3 + v, 9, g1, C - c0)
-        scatter(gw, at + 6 + v, 9, g2, C - c0)
+                        store_every4(y[n, k0 + kk, h], -4 * start, y0[i], y1[i], y2[i], y3[i], 4 * lo,
+                                     min(4 * hi, Wo + 4 * start))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,9 +389,9 @@ def _task(t, rows_per_block, R, groups, K):
 
 
 @_kernel
-def _forward_by_tiles(x, U, b, ph, pw, rows_per_block, groups, y):
-    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W), padded by (ph, pw), by the
-    # transformed filters U: (36, K, C)
+def _forward_by_tiles(x, mask, U, b, apply_relu, ph, pw, rows_per_block, groups, y):
+    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W) (masked, see _pad_rows), padded
+    # by (ph, pw), by the transformed filters U: (36, K, C); with apply_relu, max(y, 0)
     N, C = x.shape[0], x.shape[1]
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     L = lanes(x)
@@ -554,19 +403,20 @@ def _forward_by_tiles(x, U, b, ph, pw, rows_per_block, groups, y):
             nt = nr * (TW + 1)
             TBv = (nt + L - 1) // L * L
             xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
-            _pad_rows(x, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
+            _pad_rows(x, mask, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
             V = np.empty((36, C, TBv), x.dtype)
             _input_transform(xs, nt, 0, C, V)
             Mt = np.empty((36, nk, TBv), x.dtype)
             _multiply(U[:, k0:k0 + nk], V, Mt)
-            _output_transform(Mt, b, k0, r0, nr, TH, TW, y)
+            _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y)
 
 
 @_kernel
-def _forward_by_channels(x, w, flip, b, ph, pw, CB, KB, y):
-    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W), padded by (ph, pw), by w (or
-    # w flipped, see _transform_filters); every tile at once, the inputs transformed CB channels
-    # to a task, the products and outputs KB output channels to a task
+def _forward_by_channels(x, mask, w, flip, b, apply_relu, ph, pw, CB, KB, y):
+    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W) (masked, see _pad_rows), padded
+    # by (ph, pw), by w (or w flipped, see _transform_filters), with apply_relu max(y, 0); every tile at
+    # once, the inputs transformed CB channels to a task, the products and outputs KB output
+    # channels to a task
     N, C = x.shape[0], x.shape[1]
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     L = lanes(x)
@@ -578,7 +428,7 @@ def _forward_by_channels(x, w, flip, b, ph, pw, CB, KB, y):
     V = np.empty((36, C, TBv), x.dtype)
     for cb in prange((C + CB - 1) // CB):
         c0, c1 = cb * CB, min(C, cb * CB + CB)
-        _pad_rows(x, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
+        _pad_rows(x, mask, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
         _input_transform(xs, nt, c0, c1, V)
     for kb in prange((K + KB - 1) // KB):
         k0 = kb * KB
@@ -587,90 +437,7 @@ def _forward_by_channels(x, w, flip, b, ph, pw, CB, KB, y):
         _transform_filters(w, flip, k0, nk, Ub)
         Mt = np.empty((36, nk, TBv), x.dtype)
         _multiply(Ub, V, Mt)
-        _output_transform(Mt, b, k0, 0, R, TH, TW, y)
-
-
-@_kernel
-def _backward_weight_by_tiles(x, gy, ph, pw, rows_per_block, part):
-    # part[th, p, k, c] = thread th's share of sum_t (A gy_t A^T)[p] * (B^T x_t B)[p]: one prange
-    # iteration per thread, over every threads-th block of tile rows
-    N, C = x.shape[0], x.shape[1]
-    K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
-    n_parts, Cv = part.shape[0], part.shape[3]
-    L = lanes(x)
-    TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
-    R = N * TH
-    n_blocks = (R + rows_per_block - 1) // rows_per_block
-    TBv = (rows_per_block * (TW + 1) + L - 1) // L * L
-    for th in prange(n_parts):
-        acc = part[th]
-        acc[:] = 0
-        xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
-        VT = np.empty((36, TBv, Cv), x.dtype)
-        gs = np.empty((K, 4, 4 * TBv + 4), x.dtype)
-        G = np.empty((36, K, TBv), x.dtype)
-        for blk in range(th, n_blocks, n_parts):
-            r0 = blk * rows_per_block
-            nr = min(R, r0 + rows_per_block) - r0
-            nt = nr * (TW + 1)
-            _pad_rows(x, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
-            _input_transform_t(xs, nt, 0, Cv, VT)
-            _pad_rows(gy, r0, nr, TH, 4 * (TW + 1), 0, 0, 0, K, gs)
-            _gradient_transform(gs, nt, 0, K, G)
-            _multiply_transposed(G, 0, K, VT, nt, acc)
-
-
-@_kernel
-def _filters_from_parts(part, gw):
-    # gw[k, c] = G^T M G, M (6x6) the sum over part's first axis of part[:, :, k, c]; one prange
-    # iteration per output channel k, vectors over c
-    n_parts, _, K, Cv = part.shape
-    L = lanes(part)
-    for k in prange(K):
-        m = np.empty(36 * L, part.dtype)
-        for c0 in range(0, Cv, L):
-            for p in range(36):
-                s = load(part, (p * K + k) * Cv + c0)
-                for th in range(1, n_parts):
-                    s = s + load(part, ((th * 36 + p) * K + k) * Cv + c0)
-                store(m, p * L, s)
-            _filter_gradients(m, 0, L, gw, k, c0)
-
-
-@_kernel
-def _backward_weight_by_channels(x, gy, ph, pw, KB, gw):
-    # gw: (K, C, 3, 3), every tile at once: the transforms of x and gy split over channels, then
-    # one prange iteration per block of KB output channels, from the products to gw
-    N, C = x.shape[0], x.shape[1]
-    K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
-    L = lanes(x)
-    TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
-    R = N * TH
-    nt = R * (TW + 1)
-    TBv = (nt + L - 1) // L * L
-    Cv = (C + L - 1) // L * L
-    xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
-    VT = np.empty((36, TBv, Cv), x.dtype)
-    gs = np.empty((K, 4, 4 * TBv + 4), x.dtype)
-    G = np.empty((36, K, TBv), x.dtype)
-    nc = Cv // L
-    for task in prange(nc + K):                         # a vector of input channels, or one output channel
-        if task < nc:
-            c0, c1 = task * L, min(C, task * L + L)
-            _pad_rows(x, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
-            _input_transform_t(xs, nt, c0, c0 + L, VT)
-        else:
-            k = task - nc
-            _pad_rows(gy, 0, R, TH, 4 * (TW + 1), 0, 0, k, k + 1, gs)
-            _gradient_transform(gs, nt, k, k + 1, G)
-    for kb in prange((K + KB - 1) // KB):
-        k0 = kb * KB
-        nk = min(K, k0 + KB) - k0
-        acc = np.zeros((36, nk, Cv), x.dtype)
-        _multiply_transposed(G, k0, nk, VT, nt, acc)
-        for kk in range(nk):
-            for c0 in range(0, Cv, L):
-                _filter_gradients(acc, kk * Cv + c0, nk * Cv, gw, k0 + kk, c0)
+        _output_transform(Mt, b, apply_relu, k0, 0, R, TH, TW, y)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -711,44 +478,32 @@ def _blocking(R, TW, C, K, itemsize):
     return rows, groups
 
 
-def conv2d_forward(x, w, b, padding):
-    # x: (N, C, H, W), w: (K, C, 3, 3), b: (K,) or None -> y: (N, K, H + 2ph - 2, W + 2pw - 2)
+def conv2d_forward(x, w, b, padding, relu):
+    # x: (N, C, H, W), w: (K, C, 3, 3), b: (K,) or None -> y: (N, K, H + 2ph - 2, W + 2pw - 2),
+    # max(y, 0) with relu
     (ph, pw), (H, W) = padding, x.shape[2:]
-    return _forward(x, w, False, b, ph, pw, H + 2 * ph - 2, W + 2 * pw - 2)
+    return _forward(x, None, w, False, b, relu, ph, pw, H + 2 * ph - 2, W + 2 * pw - 2)
 
 
-def conv2d_backward_input(gy, w, x_shape, padding):
-    # gy: (N, K, Ho, Wo), w: (K, C, 3, 3) -> gx: x_shape, the convolution of gy, padded by 2 - p,
-    # by w turned 180 degrees with its channel axes swapped
-    return _forward(gy, w, True, None, 2 - padding[0], 2 - padding[1], *x_shape[2:])
+def conv2d_backward_input(gy, w, x_shape, padding, relu_y):
+    # gy: (N, K, Ho, Wo), w: (K, C, 3, 3), relu_y: gy's shape or None -> gx: x_shape, the
+    # convolution of gy (of gy where relu_y > 0, else 0, with relu_y), padded by 2 - p, by w
+    # turned 180 degrees with its channel axes swapped
+    return _forward(gy, relu_y, w, True, None, False, 2 - padding[0], 2 - padding[1], *x_shape[2:])
 
 
-def _forward(x, w, flip, b, ph, pw, Ho, Wo):
+def _forward(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
     N, C = x.shape[:2]
     K = w.shape[1] if flip else w.shape[0]
     y = np.empty((N, K, Ho, Wo), x.dtype)
     b = np.zeros(K, x.dtype) if b is None else b
     if _by_channels(C, N, Ho, Wo, x.itemsize):
-        _forward_by_channels(x, w, flip, b, ph, pw, max(1, C // (4 * numba.get_num_threads())), _KB, y)
+        _forward_by_channels(x, mask, w, flip, b, relu, ph, pw, max(1, C // (4 * numba.get_num_threads())), _KB, y)
         return y
     U = np.empty((36, K, C), x.dtype)
     _transform_all_filters(w, flip, U)
     R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
-    _forward_by_tiles(x, U, b, ph, pw, *_blocking(R, TW, C, K, x.itemsize), y)
+    _forward_by_tiles(x, mask, U, b, relu, ph, pw, *_blocking(R, TW, C, K, x.itemsize), y)
     return y
 
 
-def conv2d_backward_weight(x, gy, w_shape, padding):
-    # x: (N, C, H, W), gy: (N, K, Ho, Wo) -> gw: w_shape = (K, C, 3, 3)
-    (N, C), (K, Ho, Wo) = x.shape[:2], gy.shape[1:]
-    gw = np.empty(w_shape, x.dtype)
-    if _by_channels(C + K, N, Ho, Wo, x.itemsize):
-        _backward_weight_by_channels(x, gy, padding[0], padding[1], _KB, gw)
-        return gw
-    R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
-    rows, _ = _blocking(R, TW, C, K, x.itemsize)
-    Cv = -(-C // (64 // x.itemsize)) * (64 // x.itemsize)
-    part = np.empty((min(numba.get_num_threads(), math.ceil(R / rows)), 36, K, Cv), x.dtype)
-    _backward_weight_by_tiles(x, gy, padding[0], padding[1], rows, part)
-    _filters_from_parts(part, gw)
-    return gw

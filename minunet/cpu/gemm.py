@@ -9,7 +9,7 @@ on the order of the user's imports). These products run on numba's threads like 
 kernel of a step.
 
 Two micro-kernels, both register-blocked:
-  _product     C = A @ B (+ a bias per row): 8 rows of A x 2 vectors of B's columns in 16
+  _product     C = A @ B (+ a bias per row, then a ReLU if asked): 8 rows of A x 2 vectors of B's columns in 16
                accumulators along the inner dimension, each step 8 broadcasts of A, 2 loads
                of B and 16 fused multiply-adds; B's and C's last columns masked.
   _product_nt  C = A @ B^T summed over a batch: both operands run along the long inner axis
@@ -22,13 +22,14 @@ import numpy as np
 from numba import prange
 
 from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel
-from minunet.cpu.simd import fma, hsum, lanes, load_range, splat, store_range, zeros
+from minunet.cpu.simd import fma, hsum, lanes, load_range, relu, splat, store_range, zeros
 
 
 
 @_helper
-def _product(A, a0, lda, B, b0, ldb, bias, C, c0, ldc, M, K, N):
-    # C[c0 + m*ldc + n] = bias[m] + sum_k A[a0 + m*lda + k] * B[b0 + k*ldb + n], m < M, n < N
+def _product(A, a0, lda, B, b0, ldb, bias, apply_relu, C, c0, ldc, M, K, N):
+    # C[c0 + m*ldc + n] = bias[m] + sum_k A[a0 + m*lda + k] * B[b0 + k*ldb + n], m < M, n < N;
+    # with apply_relu, max of that and 0 (in the registers, before the store)
     L = lanes(B)
     z = zeros(B)
     af = A.reshape(-1)
@@ -61,14 +62,14 @@ def _product(A, a0, lda, B, b0, ldb, bias, C, c0, ldc, M, K, N):
                     u = splat(af[a + 7 * lda + k], z)
                     s7, t7 = fma(u, x0, s7), fma(u, x1, t7)
                 c = c0 + m * ldc + n0
-                _store_row(C, c, s0, t0, n1, L)
-                _store_row(C, c + ldc, s1, t1, n1, L)
-                _store_row(C, c + 2 * ldc, s2, t2, n1, L)
-                _store_row(C, c + 3 * ldc, s3, t3, n1, L)
-                _store_row(C, c + 4 * ldc, s4, t4, n1, L)
-                _store_row(C, c + 5 * ldc, s5, t5, n1, L)
-                _store_row(C, c + 6 * ldc, s6, t6, n1, L)
-                _store_row(C, c + 7 * ldc, s7, t7, n1, L)
+                _store_row(C, c, s0, t0, apply_relu, n1, L)
+                _store_row(C, c + ldc, s1, t1, apply_relu, n1, L)
+                _store_row(C, c + 2 * ldc, s2, t2, apply_relu, n1, L)
+                _store_row(C, c + 3 * ldc, s3, t3, apply_relu, n1, L)
+                _store_row(C, c + 4 * ldc, s4, t4, apply_relu, n1, L)
+                _store_row(C, c + 5 * ldc, s5, t5, apply_relu, n1, L)
+                _store_row(C, c + 6 * ldc, s6, t6, apply_relu, n1, L)
+                _store_row(C, c + 7 * ldc, s7, t7, apply_relu, n1, L)
                 m += 8
             else:                                       # the last rows, one at a time
                 a = a0 + m * lda
@@ -77,13 +78,15 @@ def _product(A, a0, lda, B, b0, ldb, bias, C, c0, ldc, M, K, N):
                     u = splat(af[a + k], z)
                     s0 = fma(u, load_range(B, b0 + k * ldb + n0, 0, n1), s0)
                     t0 = fma(u, load_range(B, b0 + k * ldb + n0 + L, 0, n1 - L), t0)
-                _store_row(C, c0 + m * ldc + n0, s0, t0, n1, L)
+                _store_row(C, c0 + m * ldc + n0, s0, t0, apply_relu, n1, L)
                 m += 1
 
 
 @_helper
-def _store_row(C, c, v0, v1, n, L):
-    """C[c : c + min(n, 2L)] = the two vectors v0, v1"""
+def _store_row(C, c, v0, v1, apply_relu, n, L):
+    """C[c : c + min(n, 2L)] = the two vectors v0, v1 (their ReLU with apply_relu)"""
+    if apply_relu:
+        v0, v1 = relu(v0), relu(v1)
     store_range(C, c, v0, 0, n)
     store_range(C, c + L, v1, 0, n - L)
 
@@ -153,15 +156,15 @@ def row_blocks(H, W):
 
 
 @_kernel
-def pointwise_forward(x, w, b, rows, y):
-    # x: (N, C, H, W), w: (K, C), b: (K,) -> y: (N, K, H, W)
+def pointwise_forward(x, w, b, apply_relu, rows, y):
+    # x: (N, C, H, W), w: (K, C), b: (K,) -> y: (N, K, H, W), max(y, 0) with apply_relu
     N, C, H, W = x.shape
     K, P = w.shape[0], H * W
     nb = (H + rows - 1) // rows
     for task in prange(N * nb):
         n, i0 = task // nb, task % nb * rows
         npx = (min(H, i0 + rows) - i0) * W
-        _product(w, 0, C, x, n * C * P + i0 * W, P, b, y, n * K * P + i0 * W, P, K, C, npx)
+        _product(w, 0, C, x, n * C * P + i0 * W, P, b, apply_relu, y, n * K * P + i0 * W, P, K, C, npx)
 
 
 @_kernel
@@ -192,7 +195,7 @@ def patches_forward(x, wt, b, rows, y):
         i1 = min(H, i0 + rows)
         npx = (i1 - i0) * W
         z = np.empty((M, npx), x.dtype)
-        _product(wt, 0, Cin, x, n * Cin * P + i0 * W, P, zero, z, 0, npx, M, Cin, npx)
+        _product(wt, 0, Cin, x, n * Cin * P + i0 * W, P, zero, False, z, 0, npx, M, Cin, npx)
         for o in range(Cout):                           # each pixel's patch into place
             for u in range(kh):
                 for v in range(kw):
@@ -231,7 +234,7 @@ def patches_backward_input(gy, w2, rows, gx):
         npx = (i1 - i0) * W
         gp = np.empty((M, npx), gx.dtype)
         _patches_of(gy, n, i0, i1, gy.shape[2] // H, gy.shape[3] // W, gp)
-        _product(w2, 0, M, gp, 0, npx, zero, gx, n * Cin * P + i0 * W, P, Cin, M, npx)
+        _product(w2, 0, M, gp, 0, npx, zero, False, gx, n * Cin * P + i0 * W, P, Cin, M, npx)
 
 
 @_kernel

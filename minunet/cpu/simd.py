@@ -29,6 +29,8 @@ splits each operation into two or four narrower ones, so the code stays correct 
                          transposed into b's rows at j, j + sb, ... (in registers, by shuffles)
     hsum(v)              the sum of v's lanes, as a scalar
     fma(a, b, c)         a * b + c in one rounding
+    relu(v)              lane j = 0 if v[j] <= 0 else v[j] (NaN passes, as in PyTorch)
+    relu_mask(v, y)      lane j = v[j] if y[j] > 0 else 0: the ReLU's backward, y its output
     v + w, v - w, v * w, s * v, v * s    lane by lane (s a scalar)
 
 Nothing here checks bounds: a kernel that uses these owns the buffers it reads and writes
@@ -350,6 +352,28 @@ def fma(typingctx, a, b, c):
                                             f"llvm.fma.v{a.lanes}f{a.dtype.bitwidth}")
         return builder.call(fn, list(args))
     return a(a, b, c), codegen
+
+
+@intrinsic
+def relu(typingctx, v):
+    if not isinstance(v, Vector):
+        return None
+
+    def codegen(context, builder, sig, args):
+        zero = ir.Constant(args[0].type, None)
+        return builder.select(builder.fcmp_ordered("<=", args[0], zero), zero, args[0])
+    return v(v), codegen
+
+
+@intrinsic
+def relu_mask(typingctx, v, y):
+    if not (isinstance(v, Vector) and v == y):
+        return None
+
+    def codegen(context, builder, sig, args):
+        zero = ir.Constant(args[0].type, None)
+        return builder.select(builder.fcmp_ordered(">", args[1], zero), args[0], zero)
+    return v(v, y), codegen
 
 
 def _binary(name):

@@ -1,0 +1,315 @@
+"""minunet.cpu.conv2d_winograd_weight: the weight gradient of a stride-1 3x3 convolution by Winograd's F(4x4, 3x3).
+
+conv2d's version 4 of backward_weight on the CPU; conv2d_winograd.py teaches the algorithm and
+runs the forward pass and the input gradient. The weight gradient is the correlation of every
+6x6 input tile x_t with the 4x4 output-gradient tile gy_t at the same place, summed over the
+tiles: F(3x3, 4x4) on the same six points, with gy in the filter's role,
+
+    gw[k, c] = G^T [ sum_t (A gy_t A^T) * (B^T x_t B) ] G
+
+so per point p one product (K, T) @ (T, C) summed over the tiles T (the inputs transformed as
+in the forward pass, then transposed so that channels run along the vectors), and one inverse
+transform G^T . G per (k, c) at the end.
+
+The work splits as the forward's (conv2d_winograd.py, "the kernels"): by tiles, each thread
+summing its blocks of tile rows into a (36, K, C) part of its own, the parts added at the end;
+or by channels, every tile transformed first, then one task per block of output channels.
+"""
+import math
+
+import numba
+import numpy as np
+from numba import prange
+
+from minunet.cpu.conv2d_winograd import _KB, _blocking, _by_channels, _pad_rows, _SIXTH, _24TH, _tile_inputs, _tiles
+from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel
+from minunet.cpu.simd import fma, hsum, lanes, load, load_every4, scatter, splat, store, transpose, zeros
+
+
+@_helper
+def _a(h0, h1, h2, h3):
+    """A h: an output gradient's 4 values at the six points (the transform of gy in
+    backward_weight, where gy plays the filter of F(3, 4))"""
+    e, o = h0 + h2, h1 + h3
+    e4, o4 = h0 + 4.0 * h2, 2.0 * h1 + 8.0 * h3
+    return (h0, e + o, e - o, e4 + o4, e4 - o4, h3)
+
+
+@_helper
+def _gt(m0, m1, m2, m3, m4, m5):
+    """G^T m, back from the six points to a 3-tap weight gradient"""
+    a, b = m1 + m2, m1 - m2
+    c, d = m3 + m4, m3 - m4
+    return (0.25 * m0 - _SIXTH * a + _24TH * c, _SIXTH * (d * 0.5 - b), _SIXTH * (c - a) + m5)
+
+
+@_helper
+def _input_transform_t(xs, nt, c0, c1, VT):
+    # xs: (C, 6, Wx) -> VT: (36, TBv, Cv), V transposed: VT[p, t, c] = (B^T d B)[p] of tile t of
+    # channel c for c0 <= c < c1 (c0 a multiple of the lanes), and 0 for C <= c < Cv. Each vector
+    # of channels is transformed into `blk` as (36, channel, tile) and transposed into place.
+    C, Cv, TBv = xs.shape[0], VT.shape[2], VT.shape[1]
+    L = lanes(xs)
+    tmp = np.empty(36 * L, xs.dtype)
+    blk = np.empty(36 * L * L, xs.dtype)
+    z = zeros(xs)
+    for t0 in range(0, nt, L):
+        for cg in range(c0, min(c1, Cv), L):
+            for cc in range(L):
+                if cg + cc < C:
+                    _tile_inputs(xs, cg + cc, t0, tmp, blk, cc * L, L * L)
+                else:
+                    for p in range(36):
+                        store(blk, (p * L + cc) * L, z)
+            for p in range(36):
+                transpose(blk, p * L * L, L, VT, (p * TBv + t0) * Cv + cg, Cv)
+
+
+@_helper
+def _gradient_transform(gs, nt, k0, k1, G):
+    # gs: (K, 4, Wx) -> G: (36, K, TBv), G[a*6+b, k, t] = (A g A^T)[a, b] of the output-gradient
+    # tile g = gs[k, :, 4*t : 4*t+4], for k0 <= k < k1
+    K, TBv = G.shape[1], G.shape[2]
+    L = lanes(gs)
+    tmp = np.empty(24 * L, gs.dtype)
+    for k in range(k0, k1):
+        for t0 in range(0, nt, L):
+            for i in range(4):
+                h0, h1, h2, h3 = load_every4(gs[k, i], 4 * t0)
+                e0, e1, e2, e3, e4, e5 = _a(h0, h1, h2, h3)
+                store(tmp, (6 * i) * L, e0)
+                store(tmp, (6 * i + 1) * L, e1)
+                store(tmp, (6 * i + 2) * L, e2)
+                store(tmp, (6 * i + 3) * L, e3)
+                store(tmp, (6 * i + 4) * L, e4)
+                store(tmp, (6 * i + 5) * L, e5)
+            o, step = k * TBv + t0, K * TBv
+            for b in range(6):
+                v0, v1, v2, v3, v4, v5 = _a(load(tmp, b * L), load(tmp, (6 + b) * L),
+                                            load(tmp, (12 + b) * L), load(tmp, (18 + b) * L))
+                store(G, o + b * step, v0)
+                store(G, o + (6 + b) * step, v1)
+                store(G, o + (12 + b) * step, v2)
+                store(G, o + (18 + b) * step, v3)
+                store(G, o + (24 + b) * step, v4)
+                store(G, o + (30 + b) * step, v5)
+
+
+@_helper
+def _tile_sum(G, nt, k):
+    """The sum of the values of every output-gradient tile t < nt of channel k (in float64): its
+    share of the bias gradient, with no pass of its own over gy: A's second row is all ones, so
+    point (1, 1) of A g A^T (p = 7) already is the tile's sum. Vector partial sums in G's dtype."""
+    TBv = G.shape[2]
+    L = lanes(G)
+    s = zeros(G)
+    for t0 in range(0, nt, L):
+        s = s + load(G, (7 * G.shape[1] + k) * TBv + t0)
+    return np.float64(hsum(s))
+
+
+@_helper
+def _multiply_transposed(G, k0, nk, VT, nt, acc):
+    # acc[p, kk, c] += sum_t G[p, k0 + kk, t] * VT[p, t, c] over the tiles t < nt, rounded up to
+    # whole vectors (G is 0 at the dummy tiles and past the last one). Micro-kernel: 8 output channels x 2 vectors of input
+    # channels, 16 accumulators in registers along the sum over t, each step 2 loads of VT, 8
+    # broadcasts of G and 16 fused multiply-adds.
+    TBv = G.shape[2]
+    Cv = VT.shape[2]
+    L = lanes(VT)
+    T = (nt + L - 1) // L * L
+    z = zeros(VT)
+    for p in range(36):
+        kk = 0
+        while kk < nk:
+            rows = min(8, nk - kk)                      # 8 output channels, or the last few
+            g = G[p, k0 + kk:k0 + kk + rows]
+            for c in range(0, Cv, 2 * L):
+                two = c + L < Cv
+                a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
+                b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
+                i = p * TBv * Cv + c
+                if rows == 8:
+                    for t in range(T):
+                        x0 = load(VT, i + t * Cv)
+                        x1 = load(VT, i + t * Cv + L) if two else z
+                        s = splat(g[0, t], z)
+                        a0, b0 = fma(s, x0, a0), fma(s, x1, b0)
+                        s = splat(g[1, t], z)
+                        a1, b1 = fma(s, x0, a1), fma(s, x1, b1)
+                        s = splat(g[2, t], z)
+                        a2, b2 = fma(s, x0, a2), fma(s, x1, b2)
+                        s = splat(g[3, t], z)
+                        a3, b3 = fma(s, x0, a3), fma(s, x1, b3)
+                        s = splat(g[4, t], z)
+                        a4, b4 = fma(s, x0, a4), fma(s, x1, b4)
+                        s = splat(g[5, t], z)
+                        a5, b5 = fma(s, x0, a5), fma(s, x1, b5)
+                        s = splat(g[6, t], z)
+                        a6, b6 = fma(s, x0, a6), fma(s, x1, b6)
+                        s = splat(g[7, t], z)
+                        a7, b7 = fma(s, x0, a7), fma(s, x1, b7)
+                    o = (p * nk + kk) * Cv + c
+                    _add8(acc, o, Cv, a0, a1, a2, a3, a4, a5, a6, a7)
+                    if two:
+                        _add8(acc, o + L, Cv, b0, b1, b2, b3, b4, b5, b6, b7)
+                else:
+                    for r in range(rows):
+                        a0 = b0 = z
+                        for t in range(T):
+                            s = splat(g[r, t], z)
+                            a0 = fma(s, load(VT, i + t * Cv), a0)
+                            if two:
+                                b0 = fma(s, load(VT, i + t * Cv + L), b0)
+                        o = (p * nk + kk + r) * Cv + c
+                        store(acc, o, load(acc, o) + a0)
+                        if two:
+                            store(acc, o + L, load(acc, o + L) + b0)
+            kk += rows
+
+
+@_helper
+def _add8(a, o, step, v0, v1, v2, v3, v4, v5, v6, v7):
+    store(a, o, load(a, o) + v0)
+    store(a, o + step, load(a, o + step) + v1)
+    store(a, o + 2 * step, load(a, o + 2 * step) + v2)
+    store(a, o + 3 * step, load(a, o + 3 * step) + v3)
+    store(a, o + 4 * step, load(a, o + 4 * step) + v4)
+    store(a, o + 5 * step, load(a, o + 5 * step) + v5)
+    store(a, o + 6 * step, load(a, o + 6 * step) + v6)
+    store(a, o + 7 * step, load(a, o + 7 * step) + v7)
+
+
+@_helper
+def _filter_gradients(m, o, step, gw, k, c0):
+    # gw[k, c0 + j] = G^T M G for the lanes j of one vector of input channels (those past gw's
+    # last channel are dropped), M[a, b] the vector at m's flat place o + (a*6 + b)*step
+    C = gw.shape[1]
+    rows = (_gt(load(m, o), load(m, o + step), load(m, o + 2 * step), load(m, o + 3 * step),  # along each row
+                load(m, o + 4 * step), load(m, o + 5 * step)),
+            _gt(load(m, o + 6 * step), load(m, o + 7 * step), load(m, o + 8 * step), load(m, o + 9 * step),
+                load(m, o + 10 * step), load(m, o + 11 * step)),
+            _gt(load(m, o + 12 * step), load(m, o + 13 * step), load(m, o + 14 * step), load(m, o + 15 * step),
+                load(m, o + 16 * step), load(m, o + 17 * step)),
+            _gt(load(m, o + 18 * step), load(m, o + 19 * step), load(m, o + 20 * step), load(m, o + 21 * step),
+                load(m, o + 22 * step), load(m, o + 23 * step)),
+            _gt(load(m, o + 24 * step), load(m, o + 25 * step), load(m, o + 26 * step), load(m, o + 27 * step),
+                load(m, o + 28 * step), load(m, o + 29 * step)),
+            _gt(load(m, o + 30 * step), load(m, o + 31 * step), load(m, o + 32 * step), load(m, o + 33 * step),
+                load(m, o + 34 * step), load(m, o + 35 * step)))
+    r0, r1, r2, r3, r4, r5 = rows
+    at = (k * C + c0) * 9
+    for v in range(3):                                           # then down each column
+        g0, g1, g2 = _gt(r0[v], r1[v], r2[v], r3[v], r4[v], r5[v])
+        scatter(gw, at + v, 9, g0, C - c0)                       # gw[k, c, 0, v] for the channels c
+        scatter(gw, at + 3 + v, 9, g1, C - c0)
+        scatter(gw, at + 6 + v, 9, g2, C - c0)
+
+
+@_kernel
+def _backward_weight_by_tiles(x, gy, mask, ph, pw, rows_per_block, part, gb_part):
+    # part[th, p, k, c] = thread th's share of sum_t (A gy_t A^T)[p] * (B^T x_t B)[p], and
+    # gb_part[th, k] its share of gy's sum (gy masked by relu_y, see _pad_rows): one prange
+    # iteration per thread, over every threads-th block of tile rows
+    N, C = x.shape[0], x.shape[1]
+    K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    n_parts, Cv = part.shape[0], part.shape[3]
+    L = lanes(x)
+    TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
+    R = N * TH
+    n_blocks = (R + rows_per_block - 1) // rows_per_block
+    TBv = (rows_per_block * (TW + 1) + L - 1) // L * L
+    for th in prange(n_parts):
+        acc = part[th]
+        acc[:] = 0
+        gb_part[th] = 0
+        xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
+        VT = np.empty((36, TBv, Cv), x.dtype)
+        gs = np.empty((K, 4, 4 * TBv + 4), x.dtype)
+        G = np.empty((36, K, TBv), x.dtype)
+        for blk in range(th, n_blocks, n_parts):
+            r0 = blk * rows_per_block
+            nr = min(R, r0 + rows_per_block) - r0
+            nt = nr * (TW + 1)
+            _pad_rows(x, None, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
+            _input_transform_t(xs, nt, 0, Cv, VT)
+            _pad_rows(gy, mask, r0, nr, TH, 4 * (TW + 1), 0, 0, 0, K, gs)
+            _gradient_transform(gs, nt, 0, K, G)
+            for k in range(K):
+                gb_part[th, k] += _tile_sum(G, nt, k)
+            _multiply_transposed(G, 0, K, VT, nt, acc)
+
+
+@_kernel
+def _filters_from_parts(part, gb_part, gw, gb):
+    # gw[k, c] = G^T M G, M (6x6) the sum over part's first axis of part[:, :, k, c], and gb[k] the
+    # sum of gb_part[:, k]; one prange iteration per output channel k, vectors over c
+    n_parts, _, K, Cv = part.shape
+    L = lanes(part)
+    for k in prange(K):
+        gb[k] = gb_part[:, k].sum()
+        m = np.empty(36 * L, part.dtype)
+        for c0 in range(0, Cv, L):
+            for p in range(36):
+                s = load(part, (p * K + k) * Cv + c0)
+                for th in range(1, n_parts):
+                    s = s + load(part, ((th * 36 + p) * K + k) * Cv + c0)
+                store(m, p * L, s)
+            _filter_gradients(m, 0, L, gw, k, c0)
+
+
+@_kernel
+def _backward_weight_by_channels(x, gy, mask, ph, pw, KB, gw, gb):
+    # gw: (K, C, 3, 3) and gb: (K,), every tile at once: the transforms of x and of gy (masked
+    # by relu_y, see _pad_rows; gb on the way) split over channels, then one prange iteration
+    # per block of KB output channels, from the products to gw
+    N, C = x.shape[0], x.shape[1]
+    K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
+    L = lanes(x)
+    TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
+    R = N * TH
+    nt = R * (TW + 1)
+    TBv = (nt + L - 1) // L * L
+    Cv = (C + L - 1) // L * L
+    xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
+    VT = np.empty((36, TBv, Cv), x.dtype)
+    gs = np.empty((K, 4, 4 * TBv + 4), x.dtype)
+    G = np.empty((36, K, TBv), x.dtype)
+    nc = Cv // L
+    for task in prange(nc + K):                         # a vector of input channels, or one output channel
+        if task < nc:
+            c0, c1 = task * L, min(C, task * L + L)
+            _pad_rows(x, None, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
+            _input_transform_t(xs, nt, c0, c0 + L, VT)
+        else:
+            k = task - nc
+            _pad_rows(gy, mask, 0, R, TH, 4 * (TW + 1), 0, 0, k, k + 1, gs)
+            _gradient_transform(gs, nt, k, k + 1, G)
+            gb[k] = _tile_sum(G, nt, k)
+    for kb in prange((K + KB - 1) // KB):
+        k0 = kb * KB
+        nk = min(K, k0 + KB) - k0
+        acc = np.zeros((36, nk, Cv), x.dtype)
+        _multiply_transposed(G, k0, nk, VT, nt, acc)
+        for kk in range(nk):
+            for c0 in range(0, Cv, L):
+                _filter_gradients(acc, kk * Cv + c0, nk * Cv, gw, k0 + kk, c0)
+
+
+def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
+    # x: (N, C, H, W), gy: (N, K, Ho, Wo), relu_y: gy's shape or None -> (gw: w_shape = (K, C, 3, 3),
+    # gb: (K,)), both of gy where relu_y > 0 (else 0) with relu_y
+    (N, C), (K, Ho, Wo) = x.shape[:2], gy.shape[1:]
+    gw, gb = np.empty(w_shape, x.dtype), np.empty(K, x.dtype)
+    if _by_channels(C + K, N, Ho, Wo, x.itemsize):
+        _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, gw, gb)
+        return gw, gb
+    R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
+    rows, _ = _blocking(R, TW, C, K, x.itemsize)
+    Cv = -(-C // (64 // x.itemsize)) * (64 // x.itemsize)
+    n_parts = min(numba.get_num_threads(), math.ceil(R / rows))
+    part, gb_part = np.empty((n_parts, 36, K, Cv), x.dtype), np.empty((n_parts, K))
+    _backward_weight_by_tiles(x, gy, relu_y, padding[0], padding[1], rows, part, gb_part)
+    _filters_from_parts(part, gb_part, gw, gb)
+    return gw, gb
+

@@ -21,6 +21,12 @@ alternating the two import orders, and reports numpy-first images/s over minunet
 images/s (1.0 = the order does not matter, as it must not: importing minunet changes nothing
 in the process).
 
+--profile times minunet alone, in this process, kernel by kernel: every call of a contract kernel
+(minunet.contract) timed on the wall clock, per kernel and per (kernel, shape of its first
+argument), and the rest of the step (Python, autograd, NumPy outside the kernels) as one line;
+then the step under cProfile, the functions that spend the most time of their own. This is
+where the time goes, not a figure to compare: the timer's own cost is in it.
+
 --config picks the network and batch among benchmarks/flops.py's UNET_CONFIGS: base16 (the
 README's default model, 128x128, batch 4), camvid (3 -> 11 channels, base 32, 256x256, batch 4)
 or valid572 (the paper's: base 64, 'valid' convolutions, 572x572, batch 1); the options
@@ -32,11 +38,17 @@ same network takes, one image; benchmarks/conv_vs_torch.py checks its layers at 
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --config base16 --pairs 5
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --config camvid --pairs 3 --rounds 3
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --compare-import-order --pairs 5
+    PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --profile
 """
 import argparse
+import collections
+import cProfile
+import io
 import json
 import pathlib
+import pstats
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if __name__ == "__main__":  # run as a script from a source checkout: find the package beside us
@@ -63,7 +75,7 @@ import minunet  # noqa: E402,F401
 import numpy as np  # noqa: E402,F811
 import pytest  # noqa: E402
 
-from minunet import backend, nn, optim  # noqa: E402
+from minunet import backend, contract, nn, optim  # noqa: E402
 from minunet import functional as F  # noqa: E402
 from minunet.autograd import tensor  # noqa: E402
 from minunet.unet import UNet  # noqa: E402
@@ -243,6 +255,60 @@ def compare_import_order(cfg, device, rounds, pairs):
     print(f"ratio    {float(np.median(ratios)):.3f}  (median of {pairs} pairs, numpy first / minunet first)")
 
 
+def profile_step(cfg, device, rounds, top=25):
+    """Prints where minunet's step spends its time (see the module's docstring): a table of the
+    contract's kernels by time per step, and cProfile's top functions."""
+    step = minunet_step(cfg, device)
+    for _ in range(2):
+        step()
+    kernels = backend.kernels_for(backend.to_device(np.zeros(1, np.float32), device))
+    spent, calls = collections.Counter(), collections.Counter()
+
+    def timed(name, launch):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                _synchronize(device)
+                first = args[0][0] if isinstance(args[0], (list, tuple)) else args[0]  # concat's: a list
+                key = (name, tuple(first.shape))
+                spent[key] += time.perf_counter() - start
+                calls[key] += 1
+        return run
+    checked = {name: getattr(kernels, name) for name in contract.CONTRACT}
+    for name, launch in checked.items():
+        setattr(kernels, name, timed(name, launch))
+    try:
+        start = time.perf_counter()
+        for _ in range(rounds):
+            step()
+        total = (time.perf_counter() - start) / rounds
+    finally:
+        for name, launch in checked.items():
+            setattr(kernels, name, launch)
+    per_name = collections.Counter()
+    for (name, _), t in spent.items():
+        per_name[name] += t / rounds
+    print(f"minunet step, {device}: {total * 1e3:.1f} ms (mean of {rounds}); kernels by time per step")
+    for name, t in per_name.most_common():
+        print(f"  {name:34s} {t * 1e3:8.2f} ms  {100 * t / total:5.1f}%")
+    inside = sum(per_name.values())
+    print(f"  {'outside the kernels':34s} {(total - inside) * 1e3:8.2f} ms  {100 * (total - inside) / total:5.1f}%")
+    print(f"the {top} slowest (kernel, first argument's shape):")
+    for (name, shape), t in spent.most_common(top):
+        print(f"  {name:34s} {str(shape):22s} x{calls[name, shape] // rounds:<3d} {t / rounds * 1e3:8.2f} ms")
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(rounds):
+        step()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    text = out.getvalue()
+    print(f"cProfile, {rounds} steps, by own time:\n" + text[text.index("   ncalls"):].rstrip())
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_train_step(benchmark, device):
     if device == "cuda" and not backend.cuda_available():
@@ -281,6 +347,8 @@ def main():
                    help="with --library: what this process imported first (read before argparse runs)")
     p.add_argument("--compare-import-order", action="store_true",
                    help="time minunet alone, alternating processes that import numpy first and minunet first")
+    p.add_argument("--profile", action="store_true",
+                   help="time minunet alone, in this process, kernel by kernel, then under cProfile")
     p.add_argument("--precision", choices=backend.PRECISIONS, default="fp32",
                    help="minunet's convolutions: fp32, or tf32 (the GPU's TF32 tensor cores, as `minunet train "
                         "--precision tf32`; compare it with --torch-tf32)")
@@ -295,6 +363,9 @@ def main():
                               "torch_tf32": args.torch_tf32 if args.library == "pytorch" else None,
                               "precision": args.precision if args.library == "minunet" else None,
                               "images_per_s": images_per_second(step, cfg["batch"], args.rounds)}))
+        return
+    if args.profile:
+        profile_step(cfg, device, args.rounds)
         return
     check_step(cfg)
     if args.compare_import_order:

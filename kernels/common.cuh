@@ -31,7 +31,8 @@ What is here
   multi-stage asynchronous copies) and register_tiled_gemm, which runs them over operand
   loaders the kernels define. Every instruction reached through inline PTX (cp.async, cvt.rna.tf32,
   mma.sync) sits behind one small device function there, which the CUDA emulator replaces by
-  its own model.
+  its own model; so does table_pointer, the read of an array's address from a table in device
+  memory (the multi-tensor optimizer kernels).
 
 The tiled implicit GEMM (the `_v2` convolution kernels)
 -------------------------------------------------------
@@ -266,9 +267,10 @@ __device__ __forceinline__ void gemm_epilogue(const T (&acc)[GEMM_MICRO][GEMM_MI
 // and are constructed at step 0. Zeros outside the matrices make edge tiles need no special case.
 
 // ---- inline PTX, each instruction behind one small device function --------------------------
-// The kernels reach cp.async, cvt.rna.tf32 and mma.sync only through the five functions below.
+// The kernels reach cp.async, cvt.rna.tf32 and mma.sync only through the five functions below,
+// and pointers stored in device memory only through the sixth, table_pointer.
 // tests/cuda_emulator compiles this file with a host C++ compiler, which cannot assemble PTX: it
-// defines MINUNET_EMULATED_PTX and supplies its own model of exactly these five functions (same
+// defines MINUNET_EMULATED_PTX and supplies its own model of exactly these six functions (same
 // names, same signatures); nothing else in any kernel differs between the GPU and the emulator.
 #ifndef MINUNET_EMULATED_PTX
 
@@ -331,6 +333,16 @@ __device__ __forceinline__ void mma_tf32_16x8x8(float (&d)[4], const unsigned (&
 #else
     __trap();  // the launcher offers the TF32 version only on sm_80 and newer
 #endif
+}
+
+// The address of a device array that the host wrote into device memory: `slot` holds it as an
+// int64 (0 for none), and the array has n elements of T (const T for one the kernel only reads).
+// A multi-tensor kernel (optim.cu) finds its arrays through such a table. A plain load on the GPU;
+// the emulator's model checks that the n elements lie inside one device array whose address the
+// host took, and lets the kernel touch exactly those bytes (stores only through a non-const T).
+template <typename T>
+__device__ __forceinline__ T* table_pointer(const int64* slot, int64 n) {
+    return reinterpret_cast<T*>(*slot);
 }
 
 #endif  // MINUNET_EMULATED_PTX

@@ -93,6 +93,15 @@ def to_numpy(a):
     return _cupy.asnumpy(a) if is_cuda_array(a) else np.asarray(a)
 
 
+def copy_from_host(dst, src):
+    """Write the host array `src` into the existing array `dst` (same shape and dtype) in place,
+    allocating nothing: on the GPU a host-to-device copy ordered on the current stream."""
+    if is_cuda_array(dst):
+        dst.set(np.ascontiguousarray(src, dtype=dst.dtype))
+    else:
+        dst[...] = src
+
+
 _kernels = {}  # device -> its checked kernels, made on first use
 
 

@@ -25,7 +25,8 @@ drift from the other. Conventions every kernel keeps:
   flat h * W + w into one input plane, as in PyTorch).
 - A kernel allocates and returns fresh outputs; it never accumulates into its arguments. The
   exceptions are the optimizer updates, which update their parameter and state arrays in
-  place (that is what an optimizer step is), and return None.
+  place (that is what an optimizer step is), and return None; they take lists of tensors and
+  update them all in one call (on the GPU one launch).
 - `version=` picks one of a convolution's implementations (None: the backend chooses by
   shape); each backend lists its versions in VERSIONS. Every version computes the same
   function; the tests run them all and the benchmarks time them all.
@@ -473,40 +474,65 @@ def batch_norm_backward(c, gy, x, gamma, mean, var, eps, training):
                   out=(Out(x.shape, dtype), Out((C,), dtype), Out((C,), dtype)), flops=(8 if training else 2) * x.size)
 
 
-# ---- optimizers: fused updates of one parameter, in place --------------------------------------
+# ---- optimizers: every parameter of a step in one call, in place ------------------------------
 
-def _state(c, p, **state):
-    """p and its gradient and state arrays: one float dtype, contiguous, all of p's shape."""
-    c.floats(p=p, **state)
-    for name, a in state.items():
-        c.same_shape(name, a, p.shape)
+# The columns of the hyperparameter table `hyper` of the optimizer updates, one row per tensor,
+# float64 (kernels/optim.cu reads them by position). Booleans are 0 or 1; Adam's step enters
+# as step_size = lr / (1 - beta1^step) and bias_correction2_sqrt = sqrt(1 - beta2^step).
+SGD_HYPER = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "first")
+ADAM_HYPER = ("lr", "beta1", "beta2", "eps", "weight_decay", "step_size", "bias_correction2_sqrt", "decoupled")
+
+
+def _tensor_lists(c, hyper, columns, ps, **lists):
+    """ps and the lists beside it (gradients, states; a state list may hold None) of one length,
+    each tensor's arrays of one float dtype, contiguous, of its parameter's shape, no parameter
+    twice; hyper a float64 (len(ps), len(columns)) array of this backend. Returns the lists."""
+    ps = list(ps)
+    lists = {name: list(v) for name, v in lists.items()}
+    if not ps:
+        c.fail("got no tensors")
+    for name, v in lists.items():
+        if len(v) != len(ps):
+            c.fail(f"{name} holds {len(v)} arrays for {len(ps)} parameters")
+    dtype = None
+    for i, p in enumerate(ps):
+        arrays = {f"{name}[{i}]": v[i] for name, v in lists.items() if v[i] is not None}
+        dtype_i = c.floats(**{f"ps[{i}]": p}, **arrays)
+        if dtype is not None and dtype_i != dtype:
+            c.fail(f"ps[{i}] has dtype {dtype_i} but ps[0] has {dtype}: one call updates one dtype", TypeError)
+        dtype = dtype_i
+        for name, a in arrays.items():
+            c.same_shape(name, a, p.shape)
+    if len({id(p) for p in ps}) != len(ps):
+        c.fail("a parameter appears twice")
+    if not isinstance(hyper, c.xp.ndarray) or hyper.dtype != np.float64 or not hyper.flags.c_contiguous:
+        c.fail(f"hyper must be a C-contiguous float64 {c.expected}", TypeError)
+    c.same_shape("hyper", hyper, (len(ps), len(columns)))
+    return [ps, *lists.values()]
 
 
 @_declare
-def sgd_update(c, p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
-    """PyTorch's SGD, in place on p (and buf): d = g + weight_decay * p; with momentum,
+def sgd_update(c, ps, gs, bufs, hyper):
+    """PyTorch's SGD on every tensor i at once, in place on ps[i] (and bufs[i]), with hyper[i] =
+    SGD_HYPER: d = g + weight_decay * p; with a momentum buffer (bufs[i] not None),
     buf = d if first else momentum * buf + (1 - dampening) * d, and d = d + momentum * buf if
-    nesterov else buf; p -= lr * d. buf is None when momentum is 0 (and ignored then)."""
-    momentum = float(momentum)
-    if momentum != 0 and buf is None:
-        c.fail(f"momentum {momentum} needs a momentum buffer, got buf=None")
-    buf = buf if momentum != 0 else None
-    _state(c, p, g=g, **({} if buf is None else {"buf": buf}))
-    return c.call(p, g, buf, float(lr), momentum, float(dampening), float(weight_decay), bool(nesterov),
-                  bool(first), out=None, writes=(p,) if buf is None else (p, buf), flops=(3 if buf is None else 7) * p.size)
+    nesterov else buf; p -= lr * d. bufs[i] is None for a tensor without momentum."""
+    ps, gs, bufs = _tensor_lists(c, hyper, SGD_HYPER, ps, gs=gs, bufs=bufs)
+    momentum = [p for p, buf in zip(ps, bufs) if buf is not None]
+    return c.call(ps, gs, bufs, hyper, out=None, writes=tuple(ps) + tuple(b for b in bufs if b is not None),
+                  flops=3 * sum(p.size for p in ps) + 4 * sum(p.size for p in momentum))
 
 
 @_declare
-def adam_update(c, p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
-    """PyTorch's Adam (decoupled=False: g += weight_decay * p) or AdamW (decoupled=True:
-    p *= 1 - lr * weight_decay), in place on p, m, v: m = b1 m + (1 - b1) g; v = b2 v +
-    (1 - b2) g^2; p -= lr / (1 - b1^step) * m / (sqrt(v) / sqrt(1 - b2^step) + eps). step counts
-    from 1."""
-    if step < 1:
-        c.fail(f"step counts from 1, got {step}")
-    _state(c, p, g=g, m=m, v=v)
-    return c.call(p, g, m, v, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay), int(step),
-                  bool(decoupled), out=None, writes=(p, m, v), flops=12 * p.size)
+def adam_update(c, ps, gs, ms, vs, hyper):
+    """PyTorch's Adam (decoupled 0: g += weight_decay * p) or AdamW (decoupled 1:
+    p *= 1 - lr * weight_decay) on every tensor i at once, in place on ps[i], ms[i], vs[i], with
+    hyper[i] = ADAM_HYPER: m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+    p -= step_size * m / (sqrt(v) / bias_correction2_sqrt + eps)."""
+    ps, gs, ms, vs = _tensor_lists(c, hyper, ADAM_HYPER, ps, gs=gs, ms=ms, vs=vs)
+    if any(m is None for m in ms) or any(v is None for v in vs):
+        c.fail("every tensor needs its m and v")
+    return c.call(ps, gs, ms, vs, hyper, out=None, writes=(*ps, *ms, *vs), flops=12 * sum(p.size for p in ps))
 
 
 # ---------------------------------------------------------------------------------------------

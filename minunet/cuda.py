@@ -7,7 +7,7 @@ which checks and normalises the arguments first and checks the outputs after: th
 here trust their arguments (cupy arrays, NCHW, C-contiguous, float32 or float64, pooling
 indices and targets int64, (h, w) pairs of ints). Kernels allocate fresh outputs with
 cupy.empty (cupy.zeros where the kernel accumulates); only sgd_update and adam_update write
-into their arguments.
+into their arguments (every tensor of an optimizer step in one launch).
 
 How a kernel gets from a .cu file to the GPU
 --------------------------------------------
@@ -581,25 +581,49 @@ def batch_norm_backward(gy, x, gamma, mean, var, eps, training):
 
 
 # ------------------------------------------------------------------------------------------
-# optimizers: fused in-place updates of one parameter tensor
+# optimizers: every tensor of a step in one launch, through a table of addresses
 # ------------------------------------------------------------------------------------------
 
-def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first):
-    # p, g, buf: (...) -> None; p (and buf, None without momentum) updated in place
-    t = p.dtype.type
-    # (T* p, const T* g, T* buf, int64 n, T lr, T momentum, T dampening, T weight_decay, int nesterov, int first)
-    _launch("optim", "sgd_update", p.dtype, _grid_1d(p.size), (THREADS,),
-            (p, g, buf, np.int64(p.size), t(lr), t(momentum), t(dampening), t(weight_decay),
-             np.int32(nesterov), np.int32(first)))
+OPTIM_CHUNK = 4096  # elements per block-sized piece of work: mirrors OPTIM_CHUNK in kernels/optim.cu
+_tables = {}        # the rows of the latest tables -> their device copies (see _tensor_table)
 
 
-def adam_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, decoupled):
-    # p, g, m, v: (...) -> None; p, m, v updated in place
-    t = p.dtype.type
-    step_size = lr / (1 - beta1 ** step)
-    bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
-    # (T* p, const T* g, T* m, T* v, int64 n, T lr, T beta1, T beta2, T eps, T weight_decay,
-    #  T step_size, T bias_correction2_sqrt, int decoupled)
-    _launch("optim", "adam_update", p.dtype, _grid_1d(p.size), (THREADS,),
-            (p, g, m, v, np.int64(p.size), t(lr), t(beta1), t(beta2), t(eps), t(weight_decay),
-             t(step_size), t(bias_correction2_sqrt), np.int32(decoupled)))
+def _tensor_table(tensors):
+    """(table, chunks): the device table of kernels/optim.cu, one row (p, g, state 1, state 2, n,
+    first_chunk) per tuple of arrays in `tensors` (None: a state the tensor lacks), and the number
+    of chunks. A table is copied to the device once and kept while its arrays stay where they are
+    (the last 8 are kept): a training step whose gradients persist reuses it, with no copy, which a
+    CUDA graph needs (a host-to-device copy cannot be captured)."""
+    rows, chunks = [], 0
+    for arrays in tensors:
+        n = arrays[0].size
+        addresses = [0 if a is None else a.data.ptr for a in arrays]
+        rows.append((*addresses, *[0] * (4 - len(addresses)), n, chunks))
+        chunks += _cdiv(n, OPTIM_CHUNK)
+    key = tuple(rows)
+    table = _tables.pop(key, None)
+    if table is None:
+        table = cupy.asarray(np.array(rows, np.int64))
+        while len(_tables) >= 8:
+            _tables.pop(next(iter(_tables)))
+    _tables[key] = table  # now the newest
+    return table, chunks
+
+
+def _update_launch(name, tensors, hyper):
+    table, chunks = _tensor_table(tensors)
+    # (const int64* table, const double* hyper, int ntensors, int64 chunks)
+    _launch("optim", name, tensors[0][0].dtype, (min(chunks, 32 * _sm_count(cupy.cuda.Device().id)),), (THREADS,),
+            (table, hyper, np.int32(len(tensors)), np.int64(chunks)))
+
+
+def sgd_update(ps, gs, bufs, hyper):
+    # ps[i], gs[i], bufs[i] (or None): one shape per i; hyper: float64 (len(ps), 6) -> None; ps (and bufs)
+    # updated in place, all in one launch
+    _update_launch("sgd_update", list(zip(ps, gs, bufs)), hyper)
+
+
+def adam_update(ps, gs, ms, vs, hyper):
+    # ps[i], gs[i], ms[i], vs[i]: one shape per i; hyper: float64 (len(ps), 8) -> None; ps, ms, vs updated in
+    # place, all in one launch
+    _update_launch("adam_update", list(zip(ps, gs, ms, vs)), hyper)

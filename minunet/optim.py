@@ -6,10 +6,22 @@ change between steps. `state` maps each Parameter to its per-parameter state (th
 buffer for SGD; the step count and the first and second moment estimates for Adam), arrays
 on the parameter's device made on its first step.
 
-step() does no arithmetic itself: for every parameter with a gradient it calls the fused
-update kernel of the parameter's backend (kernels_for(p.data).sgd_update / adam_update,
-see minunet/backend.py), which updates the parameter and its state in place in one pass
-over memory. The rules, for g the gradient and p the parameter:
+step() does no arithmetic on the arrays itself. It has two halves:
+
+  prepare()  the host's part: check the gradients, make missing state, count the step, and
+             write one row of hyperparameters per tensor (learning rate, Adam's bias
+             corrections for this step, ...) into an array on the parameters' device, the
+             same array every step;
+  launch()   the device's part: one call of the update kernel of the parameters' backend
+             (kernels_for(p.data).sgd_update / adam_update, see minunet/backend.py) for all
+             the tensors of one device and dtype, which updates every parameter and its state
+             in place in one pass over memory: on the GPU one kernel launch for the whole
+             model (kernels/optim.cu).
+
+The split exists for CUDA graphs (minunet/cuda_graph.py): a captured training step holds
+launch() only, and prepare() runs on the host before each replay, so the rows the kernel reads
+from memory carry the current learning rate even though the launch itself is frozen. The
+rules, for g the gradient and p the parameter:
 
   SGD     d = g + weight_decay p; with momentum, buf = d on the first step, else
           buf = momentum buf + (1 - dampening) d, and d = d + momentum buf (nesterov) or buf;
@@ -40,6 +52,7 @@ class Optimizer:
     def __init__(self, params, defaults):
         self.defaults = dict(defaults)
         self.state = {}
+        self._hyper = {}  # (device, dtype) -> the array prepare() writes the rows into
         self.param_groups = []
         params = list(params)
         if not params:
@@ -74,6 +87,13 @@ class Optimizer:
 
     def step(self):
         """Update every parameter that has a gradient; those whose grad is None are skipped."""
+        self.launch(self.prepare())
+
+    def prepare(self):
+        """The host half of a step: for every parameter with a gradient, check it, make its missing
+        state, advance its step and write its row of hyperparameters to its device. Returns the
+        plan launch() carries out: a list of (ps, gs, states, hyper) per device and dtype."""
+        batches = {}  # (device, dtype) -> ([p], [row], [state arrays])
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -82,10 +102,33 @@ class Optimizer:
                     raise ValueError(f"{type(self).__name__}.step: a parameter of shape {p.shape} and dtype "
                                      f"{p.dtype} has a gradient of shape {tuple(p.grad.shape)} and dtype "
                                      f"{p.grad.dtype}")
-                self._update(p, group, self.state.setdefault(p, {}))
+                params, rows, states = batches.setdefault((p.device, p.dtype), ([], [], []))
+                row, arrays = self._prepare(p, group, self.state.setdefault(p, {}))
+                params.append(p)
+                rows.append(row)
+                states.append(arrays)
+        plan = []
+        for key, (params, rows, states) in batches.items():
+            hyper = self._hyper.get(key)
+            if hyper is None or hyper.shape[0] != len(rows):  # the same device array every step
+                hyper = self._hyper[key] = backend.xp_for(key[0]).empty((len(rows), len(rows[0])), np.float64)
+            backend.copy_from_host(hyper, np.array(rows, np.float64))
+            plan.append(([p.data for p in params], [p.grad.data for p in params], states, hyper))
+        return plan
 
-    def _update(self, p, group, state):
-        raise NotImplementedError(f"{type(self).__name__} does not define _update()")
+    def launch(self, plan):
+        """The device half of a step: the update kernel, once per entry of prepare()'s plan. It copies
+        nothing between host and device and waits for nothing, so a CUDA graph can capture it."""
+        for ps, gs, states, hyper in plan:
+            self._launch(backend.kernels_for(ps[0]), ps, gs, [list(s) for s in zip(*states)], hyper)
+
+    def _prepare(self, p, group, state):
+        """Make p's missing state and count its step; return (its row of hyperparameters, the state
+        arrays the update kernel takes for it, in the kernel's order, None for one it lacks)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define _prepare()")
+
+    def _launch(self, kernels, ps, gs, states, hyper):
+        raise NotImplementedError(f"{type(self).__name__} does not define _launch()")
 
     # ---- checkpoints -------------------------------------------------------------------
     def _params(self):
@@ -153,15 +196,15 @@ class SGD(Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening,
                                       weight_decay=weight_decay, nesterov=nesterov))
 
-    def _update(self, p, group, state):
-        buf, first = None, False
-        if group["momentum"] != 0:
-            first = "momentum_buffer" not in state
-            if first:  # the kernel writes buf = d on the first step
-                state["momentum_buffer"] = backend.array_module(p.data).zeros_like(p.data)
-            buf = state["momentum_buffer"]
-        backend.kernels_for(p.data).sgd_update(p.data, p.grad.data, buf, group["lr"], group["momentum"],
-                                               group["dampening"], group["weight_decay"], group["nesterov"], first)
+    def _prepare(self, p, group, state):
+        first = group["momentum"] != 0 and "momentum_buffer" not in state
+        if first:  # the kernel writes buf = d on the first step
+            state["momentum_buffer"] = backend.array_module(p.data).zeros_like(p.data)
+        row = (group["lr"], group["momentum"], group["dampening"], group["weight_decay"], group["nesterov"], first)
+        return row, (state["momentum_buffer"] if group["momentum"] != 0 else None,)
+
+    def _launch(self, kernels, ps, gs, states, hyper):
+        kernels.sgd_update(ps, gs, states[0], hyper)
 
 
 class Adam(Optimizer):
@@ -178,7 +221,7 @@ class Adam(Optimizer):
         _check(name, weight_decay >= 0, "weight_decay", weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
-    def _update(self, p, group, state):
+    def _prepare(self, p, group, state):
         if not state:
             xp = backend.array_module(p.data)
             state["step"] = 0
@@ -186,9 +229,14 @@ class Adam(Optimizer):
             state["exp_avg_sq"] = xp.zeros_like(p.data)
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        backend.kernels_for(p.data).adam_update(p.data, p.grad.data, state["exp_avg"], state["exp_avg_sq"], group["lr"],
-                                                beta1, beta2, group["eps"], group["weight_decay"], state["step"],
-                                                self.decoupled)
+        step_size = group["lr"] / (1 - beta1 ** state["step"])
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** state["step"])
+        row = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"], step_size, bias_correction2_sqrt,
+               self.decoupled)
+        return row, (state["exp_avg"], state["exp_avg_sq"])
+
+    def _launch(self, kernels, ps, gs, states, hyper):
+        kernels.adam_update(ps, gs, states[0], states[1], hyper)
 
 
 class AdamW(Adam):

@@ -107,6 +107,7 @@ def _bad_calls(xp):
     backend must refuse, with the same message."""
     i64 = lambda *shape: xp.zeros(shape, np.int64)  # noqa: E731
     i32 = lambda *shape: xp.zeros(shape, np.int32)  # noqa: E731
+    hyper = lambda *shape: xp.zeros(shape, np.float64)  # noqa: E731
     wrong = "numpy" if xp is not np else "list"
     wrong_x = np.zeros((1, 2, 6, 6), np.float32) if xp is not np else [[1.0]]
     name = xp.__name__
@@ -176,12 +177,16 @@ def _bad_calls(xp):
          ValueError, r"batch_norm_forward: gamma has shape \(3,\), expected \(2,\)"),
         ("bn backward stats", lambda k, d: k.batch_norm_backward(d(2, 2, 3, 3), d(2, 2, 3, 3), None, None, None, 1e-5, True),
          ValueError, r"batch_norm_backward: needs the mean and var"),
-        ("momentum buffer", lambda k, d: k.sgd_update(d(4, 5), d(4, 5), None, 0.1, 0.9, 0.0, 0.0, False, True),
-         ValueError, r"sgd_update: momentum 0.9 needs a momentum buffer"),
-        ("state shape", lambda k, d: k.adam_update(d(4, 5), d(4, 5), d(4, 5), d(5, 4), 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, False),
-         ValueError, r"adam_update: v has shape \(5, 4\), expected \(4, 5\)"),
-        ("adam step", lambda k, d: k.adam_update(d(4, 5), d(4, 5), d(4, 5), d(4, 5), 1e-3, 0.9, 0.999, 1e-8, 0.0, 0, False),
-         ValueError, r"adam_update: step counts from 1"),
+        ("buffer list", lambda k, d: k.sgd_update([d(4, 5), d(3)], [d(4, 5), d(3)], [None], hyper(2, 6)),
+         ValueError, r"sgd_update: bufs holds 1 arrays for 2 parameters"),
+        ("state shape", lambda k, d: k.adam_update([d(4, 5)], [d(4, 5)], [d(4, 5)], [d(5, 4)], hyper(1, 8)),
+         ValueError, r"adam_update: vs\[0\] has shape \(5, 4\), expected \(4, 5\)"),
+        ("hyper rows", lambda k, d: k.adam_update([d(4, 5)], [d(4, 5)], [d(4, 5)], [d(4, 5)], hyper(1, 6)),
+         ValueError, r"adam_update: hyper has shape \(1, 6\), expected \(1, 8\)"),
+        ("hyper dtype", lambda k, d: k.sgd_update([d(3)], [d(3)], [None], d(1, 6)),
+         TypeError, r"sgd_update: hyper must be a C-contiguous float64"),
+        ("twice", lambda k, d: (lambda p: k.sgd_update([p, p], [d(3), d(3)], [None, None], hyper(2, 6)))(d(3)),
+         ValueError, r"sgd_update: a parameter appears twice"),
     ]
 
 
@@ -214,7 +219,7 @@ def test_outputs_that_break_their_declaration_are_caught():
     with pytest.raises(AssertionError, match=r"relu_forward output 0: ndarray \(1, 3\) float32, declared \(2, 3\) float32"):
         k.relu_forward(np.ones((2, 3), np.float32))
     with pytest.raises(AssertionError, match="sgd_update updates in place and must return None"):
-        k.sgd_update(np.ones(3), np.ones(3), None, 0.1, 0.0, 0.0, 0.0, False, True)
+        k.sgd_update([np.ones(3)], [np.ones(3)], [None], np.zeros((1, 6)))
     np.testing.assert_array_equal(k.relu_backward(np.ones(2), np.ones(2)), np.ones(2))  # the others pass through
 
 

@@ -121,6 +121,8 @@ def test_tile_constants_mirror_common_cuh():
         assert m, f"common.cuh does not #define {name}"
         assert int(m.group(1)) == getattr(cuda, name), \
             f"{name}: common.cuh says {m.group(1)}, minunet/cuda.py says {getattr(cuda, name)}"
+    m = re.search(r"^#define OPTIM_CHUNK (\d+)", (cuda._kernel_dir() / "optim.cu").read_text(), re.M)
+    assert m and int(m.group(1)) == cuda.OPTIM_CHUNK, "OPTIM_CHUNK: optim.cu and minunet/cuda.py disagree"
 
 
 def test_every_version_has_its_kernels():

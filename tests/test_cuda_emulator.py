@@ -441,3 +441,62 @@ def test_mma_not_reached_by_every_lane_is_caught(emulator):
     with pytest.raises(cp.EmulatorError, match=r"mma_by_half_a_warp: warp collective at .* is not reached by every "
                                                r"lane of its mask"):
         _async_module().get_function("mma_by_half_a_warp")((1,), (32,), (cp.empty(32, np.float32),))
+
+
+# ---- addresses read from device memory: the model of table_pointer (kernels/optim.cu) -------
+
+def _optim_module(optim):
+    source = f'#line 1 "common.cuh"\n{(KERNEL_DIR / "common.cuh").read_text()}\n#line 1 "optim.cu"\n{optim}'
+    return cp.RawModule(code=source, options=("--std=c++17",), name_expressions=["sgd_update<float>"])
+
+
+def _sgd_step(optim, sizes, n_in_table=None):
+    """One plain SGD step (lr 0.5, no momentum) of tensors of `sizes` through optim.cu's sgd_update as
+    minunet.cuda launches it, the table's n column given by n_in_table (the true sizes by default);
+    returns the parameters after the step and p - 0.5 g."""
+    rng = np.random.default_rng(4)
+    ps = [cp.asarray(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+    gs = [cp.asarray(rng.standard_normal(n).astype(np.float32)) for n in sizes]
+    expected = [cp.asnumpy(p) - np.float32(0.5) * cp.asnumpy(g) for p, g in zip(ps, gs)]
+    rows, chunks = [], 0
+    for p, g, n in zip(ps, gs, n_in_table or sizes):
+        rows.append((p.data.ptr, g.data.ptr, 0, 0, n, chunks))
+        chunks += -(-n // 4096)
+    hyper = cp.asarray(np.array([(0.5, 0.0, 0.0, 0.0, 0.0, 0.0)] * len(sizes)))
+    _optim_module(optim).get_function("sgd_update<float>")(
+        (min(chunks, 32),), (256,), (cp.asarray(np.array(rows, np.int64)), hyper, np.int32(len(sizes)), np.int64(chunks)))
+    return [cp.asnumpy(p) for p in ps], expected
+
+
+def test_minunet_multi_tensor_update_unbroken_runs_clean(emulator):
+    """33 chunks over 32 blocks (the grid-stride loop over chunks turns), tensors of 1 element to 8
+    chunks, each found through the table."""
+    sizes = [8 * 4096, 3, 4096, 4097, 1] + [2000] * 16 + [4096 * 5 + 11]
+    got, expected = _sgd_step((KERNEL_DIR / "optim.cu").read_text(), sizes)
+    for i, (a, e) in enumerate(zip(got, expected)):
+        np.testing.assert_array_equal(a, e, err_msg=f"tensor {i}")
+
+
+def test_minunet_multi_tensor_chunk_past_its_tensor_is_out_of_bounds(emulator):
+    """The last chunk of a tensor run to a full CHUNK: the bytes past the tensor are not its, even
+    where another array lies right after it."""
+    optim = _break((KERNEL_DIR / "optim.cu").read_text(), "const int64 end = min(n, begin + OPTIM_CHUNK);",
+                   "const int64 end = begin + OPTIM_CHUNK;")
+    with pytest.raises(cp.EmulatorError, match=r"sgd_update<float>: out-of-bounds read of 4 bytes, \d+ bytes past the end "
+                                               r"of argument 0"):
+        _sgd_step(optim, [4096 + 5, 7])
+
+
+def test_table_pointer_past_its_array_is_caught(emulator):
+    """A table that claims more elements than the array at its address holds (a host bug)."""
+    with pytest.raises(cp.EmulatorError, match=r"sgd_update<float>: table_pointer: 11 elements \(44 bytes\) at 0x[0-9a-f]+, "
+                                               r"read from the table \(argument 0\), are not inside one device array"):
+        _sgd_step((KERNEL_DIR / "optim.cu").read_text(), [10, 7], n_in_table=[11, 7])
+
+
+def test_write_through_a_const_table_pointer_is_caught(emulator):
+    optim = _break((KERNEL_DIR / "optim.cu").read_text(), "p[idx] -= lr * d;", "p[idx] -= lr * d;\n            "
+                   "((T*)g)[idx] = T(0);")
+    with pytest.raises(cp.EmulatorError, match=r"sgd_update<float>: write of 4 bytes into argument 0, which the kernel "
+                                               r"takes as a const pointer"):
+        _sgd_step(optim, [10])

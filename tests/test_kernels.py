@@ -548,47 +548,63 @@ def _device_copy(a, device):
     return None if a is None else backend.to_device(a.copy(), device)
 
 
+# Every tensor of a step in one call: one tensor of two chunks (kernels/optim.cu cuts tensors into
+# chunks of 4096 elements), tiny ones, and each with its own learning rate, so a row read for the
+# wrong tensor shows.
+OPTIM_SHAPES = [(3, 7), (4096 + 37,), (5,), (2, 3, 3, 3)]
+OPTIM_LRS = [0.1, 0.05, 0.2, 0.01]
+
+
 @pytest.mark.parametrize("momentum, dampening, weight_decay, nesterov", [
     (0.0, 0.0, 0.0, False), (0.9, 0.0, 0.0, False), (0.9, 0.3, 1e-2, False), (0.8, 0.0, 1e-2, True),
 ])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sgd_update(device, dtype, momentum, dampening, weight_decay, nesterov, rng):
-    """Three steps in place; on the first step buf holds garbage the kernel must not read."""
-    lr, shape = 0.1, (3, 7)
-    (p,) = make(rng, dtype, shape)
-    buf = rng.standard_normal(shape).astype(dtype) if momentum else None
-    p_dev, buf_dev = _device_copy(p, device), _device_copy(buf, device)
-    k = backend.kernels_for(p_dev)
-    p_ref, buf_ref = p, None
+    """Three steps of four tensors at once, in place; with momentum, tensor 2 has none (bufs[2] is
+    None), and on the first step the buffers hold garbage the kernel must not read."""
+    ps = make(rng, dtype, *OPTIM_SHAPES)
+    bufs = [rng.standard_normal(s).astype(dtype) if momentum and i != 2 else None for i, s in enumerate(OPTIM_SHAPES)]
+    p_dev, buf_dev = [_device_copy(p, device) for p in ps], [_device_copy(b, device) for b in bufs]
+    k = backend.kernels_for(p_dev[0])
+    p_ref, buf_ref = ps, [None] * len(ps)
     for step in range(3):
-        (g,) = make(rng, dtype, shape)
-        g_dev = _device_copy(g, device)
-        out = k.sgd_update(p_dev, g_dev, buf_dev, lr, momentum, dampening, weight_decay, nesterov, step == 0)
+        gs = make(rng, dtype, *OPTIM_SHAPES)
+        g_dev = [_device_copy(g, device) for g in gs]
+        hyper = np.array([(lr, momentum, dampening, weight_decay, nesterov, step == 0) for lr in OPTIM_LRS])
+        out = k.sgd_update(p_dev, g_dev, buf_dev, backend.to_device(hyper, device))
         assert out is None, "sgd_update updates in place and returns None"
-        np.testing.assert_array_equal(backend.to_numpy(g_dev), g, err_msg="sgd_update modified g")
-        p_ref, buf_ref = ref.sgd_update(p_ref, g, buf_ref, lr, momentum, dampening, weight_decay, nesterov, step == 0)
-        check(backend.to_numpy(p_dev), p_ref, dtype, f"sgd_update p after step {step + 1}")
-        if momentum:
-            check(backend.to_numpy(buf_dev), buf_ref, dtype, f"sgd_update buf after step {step + 1}")
+        for i, (g, lr) in enumerate(zip(gs, OPTIM_LRS)):
+            np.testing.assert_array_equal(backend.to_numpy(g_dev[i]), g, err_msg="sgd_update modified g")
+            p_ref[i], buf_ref[i] = ref.sgd_update(p_ref[i], g, buf_ref[i], lr, momentum if bufs[i] is not None else 0,
+                                                  dampening, weight_decay, nesterov, step == 0)
+            check(backend.to_numpy(p_dev[i]), p_ref[i], dtype, f"sgd_update p[{i}] after step {step + 1}")
+            if bufs[i] is not None:
+                check(backend.to_numpy(buf_dev[i]), buf_ref[i], dtype, f"sgd_update buf[{i}] after step {step + 1}")
 
 
 @pytest.mark.parametrize("decoupled", [False, True], ids=["adam", "adamw"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adam_update(device, dtype, weight_decay, decoupled, rng):
-    lr, beta1, beta2, eps, shape = 0.01, 0.9, 0.99, 1e-8, (5, 4)
-    (p,) = make(rng, dtype, shape)
-    m, v = np.zeros(shape, dtype), np.zeros(shape, dtype)
-    p_dev, m_dev, v_dev = (_device_copy(a, device) for a in (p, m, v))
-    k = backend.kernels_for(p_dev)
-    p_ref, m_ref, v_ref = p, m, v
+    """Three steps of four tensors at once; tensor i has taken i steps before (its own bias correction)."""
+    beta1, beta2, eps = 0.9, 0.99, 1e-8
+    ps = make(rng, dtype, *OPTIM_SHAPES)
+    ms, vs = [np.zeros(s, dtype) for s in OPTIM_SHAPES], [np.zeros(s, dtype) for s in OPTIM_SHAPES]
+    p_dev, m_dev, v_dev = ([_device_copy(a, device) for a in arrays] for arrays in (ps, ms, vs))
+    k = backend.kernels_for(p_dev[0])
+    p_ref, m_ref, v_ref = ps, ms, vs
     for step in range(1, 4):
-        (g,) = make(rng, dtype, shape)
-        g_dev = _device_copy(g, device)
-        out = k.adam_update(p_dev, g_dev, m_dev, v_dev, lr, beta1, beta2, eps, weight_decay, step, decoupled)
+        gs = make(rng, dtype, *OPTIM_SHAPES)
+        g_dev = [_device_copy(g, device) for g in gs]
+        steps = [step + i for i in range(len(ps))]
+        hyper = np.array([(lr, beta1, beta2, eps, weight_decay, lr / (1 - beta1 ** t), np.sqrt(1 - beta2 ** t), decoupled)
+                          for lr, t in zip(OPTIM_LRS, steps)])
+        out = k.adam_update(p_dev, g_dev, m_dev, v_dev, backend.to_device(hyper, device))
         assert out is None, "adam_update updates in place and returns None"
-        np.testing.assert_array_equal(backend.to_numpy(g_dev), g, err_msg="adam_update modified g")
-        p_ref, m_ref, v_ref = ref.adam_update(p_ref, g, m_ref, v_ref, lr, beta1, beta2, eps, weight_decay, step, decoupled)
-        check(backend.to_numpy(p_dev), p_ref, dtype, f"adam_update p after step {step}")
-        check(backend.to_numpy(m_dev), m_ref, dtype, f"adam_update m after step {step}")
-        check(backend.to_numpy(v_dev), v_ref, dtype, f"adam_update v after step {step}")
+        for i, (g, lr, t) in enumerate(zip(gs, OPTIM_LRS, steps)):
+            np.testing.assert_array_equal(backend.to_numpy(g_dev[i]), g, err_msg="adam_update modified g")
+            p_ref[i], m_ref[i], v_ref[i] = ref.adam_update(p_ref[i], g, m_ref[i], v_ref[i], lr, beta1, beta2, eps,
+                                                           weight_decay, t, decoupled)
+            check(backend.to_numpy(p_dev[i]), p_ref[i], dtype, f"adam_update p[{i}] after step {step}")
+            check(backend.to_numpy(m_dev[i]), m_ref[i], dtype, f"adam_update m[{i}] after step {step}")
+            check(backend.to_numpy(v_dev[i]), v_ref[i], dtype, f"adam_update v[{i}] after step {step}")

@@ -82,9 +82,10 @@ def _minunet_step(params, x, target, weight, device, dtype):
                            ignore_index=IGNORE)
     loss.backward()
     grads = {k: p.grad.numpy() for k, p in P.items()}
-    for p in P.values():
-        xp, k = backend.array_module(p.data), backend.kernels_for(p.data)
-        k.sgd_update(p.data, p.grad.data, xp.empty_like(p.data), LR, MOMENTUM, 0.0, WEIGHT_DECAY, True, True)
+    k = backend.kernels_for(P["w1"].data)
+    hyper = backend.to_device(np.array([(LR, MOMENTUM, 0.0, WEIGHT_DECAY, True, True)] * len(P)), device)
+    k.sgd_update([p.data for p in P.values()], [p.grad.data for p in P.values()],
+                 [backend.array_module(p.data).empty_like(p.data) for p in P.values()], hyper)
     return loss.item(), grads, {k: p.numpy() for k, p in P.items()}
 
 

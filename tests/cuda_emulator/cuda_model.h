@@ -55,9 +55,10 @@ pre-sm_60 paths). __launch_bounds__ is accepted and not enforced.
 Asynchronous copies and tensor cores
 ------------------------------------
 kernels/common.cuh reaches cp.async, cvt.rna.tf32 and mma.sync only through five device
-functions (async_copy, async_commit, async_wait, to_tf32, mma_tf32_16x8x8), defined there
-unless MINUNET_EMULATED_PTX is set. This header sets it and models exactly those five, at the
-end of the file:
+functions (async_copy, async_commit, async_wait, to_tf32, mma_tf32_16x8x8), and addresses
+stored in device memory through a sixth (table_pointer), defined there unless
+MINUNET_EMULATED_PTX is set. This header sets it and models exactly those six, at the end of
+the file:
   - async_copy snapshots its source (bounds-checked like any read) and marks the destination
     words "in flight"; the bytes land in shared memory only when async_wait retires the
     copy's group, as the latest moment a GPU may complete it. Reading or writing a word with a
@@ -67,6 +68,10 @@ end of the file:
   - mma_tf32_16x8x8 is a warp collective (WARP_MMA): all 32 lanes must reach it, their
     fragments are assembled in the PTX manual's layout, and each lane gets its part of the
     product of the TF32-rounded operands, summed in float.
+  - table_pointer reads the address (a checked read of the table) and requires the n elements
+    it names to lie inside one array whose address the host took (`a.data.ptr`: the launch
+    lists them); it then registers exactly those bytes as one more array of the launch, writable
+    only through a non-const T, so every later access is checked as an argument's would be.
 
 Limits (documented, not hidden): no dynamic (`extern __shared__`) shared memory, and no limit
 on the static amount; an index past one __shared__ array into the next is not a bounds error
@@ -119,7 +124,7 @@ namespace emu {
 enum { RUNNABLE, AT_BARRIER, AT_WARP, DONE };
 enum { WARP_SHFL, WARP_SHFL_UP, WARP_SHFL_DOWN, WARP_SHFL_XOR, WARP_BALLOT, WARP_SYNC, WARP_MMA };
 enum { EMU_ORDER_FORWARD, EMU_ORDER_REVERSE, EMU_ORDER_SHUFFLE };
-constexpr int MAX_THREADS = 1024, MAX_RANGES = 64;
+constexpr int MAX_THREADS = 1024, MAX_ARG_RANGES = 64, MAX_RANGES = MAX_ARG_RANGES + 1024;  // + table_pointer's
 constexpr size_t STACK_BYTES = 64 * 1024;
 constexpr int MAX_ASYNC = 128;  // async copies one thread may have in flight
 
@@ -152,9 +157,11 @@ struct Launch {
     int order;
     unsigned long long seed;
     int nranges;
-    Range ranges[MAX_RANGES];
+    Range ranges[MAX_ARG_RANGES];
     const char* kernel;
     char message[2048];
+    const unsigned long long* exported;  // (address, bytes) of every array whose address the host took,
+    int nexported;                       // sorted by address: where table_pointer may point
 };
 
 struct State {
@@ -985,4 +992,39 @@ EMU_RT inline void emu_mma_tf32(float (&d)[4], const unsigned (&a)[4], const uns
     emu::MmaFragments m{{d[0], d[1], d[2], d[3]}, {a[0], a[1], a[2], a[3]}, {b[0], b[1]}};
     emu::warp_op<unsigned long long>(emu::WARP_MMA, 0xffffffffu, (unsigned long long)(uintptr_t)&m, 0, 32, file, line);
     for (int e = 0; e < 4; ++e) d[e] = m.d[e];
+}
+
+template <typename T>
+EMU_RT inline T* table_pointer(const long long* slot, long long n) {
+    using namespace emu;
+    access(slot, sizeof *slot, false);
+    const uintptr_t a = (uintptr_t)*slot;
+    if (!a) return nullptr;
+    const size_t bytes = (size_t)n * sizeof(T);
+    const bool writable = !std::is_const<T>::value;
+    const Launch* L = g.launch;
+    int lo = 0, hi = L->nexported - 1, found = -1;  // the last exported array starting at or before a
+    while (lo <= hi) {
+        const int mid = (lo + hi) / 2;
+        if (L->exported[2 * mid] <= a) { found = mid; lo = mid + 1; }
+        else hi = mid - 1;
+    }
+    if (n < 0 || found < 0 || a + bytes > L->exported[2 * found] + L->exported[2 * found + 1])
+        fail_in_thread("table_pointer: %lld elements (%zu bytes) at %p, read from the table (argument %d), are not "
+                       "inside one device array whose address the host took", n, bytes, (void*)a,
+                       range_arg_at((uintptr_t)slot));
+    for (int i = 0; i < g.nranges; ++i) {
+        Range& r = g.ranges[i];
+        if (r.lo != a || r.len != bytes) continue;
+        if (writable && !r.writable) {  // first seen const, now written through: give it a shadow
+            r.writable = 1;
+            if (!g.range_shadow[i]) g.range_shadow[i] = (unsigned long long*)calloc(bytes / 4 + 2, sizeof(unsigned long long));
+        }
+        return (T*)a;
+    }
+    if (g.nranges == MAX_RANGES) fail_in_thread("table_pointer: more than %d arrays in one launch", MAX_RANGES);
+    g.ranges[g.nranges] = Range{a, bytes, writable, range_arg_at((uintptr_t)slot)};
+    g.range_shadow[g.nranges] = writable && bytes ? (unsigned long long*)calloc(bytes / 4 + 2, sizeof(unsigned long long)) : nullptr;
+    ++g.nranges;
+    return (T*)a;
 }

@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import types
+import weakref
 
 import numpy as np
 
@@ -127,12 +128,54 @@ class ndarray(np.ndarray):
     def get(self, stream=None, order="C", out=None):
         return np.array(self.view(np.ndarray), copy=True, order=order)
 
+    def set(self, arr, stream=None):
+        """Copy the host array `arr` (of this shape and dtype) into this device array."""
+        if type(arr) is not np.ndarray or arr.shape != self.shape or arr.dtype != self.dtype:
+            raise ValueError(f"cupy (emulated): set() takes a numpy.ndarray of shape {self.shape} and dtype "
+                             f"{self.dtype}, got {type(arr).__name__} {getattr(arr, 'shape', '')} "
+                             f"{getattr(arr, 'dtype', '')}")
+        self.view(np.ndarray)[...] = arr
+
+    @property
+    def data(self):
+        """The address of the first element (CuPy's MemoryPointer); taking it lets a kernel reach
+        these bytes through a table in device memory (table_pointer, cuda_model.h)."""
+        return _export(self)
+
     @property
     def device(self):
         return cuda.Device(0)
 
     def __reduce__(self):  # pickling a device array gives a host array, like CuPy's .get()
         return self.get().__reduce__()
+
+
+class MemoryPointer:
+    """CuPy's cupy.cuda.MemoryPointer, as far as minunet uses it: `ptr`, an address."""
+
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+_exported = {}  # (address, bytes) of every live array whose address was taken -> times taken
+
+
+def _export(a):
+    """a.data: remember a's bytes, while the memory under them lives, as where table_pointer may point."""
+    ptr = a.__array_interface__["data"][0]
+    key = (ptr, a.nbytes)
+    if key not in _exported:
+        owner = a
+        while isinstance(owner.base, np.ndarray):
+            owner = owner.base
+        _exported[key] = weakref.finalize(owner, _exported.pop, key, None)
+    return MemoryPointer(ptr)
+
+
+def _exported_table():
+    """The exported arrays as (address, bytes) pairs sorted by address, for a launch."""
+    pairs = sorted(_exported)
+    return (ctypes.c_ulonglong * max(1, 2 * len(pairs)))(*(v for pair in pairs for v in pair)), len(pairs)
 
 
 def _alloc(shape, dtype, fill=None):
@@ -312,6 +355,7 @@ def get_elapsed_time(start, end):
 
 
 cuda.Device, cuda.Stream, cuda.Event, cuda.get_elapsed_time = Device, Stream, Event, get_elapsed_time
+cuda.MemoryPointer = MemoryPointer
 cuda.get_current_stream = lambda: Stream.null
 cuda.set_allocator = lambda allocator=None: None  # no memory pool here: every array is its own allocation
 cuda.CompileException = CompileException
@@ -334,7 +378,8 @@ class _Range(ctypes.Structure):
 class _Launch(ctypes.Structure):  # mirrors emu::Launch in cuda_model.h
     _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("order", ctypes.c_int),
                 ("seed", ctypes.c_ulonglong), ("nranges", ctypes.c_int), ("ranges", _Range * 64),
-                ("kernel", ctypes.c_char_p), ("message", ctypes.c_char * 2048)]
+                ("kernel", ctypes.c_char_p), ("message", ctypes.c_char * 2048),
+                ("exported", ctypes.POINTER(ctypes.c_ulonglong)), ("nexported", ctypes.c_int)]
 
 
 _IGNORED_OPTIONS = ("-arch", "--gpu-architecture", "-ftz", "--ftz", "-lineinfo", "--generate-line-info",
@@ -418,6 +463,7 @@ class RawModule:
         source = (f'#line 1 "cuda_model.h"\n{HEADER.read_text()}\n#line 1 "<RawModule code>"\n{code}\n'
                   f'#line 1 "<emulator launchers>"\n{launchers}')
         self._path = _compile(source, _gxx_options(options))
+        self.uses_tables = "table_pointer" in code  # its launches list the exported arrays
         self._lib = ctypes.CDLL(str(self._path))
         self._functions = {}
         self._shared = None
@@ -521,6 +567,9 @@ class Kernel:
             L.ranges[k] = _Range(lo, n, int(writable), arg)
         kernel_name = self.name.encode()
         L.kernel = kernel_name
+        if self.module.uses_tables:
+            exported, L.nexported = _exported_table()
+            L.exported = ctypes.cast(exported, ctypes.POINTER(ctypes.c_ulonglong))
         if self._launch(ctypes.byref(L), argv) != 0:
             message = re.sub(r"shared byte (\d+)",
                              lambda m: f"{m[0]} ({self.module.shared_variable(int(m[1]))})",

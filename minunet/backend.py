@@ -93,6 +93,12 @@ def to_numpy(a):
     return _cupy.asnumpy(a) if is_cuda_array(a) else np.asarray(a)
 
 
+def capturing(a):
+    """Whether the GPU work on arrays like `a` is being captured into a CUDA graph now (CuPy's
+    current stream is capturing, minunet/cuda_graph.py): then nothing may wait for the device."""
+    return is_cuda_array(a) and _cupy.cuda.get_current_stream().is_capturing()
+
+
 def copy_from_host(dst, src):
     """Write the host array `src` into the existing array `dst` (same shape and dtype) in place,
     allocating nothing: on the GPU a host-to-device copy ordered on the current stream."""

@@ -181,6 +181,9 @@ def build_parser():
     g.add_argument("--precision", choices=["fp32", "tf32"],
                    help=f"tf32: the GPU's convolutions on its TF32 tensor cores (about 1e-3 relative error; "
                         f"no effect on the CPU); default {d.precision}")
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                   help="capture the training step once as a CUDA graph and replay it every batch (GPU, one "
+                        f"process, every batch of one shape); default {_on(d.cuda_graph)}")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--out", metavar="DIR",
                    help="run folder (default runs/<timestamp>); made at the first checkpoint, and never one "

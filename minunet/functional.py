@@ -421,6 +421,17 @@ def _check_target(logits, target, op):
     return target.astype(np.int64, copy=False)
 
 
+def check_class_indices(target, n_classes, ignore_index=-100, prefix="", suffix=""):
+    """Raise ValueError if `target` (on any device) holds a class index outside [0, n_classes) other
+    than ignore_index. It reads the answer on the host: a step captured as a CUDA graph cannot, so
+    its caller checks each batch's host array with it before copying the batch in."""
+    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
+    if bool(bad.any()):
+        values = sorted(set(backend.to_numpy(target[bad]).tolist()))[:10]
+        raise ValueError(f"{prefix}target holds class indices {values} outside [0, {n_classes}) "
+                         f"(ignore_index={ignore_index}){suffix}")
+
+
 def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mean"):
     """Softmax cross-entropy over dim 1, as torch.nn.functional.cross_entropy.
 
@@ -435,11 +446,8 @@ def cross_entropy(logits, target, weight=None, ignore_index=-100, reduction="mea
     target = _check_target(logits, target, op)
     n_classes = logits.shape[1]
     xp = backend.array_module(logits.data)
-    bad = (target != ignore_index) & ((target < 0) | (target >= n_classes))
-    if bool(bad.any()):
-        values = sorted(set(backend.to_numpy(target[bad]).tolist()))[:10]
-        raise ValueError(f"{op}: target holds class indices {values} outside [0, {n_classes}) "
-                         f"(ignore_index={ignore_index}) for logits {logits.shape}")
+    if not backend.capturing(target):  # a captured step's caller checks each batch on the host
+        check_class_indices(target, n_classes, ignore_index, f"{op}: ", f" for logits {logits.shape}")
     if weight is not None:  # a (C,) vector: the kernel's contract checks its shape
         weight = xp.ascontiguousarray(_array_arg(weight, logits.data, op, "weight").astype(logits.dtype))
     x4 = logits if logits.ndim == 4 else logits.reshape(*logits.shape, 1, 1)
@@ -521,7 +529,7 @@ def dice_loss(logits, target, ignore_index=None, eps=1.0, all_sum=None):
     n_classes = logits.shape[1]
     valid = (target != ignore_index) if ignore_index is not None else xp.ones(target.shape, bool)
     t = xp.where(valid, target, 0)
-    if bool(((t < 0) | (t >= n_classes)).any()):
+    if not backend.capturing(t) and bool(((t < 0) | (t >= n_classes)).any()):
         raise ValueError(f"{op}: target holds class indices outside [0, {n_classes}) for logits {logits.shape}")
     onehot = (t[:, None] == xp.arange(n_classes)[None, :, None, None]) & valid[:, None]
     onehot = onehot.astype(logits.dtype)

@@ -67,6 +67,7 @@ from minunet import backend, distributed, nn, optim
 from minunet import functional as F
 from minunet.autograd import Tensor, tensor
 from minunet.checkpoint import atomic_write, check_finite, load_checkpoint, read_checkpoint, save_checkpoint
+from minunet.cuda_graph import CudaGraphStep
 from minunet.data import (Augment, DataLoader, FolderDataset, SyntheticDataset, split_indices,
                           unet_weight_map)
 from minunet.figures import plot_curves, plot_predictions
@@ -124,6 +125,7 @@ class TrainConfig:
     # run
     device: str = "auto"
     precision: str = "fp32"               # 'tf32': CUDA convolutions on the TF32 tensor cores
+    cuda_graph: bool = False              # the training step captured once as a CUDA graph, then replayed
     seed: int = 0
     out: str = None                       # run folder; default runs/<timestamp>
     previews: int = 4                     # validation images drawn in predictions.png
@@ -137,7 +139,7 @@ class TrainConfig:
 
 
 # Options that may differ between a run and its resumption; everything else must match.
-RESUMABLE_CHANGES = ("epochs", "device", "precision", "out", "progress", "previews")
+RESUMABLE_CHANGES = ("epochs", "device", "precision", "cuda_graph", "out", "progress", "previews")
 
 
 # ---- building the pieces ---------------------------------------------------------------
@@ -241,8 +243,11 @@ def segmentation_loss(logits, y, cfg, class_weights, pixel_weights=None, group=N
         per_pixel = F.cross_entropy(logits, y, weight=class_weights, ignore_index=ignore, reduction="none")
         total = (per_pixel * xp.asarray(pixel_weights, dtype=logits.dtype)).sum()
         count = valid.sum()
-    count = float(group.sum_values([float(count)])[0])
-    loss = total / (count if pixel_weights is None else max(count, 1.0))
+    if group.size > 1:
+        count = float(group.sum_values([float(count)])[0])
+    else:  # kept on the device: nothing here waits for it (a CUDA graph captures this)
+        count = count.astype(logits.dtype)
+    loss = total / (count if pixel_weights is None else xp.maximum(count, 1.0))
     if cfg.dice_weight:
         all_sum = None if group.size == 1 else functools.partial(distributed.all_sum, group=group)
         dice = F.dice_loss(logits, y, ignore_index=cfg.ignore_index, all_sum=all_sum)
@@ -467,6 +472,9 @@ def _train(cfg, log, resume, overwrite, group):
     if cfg.precision == "tf32":
         log("precision: tf32 (the convolutions on the TF32 tensor cores)" if device == "cuda"
             else "precision: tf32 has no effect on the CPU (float32 throughout)")
+    if cfg.cuda_graph and (device != "cuda" or group.size > 1):
+        raise ValueError("--cuda-graph captures the training step on a GPU, in one process; this run is "
+                         + ("on the CPU" if device != "cuda" else f"{group.size} processes"))
     dataset = build_dataset(cfg, training=True)
     train_idx, val_idx = split_indices(len(dataset), cfg.val_fraction, cfg.val_split, seed=cfg.seed)
     model = build_model(cfg, dataset)
@@ -505,6 +513,11 @@ def _train(cfg, log, resume, overwrite, group):
         best_epoch = state["best_epoch"]
         log(f"resuming from {ckpt.path}: epoch {epoch + 1}, batch {done}")
     distributed.broadcast_state(group, model, optimizer, scheduler)  # every rank starts from rank 0's state
+    graph_step = None
+    if cfg.cuda_graph:
+        graph_step = CudaGraphStep(model, optimizer, lambda logits, y, *w: segmentation_loss(
+            logits, y, cfg, class_weights, w[0] if w else None))
+        log("cuda graph: the training step is captured at its second batch and replayed from then on")
     reducer = distributed.Reducer(group, model.parameters())  # sums the gradients over the ranks
     run_dir = pathlib.Path(group.broadcast_object(str(cfg.out or default_run_dir())))  # one folder for all
     own = resumed_from is not None and run_dir.resolve() == resumed_from.resolve()
@@ -532,12 +545,14 @@ def _train(cfg, log, resume, overwrite, group):
         save_checkpoint(folder.file(name), model, optimizer, scheduler, epoch=epoch, best_metric=best_metric,
                         train_config=dataclasses.asdict(cfg), train_state=state)
 
-    def diverged(what):
+    def diverged(what, taken=False):
         step = epoch * len(loader) + done + 1
         before = (f"the last finite loss was {last_loss[1]:.4g}, at step {last_loss[0]}" if last_loss else
                   "no finite loss came before it" + (" since resuming" if ckpt is not None else ""))
+        result = ("The step was taken (--cuda-graph checks after its graph ran); no checkpoint holds it."
+                  if taken else "The step was not taken.")
         return Diverged(f"training diverged at epoch {epoch + 1}, batch {done + 1} (step {step}): {what}; {before}. "
-                        f"{_likely_cause(cfg)} The step was not taken. {_kept(folder, saved_epoch)}")
+                        f"{_likely_cause(cfg)} {result} {_kept(folder, saved_epoch)}")
 
     def stop_asked():
         """Whether to stop now. Several ranks must stop at the same step: they vote, and a
@@ -568,21 +583,31 @@ def _train(cfg, log, resume, overwrite, group):
                             continue  # replaying a resumed epoch up to where it stopped
                         if cfg.padding == "valid":
                             y, w = _valid_crop(y, out_hw), [_valid_crop(w[0], out_hw)] if w else w
-                        x, y = tensor(x, device=device), backend.to_device(y, device)
-                        weights = backend.to_device(w[0], device) if w else None
-                        optimizer.zero_grad()
-                        loss = segmentation_loss(model(x), y, cfg, class_weights, weights, group)
-                        value, images = loss.item(), x.shape[0]
-                        if group.size > 1:  # the global batch's loss and size: every rank decides alike
-                            value, images = (float(v) for v in group.sum_values([value, images]))
-                        if not math.isfinite(value):
-                            raise diverged(f"the loss is {value}")
-                        loss.backward()
-                        reducer.wait()  # the gradients summed over the ranks
-                        bad = first_nonfinite((n, p.grad) for n, p in model.named_parameters())
-                        if bad is not None:
-                            raise diverged(f"the gradient of {bad} holds NaN or infinite values (loss {value:.4g})")
-                        optimizer.step()
+                        if graph_step is not None:  # the batch into the graph's buffers, one launch, checked after
+                            F.check_class_indices(y, dataset.num_classes, -100 if cfg.ignore_index is None
+                                                  else cfg.ignore_index, "--cuda-graph: ")
+                            graph_step(x, y, *w)
+                            value, images = graph_step.item(), x.shape[0]
+                            bad = first_nonfinite((n, p.grad) for n, p in model.named_parameters())
+                            if not math.isfinite(value) or bad is not None:
+                                raise diverged(f"the loss is {value}" if bad is None else
+                                               f"the gradient of {bad} holds NaN or infinite values", taken=True)
+                        else:
+                            x, y = tensor(x, device=device), backend.to_device(y, device)
+                            weights = backend.to_device(w[0], device) if w else None
+                            optimizer.zero_grad()
+                            loss = segmentation_loss(model(x), y, cfg, class_weights, weights, group)
+                            value, images = loss.item(), x.shape[0]
+                            if group.size > 1:  # the global batch's loss and size: every rank decides alike
+                                value, images = (float(v) for v in group.sum_values([value, images]))
+                            if not math.isfinite(value):
+                                raise diverged(f"the loss is {value}")
+                            loss.backward()
+                            reducer.wait()  # the gradients summed over the ranks
+                            bad = first_nonfinite((n, p.grad) for n, p in model.named_parameters())
+                            if bad is not None:
+                                raise diverged(f"the gradient of {bad} holds NaN or infinite values (loss {value:.4g})")
+                            optimizer.step()
                         if scheduler is not None:
                             scheduler.step()
                         loss_sum, loss_count, done = loss_sum + value, loss_count + 1, done + 1

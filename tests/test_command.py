@@ -325,7 +325,7 @@ def test_data_errors_name_the_flag(folder, odd_folders, tmp_path, args, fragment
 
 def test_a_resumed_run_lists_the_flags_that_may_change(run):
     err = one_error_line(minunet("train", "--resume", run, "--lr", "0.1"), "--lr 0.1 differs from the resumed run's",
-                         "only --epochs, --device, --precision, --out, --progress may change")
+                         "only --epochs, --device, --precision, --cuda-graph, --out, --progress may change")
     assert "--previews" not in err
 
 

@@ -20,6 +20,9 @@ cuda_model.h   the CUDA execution model in C++, compiled in front of the kernel 
                array, shared-memory races, reads of shared memory never written, barriers
                not reached by every thread), each an EmulatorError naming kernel and thread.
 emulator.ld    the linker script that collects the kernels' __shared__ variables.
+capture.py     streams, stream capture into CUDA graphs (operations recorded, not run, then
+               replayed by graph.launch()) and memory pools, strict about what a capture
+               forbids: waiting for the device, host-to-device copies, fresh device memory.
 
 What it catches, and what it cannot
 -----------------------------------
@@ -39,6 +42,11 @@ Requirements: Linux on x86-64 and g++ (7 or later) with -fsanitize=thread suppor
 compiler (the ThreadSanitizer runtime library itself is not needed).
 """
 import sys
+
+
+class EmulatorError(RuntimeError):
+    """A kernel did something a GPU would get wrong: out of bounds, a race, a barrier not
+    reached by all threads, a bad launch or argument; or a stream capture did what CUDA forbids."""
 
 
 def install():

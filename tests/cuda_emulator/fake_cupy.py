@@ -27,6 +27,13 @@ dtype; a NumPy scalar of exactly the parameter's type and size, as CuPy packs it
 int/float/bool count as int64/float64/bool), registers each array's byte range for the
 bounds checks and runs the grid. Errors are raised at the launch, as `EmulatorError`.
 
+Streams and graphs
+------------------
+cupy.cuda.Stream, MemoryPool, using_allocator and stream capture come from capture.py: while
+the current stream captures, launches and array operations are recorded for graph.launch()
+instead of run, and waits for the device, host-to-device copies and fresh device memory are
+errors. Every array operation goes through `_device_op` for that.
+
 Settings (`settings`, read from the environment at import):
   MINUNET_EMU_BLOCK_ORDER  forward | reverse | shuffle (default; a new order every launch)
   MINUNET_EMU_SMS          the MultiProcessorCount the device reports (default 1: launchers
@@ -40,11 +47,12 @@ import re
 import subprocess
 import sys
 import tempfile
-import time
 import types
 import weakref
 
 import numpy as np
+
+from cuda_emulator import EmulatorError, capture
 
 __version__ = "0.0-emulator"
 HERE = pathlib.Path(__file__).resolve().parent
@@ -52,11 +60,6 @@ HEADER = HERE / "cuda_model.h"
 LINKER_SCRIPT = HERE / "emulator.ld"
 REDZONE = 256
 ORDERS = {"forward": 0, "reverse": 1, "shuffle": 2}
-
-
-class EmulatorError(RuntimeError):
-    """A kernel did something a GPU would get wrong: out of bounds, a race, a barrier not
-    reached by all threads, a bad launch or argument."""
 
 
 class _Settings:
@@ -105,31 +108,171 @@ def _host_view(a):
     return a.view(np.ndarray) if isinstance(a, ndarray) else a
 
 
+def _map_arrays(obj, f):
+    """obj with f applied to every device array in it (through tuples, lists and dicts)."""
+    if isinstance(obj, ndarray):
+        return f(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_arrays(i, f) for i in obj)
+    if isinstance(obj, dict):
+        return {k: _map_arrays(v, f) for k, v in obj.items()}
+    return obj
+
+
+def _leaves(obj):
+    if isinstance(obj, (tuple, list)):
+        return [leaf for i in obj for leaf in _leaves(i)]
+    return [obj]
+
+
+# the NumPy functions that write into an argument instead of returning a new array
+_IN_PLACE = {np.copyto, np.put, np.place, np.putmask, np.fill_diagonal, np.put_along_axis}
+
+
+def _device_op(func, args, kwargs=None, in_place=False):
+    """Run `func` (NumPy) on the host views of the device arrays in args and kwargs, as CuPy would
+    run a kernel; return its results as device arrays (None for an in-place operation). With a
+    memory pool in use, new results move into the pool's memory; while the current stream
+    captures, the operation is recorded instead (see capture.py) and only a new result's shape is
+    computed now."""
+    kwargs = kwargs or {}
+    rec = capture.recording()
+    if rec is None and not (capture.pool_active() and not in_place):
+        r = func(*_map_arrays(args, _host_view), **_map_arrays(kwargs, _host_view))
+        return None if in_place else _wrap(r)
+    if rec is not None:
+        if any(_is_host(leaf) for leaf in _leaves(list(args) + list(kwargs.values()))):
+            capture.check_host_copy(f"{getattr(func, '__name__', func)} with a numpy.ndarray argument")
+        raw_args, raw_kwargs = (_map_arrays(a, lambda d: capture.raw(d, rec)) for a in (args, kwargs))
+        if in_place:
+            rec.record(lambda: func(*raw_args, **raw_kwargs))
+            return None
+    inputs = [leaf.view(np.ndarray) for leaf in _leaves(list(args) + list(kwargs.values())) if isinstance(leaf, ndarray)]
+    with np.errstate(all="ignore"):  # in a capture: on whatever the arrays hold now
+        r = func(*_map_arrays(args, _host_view), **_map_arrays(kwargs, _host_view))
+    fresh = []  # (position among the result's leaves, device array) of each result in new memory
+
+    def place(leaf, i):
+        if isinstance(leaf, np.generic):
+            leaf = np.asarray(leaf)
+        if not isinstance(leaf, np.ndarray):
+            return leaf
+        if any(capture.same_memory(leaf, x) for x in inputs):
+            return leaf.view(ndarray)  # a view of an argument: no new memory, nothing to replay
+        a = _alloc(leaf.shape, leaf.dtype, leaf, record=False)
+        fresh.append((i, a))
+        return a
+
+    leaves = _leaves(r)
+    placed = [place(leaf, i) for i, leaf in enumerate(leaves)]
+    if rec is not None and fresh:
+        outs = [(i, capture.raw(a, rec)) for i, a in fresh]
+
+        def replay():
+            results = _leaves(func(*raw_args, **raw_kwargs))
+            for i, dst in outs:
+                dst[...] = results[i]
+        rec.record(replay)
+    if isinstance(r, (tuple, list)):
+        it = iter(placed)
+        return _map_leaves(r, lambda _: next(it))
+    return placed[0]
+
+
+def _map_leaves(obj, f):
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_leaves(i, f) for i in obj)
+    return f(obj)
+
+
 class ndarray(np.ndarray):
-    """A device array of the emulator: host memory, CuPy's behaviour where minunet relies on it."""
+    """A device array of the emulator: host memory, CuPy's behaviour where minunet relies on it.
+    Every operation goes through _device_op (so a stream capture records it); every read of its
+    values on the host is a wait for the device (an error in a capture)."""
+
+    def __array_finalize__(self, obj):
+        if self.base is None and capture.recording() is not None:
+            capture._fail("an operation the emulator does not model in a stream capture made a new device array "
+                          "(a NumPy method without a hook, e.g. take or sort); model it in fake_cupy.ndarray")
 
     def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
         _reject_host(inputs, f"ufunc {ufunc.__name__}")
         if out is not None:
             _reject_host(out, f"ufunc {ufunc.__name__}")
-            kwargs["out"] = tuple(_host_view(o) for o in out)
-        r = getattr(ufunc, method)(*(_host_view(i) for i in inputs), **kwargs)
+            kwargs["out"] = tuple(out)
+        r = _device_op(getattr(ufunc, method), inputs, kwargs, in_place=out is not None or method == "at")
         if out is not None:
             return out[0] if len(out) == 1 else out
-        return _wrap(r)
+        return r
 
     def __array_function__(self, func, types_, args, kwargs):
         _reject_host(list(args) + list(kwargs.values()), func.__name__)
-        return _wrap(super().__array_function__(func, types_, args, kwargs))
+        return _device_op(func, args, kwargs, in_place=func in _IN_PLACE)
 
     def __getitem__(self, key):
-        return _wrap(super().__getitem__(key))
+        return _device_op(np.ndarray.__getitem__, (self, key))
 
+    def __setitem__(self, key, value):
+        _device_op(np.ndarray.__setitem__, (self, key, value), in_place=True)
+
+    def copy(self, order="C"):
+        return _device_op(np.ndarray.copy, (self, order))
+
+    def astype(self, dtype, order="K", casting="unsafe", subok=True, copy=True):
+        if not copy and np.dtype(dtype) == self.dtype:
+            return self
+        return _device_op(np.ndarray.astype, (self, dtype), dict(order=order, casting=casting))
+
+    def fill(self, value):
+        _device_op(np.ndarray.fill, (self, value), in_place=True)
+
+    def reshape(self, *shape, order="C"):
+        return _device_op(np.reshape, (self, shape[0] if len(shape) == 1 else shape), dict(order=order))
+
+    def ravel(self, order="C"):
+        return _device_op(np.ravel, (self,), dict(order=order))
+
+    def flatten(self, order="C"):
+        return _device_op(np.ndarray.flatten, (self, order))
+
+    def argmax(self, axis=None, out=None, keepdims=False):
+        return _device_op(np.argmax, (self, axis), dict(keepdims=keepdims))
+
+    def argmin(self, axis=None, out=None, keepdims=False):
+        return _device_op(np.argmin, (self, axis), dict(keepdims=keepdims))
+
+    # reading values on the host waits for the device
     def get(self, stream=None, order="C", out=None):
+        capture.check_sync("a device-to-host copy (get)")
         return np.array(self.view(np.ndarray), copy=True, order=order)
+
+    def item(self, *args):
+        capture.check_sync("a device-to-host copy (item)")
+        return self.view(np.ndarray).item(*args)
+
+    def tolist(self):
+        capture.check_sync("a device-to-host copy (tolist)")
+        return self.view(np.ndarray).tolist()
+
+    def __float__(self):
+        capture.check_sync("a device-to-host copy (float)")
+        return float(self.view(np.ndarray))
+
+    def __int__(self):
+        capture.check_sync("a device-to-host copy (int)")
+        return int(self.view(np.ndarray))
+
+    def __index__(self):
+        capture.check_sync("a device-to-host copy (an index)")
+        return self.view(np.ndarray).__index__()
+
+    def __bool__(self):
+        capture.check_sync("a device-to-host copy (bool)")
+        return bool(self.view(np.ndarray))
 
     def set(self, arr, stream=None):
         """Copy the host array `arr` (of this shape and dtype) into this device array."""
+        capture.check_host_copy("ndarray.set")
         if type(arr) is not np.ndarray or arr.shape != self.shape or arr.dtype != self.dtype:
             raise ValueError(f"cupy (emulated): set() takes a numpy.ndarray of shape {self.shape} and dtype "
                              f"{self.dtype}, got {type(arr).__name__} {getattr(arr, 'shape', '')} "
@@ -157,7 +300,7 @@ class MemoryPointer:
         self.ptr = ptr
 
 
-_exported = {}  # (address, bytes) of every live array whose address was taken -> times taken
+_exported = {}  # (address, bytes) of every live array whose address was taken -> its finalizer
 
 
 def _export(a):
@@ -178,12 +321,14 @@ def _exported_table():
     return (ctypes.c_ulonglong * max(1, 2 * len(pairs)))(*(v for pair in pairs for v in pair)), len(pairs)
 
 
-def _alloc(shape, dtype, fill=None):
-    """A fresh device array with REDZONE guard bytes on each side (never handed to a kernel)."""
+def _alloc(shape, dtype, fill=None, record=True):
+    """A fresh device array with REDZONE guard bytes on each side (never handed to a kernel), from
+    the memory pool in use if any (see capture.py). `fill`: a value or array to fill it with (a
+    fill kernel, which a capture records when `record`), else NaN (0xa5 bytes for integers)."""
     dtype = np.dtype(dtype)
     shape = (int(shape),) if np.isscalar(shape) else tuple(int(s) for s in shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    buf = np.empty(nbytes + 2 * REDZONE + dtype.alignment, np.uint8)
+    buf = capture.device_bytes(nbytes + 2 * REDZONE + 16)
     start = REDZONE + (-(buf.ctypes.data + REDZONE) % max(dtype.alignment, 16))
     a = buf[start:start + nbytes].view(dtype).reshape(shape).view(ndarray)
     if fill is None:
@@ -193,6 +338,10 @@ def _alloc(shape, dtype, fill=None):
             a.view(np.ndarray).view(np.uint8).fill(0xA5)
     else:
         a.view(np.ndarray)[...] = fill
+        rec = capture.recording()
+        if record and rec is not None:
+            dst = capture.raw(a, rec)
+            rec.record(lambda: dst.fill(fill))
     return a
 
 
@@ -229,12 +378,14 @@ def full_like(a, fill_value, dtype=None, order="K", subok=None, shape=None):
 
 
 def array(obj, dtype=None, copy=True, order="K", subok=False, ndmin=0):
-    host = np.array(_host_view(obj), dtype=dtype, copy=True, order="C", ndmin=ndmin)
-    if not copy and isinstance(obj, ndarray) and host.dtype == obj.dtype and obj.flags.c_contiguous:
-        return obj
-    a = _alloc(host.shape, host.dtype, 0)
-    a.view(np.ndarray)[...] = host
-    return a
+    if isinstance(obj, ndarray):
+        if (not copy and (dtype is None or np.dtype(dtype) == obj.dtype) and obj.flags.c_contiguous
+                and ndmin <= obj.ndim):
+            return obj
+        return _device_op(np.array, (obj,), dict(dtype=dtype, copy=True, order="C", ndmin=ndmin))  # device to device
+    capture.check_host_copy("cupy.array / cupy.asarray of host data")
+    host = np.array(obj, dtype=dtype, copy=True, order="C", ndmin=ndmin)
+    return _alloc(host.shape, host.dtype, host, record=False)
 
 
 def asarray(a, dtype=None, order=None):
@@ -250,7 +401,7 @@ def ascontiguousarray(a, dtype=None):
 
 
 def asnumpy(a, stream=None, order="C", out=None):
-    return a.get() if isinstance(a, ndarray) else np.asarray(a)
+    return a.get() if isinstance(a, ndarray) else np.asarray(a)  # get() is a wait for the device
 
 
 def get_array_module(*args):
@@ -258,10 +409,12 @@ def get_array_module(*args):
 
 
 def _forward(name, target):
-    """A NumPy function as a cupy one: host arrays rejected, results wrapped as device arrays."""
+    """A NumPy function as a cupy one: host arrays rejected, results device arrays (_device_op)."""
     def f(*args, **kwargs):
         _reject_host(list(args) + list(kwargs.values()), name)
-        return _wrap(target(*(_host_view(a) for a in args), **kwargs))
+        if name.startswith("random.") and capture.recording() is not None:
+            capture._fail(f"cupy.{name} during a stream capture: random numbers in a graph are not modelled")
+        return _device_op(target, args, kwargs, in_place=target in _IN_PLACE)
     f.__name__ = name
     return f
 
@@ -313,7 +466,7 @@ class Device:
     compute_capability = "90"
 
     def synchronize(self):
-        pass
+        capture.check_sync("Device.synchronize()")
 
     def use(self):
         return self
@@ -325,39 +478,11 @@ class Device:
         return False
 
 
-class Stream:
-    def synchronize(self):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-Stream.null = Stream()
-
-
-class Event:
-    def __init__(self, *args, **kwargs):
-        self.t = None
-
-    def record(self, stream=None):
-        self.t = time.perf_counter()
-
-    def synchronize(self):
-        pass
-
-
-def get_elapsed_time(start, end):
-    return (end.t - start.t) * 1e3
-
-
-cuda.Device, cuda.Stream, cuda.Event, cuda.get_elapsed_time = Device, Stream, Event, get_elapsed_time
+cuda.Device, cuda.Event, cuda.get_elapsed_time = Device, capture.Event, capture.get_elapsed_time
 cuda.MemoryPointer = MemoryPointer
-cuda.get_current_stream = lambda: Stream.null
-cuda.set_allocator = lambda allocator=None: None  # no memory pool here: every array is its own allocation
+# streams, graphs and memory pools (capture.py); without a pool every array is its own allocation
+cuda.Stream, cuda.get_current_stream, cuda.MemoryPool = capture.Stream, capture.current_stream, capture.MemoryPool
+cuda.set_allocator, cuda.using_allocator = capture.set_allocator, capture.using_allocator
 cuda.CompileException = CompileException
 runtime.getDeviceCount = lambda: 1
 runtime.runtimeGetVersion = lambda: 0
@@ -552,12 +677,22 @@ class Kernel:
             raise TypeError(f"{self.name}: the kernel takes {len(self.params)} arguments, got {len(args)}")
         ranges = []
         packed = [self._pack(i, p, a, ranges) for i, (p, a) in enumerate(zip(self.params, args))]
-        argv = (ctypes.c_void_p * max(1, len(packed)))(*(ctypes.addressof(p) for p in packed))
-        L = _Launch()
         dims = lambda d: tuple(int(v) for v in (d if isinstance(d, tuple) else (d,))) + (1, 1)  # noqa: E731
-        L.grid[:], L.block[:] = dims(grid)[:3], dims(block)[:3]
         if len(dims(grid)) > 5 or len(dims(block)) > 5:
             raise ValueError(f"{self.name}: grid and block have at most 3 dimensions")
+        rec = capture.recording()
+        if rec is None:
+            self._run(dims(grid)[:3], dims(block)[:3], packed, ranges)
+        else:  # the launch recorded with its arguments' addresses; the pools or arrays under them kept alive
+            for a in args:
+                if isinstance(a, ndarray):
+                    capture.raw(a, rec)
+            rec.record(lambda: self._run(dims(grid)[:3], dims(block)[:3], packed, ranges))
+
+    def _run(self, grid, block, packed, ranges):
+        argv = (ctypes.c_void_p * max(1, len(packed)))(*(ctypes.addressof(p) for p in packed))
+        L = _Launch()
+        L.grid[:], L.block[:] = grid, block
         L.order = ORDERS[settings.block_order]
         settings.launches += 1
         settings.launched.add(self.name)

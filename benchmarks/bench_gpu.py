@@ -44,6 +44,7 @@ torch.backends.cuda.matmul.allow_tf32, the first of which defaults to True), so 
 float32 arithmetic like minunet, and with cudnn.benchmark on, so cuDNN picks its fastest
 algorithm for each shape during the warm-up.
 """
+import re
 import time
 
 import numpy as np
@@ -375,13 +376,16 @@ def test_batch_norm(benchmark, torch_gpu, rng, which):
            nbytes=nbytes)
 
 
+@pytest.mark.parametrize("network", ["base64-depth4", "base4-depth2"])
 @pytest.mark.parametrize("which", ["sgd_update", "adam_update"])
-def test_optimizer_update(benchmark, torch_gpu, rng, which):
-    """One optimizer step over every parameter of the U-Net of the train-step comparison (base 64,
-    depth 4, no batch norm: 31M values in 46 tensors, weights and biases) in one launch
-    (kernels/optim.cu), against torch's fused AdamW / foreach SGD over the same list."""
+def test_optimizer_update(benchmark, torch_gpu, rng, which, network):
+    """One optimizer step over every parameter of a U-Net (no batch norm, weights and biases) in one
+    launch (kernels/optim.cu), against torch's fused AdamW / foreach SGD over the same list: base 64,
+    depth 4 (31M values in 46 tensors: memory-bound), and base 4, depth 2 (7k values in 26 tensors:
+    what a launch per tensor would cost is the whole of it)."""
     benchmark.group = which
-    unet = UNet(in_channels=1, num_classes=2, base_channels=64, depth=4, batch_norm=False)
+    base, depth = (int(v) for v in re.findall(r"\d+", network))
+    unet = UNet(in_channels=1, num_classes=2, base_channels=base, depth=depth, batch_norm=False)
     shapes = [p.shape for p in unet.parameters()]
     ps, gs, s1, s2 = (_arrays(rng, *shapes) for _ in range(4))
     s2 = [cupy.abs(v) for v in s2]  # Adam's second moment is non-negative
@@ -414,5 +418,5 @@ def test_optimizer_update(benchmark, torch_gpu, rng, which):
         else:
             torch_opt = torch_gpu.optim.AdamW(tps, lr=1e-3, weight_decay=1e-2, fused=True)
         torch_fn = torch_opt.step
-    _bench(benchmark, fn, dict(kernel=which, shape=f"unet64x4 ({len(ps)} tensors)"), torch_gpu, torch_fn,
+    _bench(benchmark, fn, dict(kernel=which, shape=f"{network} ({len(ps)} tensors)"), torch_gpu, torch_fn,
            nbytes=nbytes)

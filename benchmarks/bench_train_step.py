@@ -39,6 +39,11 @@ same network takes, one image; benchmarks/conv_vs_torch.py checks its layers at 
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --config camvid --pairs 3 --rounds 3
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --compare-import-order --pairs 5
     PYTHONPATH=. python benchmarks/bench_train_step.py --device cpu --profile
+    PYTHONPATH=. python benchmarks/bench_train_step.py --device cuda --cuda-graph --pairs 3
+
+--cuda-graph times minunet's step captured once as a CUDA graph and replayed (minunet.cuda_graph,
+as `minunet train --cuda-graph`); the replayed step also copies its batch from the host each
+time, which the eager step (one batch, already on the GPU) does not.
 """
 import argparse
 import collections
@@ -78,6 +83,7 @@ import pytest  # noqa: E402
 from minunet import backend, contract, nn, optim  # noqa: E402
 from minunet import functional as F  # noqa: E402
 from minunet.autograd import tensor  # noqa: E402
+from minunet.cuda_graph import CudaGraphStep  # noqa: E402
 from minunet.unet import UNet  # noqa: E402
 
 from flops import UNET_CONFIGS, unet_layers  # noqa: E402
@@ -101,13 +107,22 @@ def _batch(cfg, seed=0):
     return x, y
 
 
-def minunet_step(cfg, device):
-    """A closure running one minunet training step on `device`."""
+def minunet_step(cfg, device, cuda_graph=False):
+    """A closure running one minunet training step on `device`; with `cuda_graph`, the step captured
+    as a CUDA graph (minunet.cuda_graph: its first call is eager, its second captures), which copies
+    the batch from the host into the graph's input buffers every step."""
     nn.manual_seed(0)
     model = UNet(cfg["in_channels"], cfg["num_classes"], cfg["base_channels"], cfg["depth"], cfg["padding"],
                  batch_norm=False).to(device)  # as _torch_unet: no BatchNorm
     opt = optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"])
     x, y = _batch(cfg)
+    if cuda_graph:
+        graph_step = CudaGraphStep(model, opt, F.cross_entropy)
+
+        def step():
+            graph_step(x, y)
+            _synchronize(device)
+        return step
     x, y = tensor(x, device=device), backend.to_device(y, device)
 
     def step():
@@ -231,10 +246,11 @@ def _torch_usable(device):
     return torch is not None and (device == "cpu" or torch.cuda.is_available())
 
 
-def measure_in_subprocess(library, cfg, device, rounds, import_first="numpy"):
+def measure_in_subprocess(library, cfg, device, rounds, import_first="numpy", extra=()):
     """images/s of `library` ('minunet' or 'pytorch'), timed in a fresh Python process that
-    imports it first, after numpy if `import_first` is 'numpy' (benchmarks/isolated.py says why)."""
-    args = ["--device", device, "--rounds", rounds, f"--import-first={import_first}"] + [
+    imports it first, after numpy if `import_first` is 'numpy' (benchmarks/isolated.py says why);
+    `extra`: more options for that process (e.g. --cuda-graph)."""
+    args = ["--device", device, "--rounds", rounds, f"--import-first={import_first}", *extra] + [
         f"--{k.replace('_', '-')}={cfg[k]}" for k in _CONFIG_KEYS]
     return isolated.measure(pathlib.Path(__file__).resolve(), library, args)["images_per_s"]
 
@@ -309,19 +325,20 @@ def profile_step(cfg, device, rounds, top=25):
     print(f"cProfile, {rounds} steps, by own time:\n" + text[text.index("   ncalls"):].rstrip())
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_train_step(benchmark, device):
+@pytest.mark.parametrize("device, cuda_graph", [("cpu", False), pytest.param("cuda", False, marks=pytest.mark.gpu),
+                                                pytest.param("cuda", True, marks=pytest.mark.gpu, id="cuda-graph")])
+def test_train_step(benchmark, device, cuda_graph):
     if device == "cuda" and not backend.cuda_available():
         pytest.skip(f"no usable GPU: {backend.cuda_status()[1]}")
     cfg = dict(CONFIG)
     rounds = 5 if device == "cpu" else 20
     check_step(cfg)
-    step = minunet_step(cfg, device)
-    for _ in range(2):  # warm-up: numba / NVRTC compilation is not a training step
+    step = minunet_step(cfg, device, cuda_graph)
+    for _ in range(2):  # warm-up: numba / NVRTC compilation is not a training step (nor a graph's capture)
         step()
     benchmark.pedantic(step, rounds=rounds, iterations=1)
     ours = cfg["batch"] / benchmark.stats.stats.median
-    benchmark.extra_info.update(device=device, config=cfg, minunet_images_per_s=ours)
+    benchmark.extra_info.update(device=device, config=cfg, cuda_graph=cuda_graph, minunet_images_per_s=ours)
     if _torch_usable(device):
         theirs = measure_in_subprocess("pytorch", cfg, device, rounds)
         benchmark.extra_info.update(torch_version=torch.__version__, torch_images_per_s=theirs,
@@ -352,16 +369,22 @@ def main():
     p.add_argument("--precision", choices=backend.PRECISIONS, default="fp32",
                    help="minunet's convolutions: fp32, or tf32 (the GPU's TF32 tensor cores, as `minunet train "
                         "--precision tf32`; compare it with --torch-tf32)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="minunet's step captured once as a CUDA graph and replayed (as `minunet train --cuda-graph`)")
     args = p.parse_args()
+    if args.cuda_graph and args.device != "cuda":
+        p.error("--cuda-graph captures GPU work: it needs --device cuda")
     device = backend.normalize_device(args.device)
     cfg = dict(CONFIG, **UNET_CONFIGS[args.config])
     cfg.update({k: getattr(args, k) for k in _CONFIG_KEYS if getattr(args, k) is not None})
     if args.library:
         with backend.conv_precision(args.precision):
-            step = minunet_step(cfg, device) if args.library == "minunet" else torch_step(cfg, device, args.torch_tf32)
+            step = (minunet_step(cfg, device, args.cuda_graph) if args.library == "minunet"
+                    else torch_step(cfg, device, args.torch_tf32))
             print(json.dumps({"library": args.library, "device": device, "config": cfg,
                               "torch_tf32": args.torch_tf32 if args.library == "pytorch" else None,
                               "precision": args.precision if args.library == "minunet" else None,
+                              "cuda_graph": args.cuda_graph if args.library == "minunet" else None,
                               "images_per_s": images_per_second(step, cfg["batch"], args.rounds)}))
         return
     if args.profile:
@@ -375,13 +398,14 @@ def main():
           f"{cfg['base_channels']} depth={cfg['depth']} padding={cfg['padding']} {cfg['size']}x{cfg['size']} batch "
           f"{cfg['batch']}, SGD momentum {cfg['momentum']}; each figure the median of {args.rounds} steps in a fresh "
           f"process importing {'NumPy, then the library' if args.import_first == 'numpy' else 'the library first'}")
+    ours_extra = ["--cuda-graph"] if args.cuda_graph else []
     if not _torch_usable(device):
-        ours = measure_in_subprocess("minunet", cfg, device, args.rounds, args.import_first)
+        ours = measure_in_subprocess("minunet", cfg, device, args.rounds, args.import_first, ours_extra)
         print(f"minunet  {ours:9.2f} images/s\npytorch  not installed or no GPU for it: no ratio")
         return
     ratios = []
     for i in range(args.pairs):
-        ours = measure_in_subprocess("minunet", cfg, device, args.rounds, args.import_first)
+        ours = measure_in_subprocess("minunet", cfg, device, args.rounds, args.import_first, ours_extra)
         theirs = measure_in_subprocess("pytorch", cfg, device, args.rounds, args.import_first)
         ratios.append(ours / theirs)
         print(f"pair {i + 1}: minunet {ours:8.2f} images/s   pytorch {theirs:8.2f} images/s   ratio {ratios[-1]:.3f}",

@@ -26,9 +26,10 @@ runs out of time is recorded as such, not fatal:
   benches       120   benchmarks/bench_gpu.py: every kernel, v2 and the others first ...
   benches_v1     45   ... then the naive v1 convolutions (slow by design), so that a timeout
                       there loses no other figure; GFLOP/s or GB/s and % of peak per kernel
-  train_step     60   benchmarks/bench_train_step.py: minunet's U-Net step, and PyTorch's
-                      (cuDNN) with TF32 off; then minunet with --precision tf32 and PyTorch
-                      with TF32 on; each in a process of its own
+  train_step     60   benchmarks/bench_train_step.py: minunet's U-Net step, eager and captured
+                      as a CUDA graph (--cuda-graph), and PyTorch's (cuDNN) with TF32 off; then
+                      minunet with --precision tf32 and PyTorch with TF32 on; each in a process
+                      of its own
 
 The report holds: the device (name, compute capability, SMs, memory, the FP32 and DRAM peaks
 the percentages divide by), the versions (driver, CUDA runtime, NVRTC, CuPy, NumPy, Python,
@@ -93,7 +94,7 @@ if __name__ == "__main__":
         print(len(list(pool.map(compile_one, jobs))), "modules compiled")
 """
 SMOKE = {"tests": ["-k", "relu or concat or test_unet_training_step"], "sanitized": ["-k", "relu_forward"],
-         "benches": ["-k", "relu_forward or sgd_update"], "benches_v1": None,
+         "benches": ["-k", "relu_forward or (sgd_update and base4)"], "benches_v1": None,
          "train_step": ["--base-channels=2", "--size=16", "--batch=1", "--depth=1", "--rounds=1"],
          "bench_options": ["--benchmark-min-rounds=1", "--benchmark-max-time=0", "--benchmark-warmup=off"]}
 
@@ -229,11 +230,12 @@ def find_compute_sanitizer():
 
 
 def train_step(args, tmp, budget_s):
-    """minunet's step and PyTorch's (TF32 off, then on) in processes of their own; images/s and ratios."""
+    """minunet's step (eager, then as a CUDA graph) and PyTorch's (TF32 off, then on) in processes of
+    their own; images/s and ratios (ratio_minunet_cuda_graph_minunet: the graph's speed-up)."""
     script = str(ROOT / "benchmarks" / "bench_train_step.py")
     config = SMOKE["train_step"] if args.smoke else TRAIN_STEP
-    runs = {"minunet": ["--library=minunet"], "pytorch_tf32_off": ["--library=pytorch"],
-            "minunet_tf32": ["--library=minunet", "--precision=tf32"],
+    runs = {"minunet": ["--library=minunet"], "minunet_cuda_graph": ["--library=minunet", "--cuda-graph"],
+            "pytorch_tf32_off": ["--library=pytorch"], "minunet_tf32": ["--library=minunet", "--precision=tf32"],
             "pytorch_tf32_on": ["--library=pytorch", "--torch-tf32"]}
     out = {"config": config}
     try:
@@ -253,7 +255,8 @@ def train_step(args, tmp, budget_s):
             step["images_per_s"] = json.loads(lines[-1])["images_per_s"] if lines else None
         out[key] = step
     for ours_key, key in (("minunet", "pytorch_tf32_off"), ("minunet", "pytorch_tf32_on"),
-                          ("minunet_tf32", "pytorch_tf32_on")):
+                          ("minunet_tf32", "pytorch_tf32_on"), ("minunet_cuda_graph", "pytorch_tf32_off"),
+                          ("minunet_cuda_graph", "minunet")):
         ours, theirs = out[ours_key].get("images_per_s"), out[key].get("images_per_s")
         if ours and theirs:  # minunet / PyTorch: 1.0 = as fast
             out[f"ratio_{key}" if ours_key == "minunet" else f"ratio_{ours_key}_{key}"] = round(ours / theirs, 3)

@@ -10,9 +10,9 @@ launches its kernels exactly as on a GPU, without knowing the difference:
 The pieces
 ----------
 fake_cupy.py   the stand-in for CuPy: device arrays (host memory, NaN-filled when fresh, with
-               guard bytes), NumPy-backed array functions, cupy.cuda.Device/runtime/Stream,
-               RawModule (g++ instead of NVRTC, cached by content) and kernel launches that
-               check every argument against the kernel's C++ parameter types.
+               guard bytes), NumPy-backed array functions, cupy.cuda.Device/runtime.
+raw_module.py  its RawModule: g++ instead of NVRTC, cached by content, and kernel launches
+               that check every argument against the kernel's C++ parameter types.
 cuda_model.h   the CUDA execution model in C++, compiled in front of the kernel source: a
                grid of blocks run in forward/reverse/shuffled order, the threads of a block
                as cooperative fibers with an exact __syncthreads, warps of 32 for the

@@ -721,6 +721,34 @@ struct TapLoader {
 // ------------------------------------------------------------------ _v3, _v4, _v5: the kernels
 // One body per pass, templated on the engine's parts; the numbered kernels below pick them.
 
+// The epilogue of the forward and backward-input GEMMs: the thread's 8x8 accumulators, rows
+// m (output channels) by columns q (pixels of the whole batch, q = n * HW + hw), plus the bias
+// of their row, max(., 0) with relu, stored to the NCHW tensor out[(n * M + m) * HW + hw].
+// Rows past M and columns past Q (the last block's overhang) are not stored.
+template <typename T, class Compute>
+__device__ __forceinline__ void store_nchw_tile(T (&acc)[8][8], const Compute& compute,
+                                                const T* __restrict__ b, T* __restrict__ out,
+                                                int m0, int M, int q0, int Q, int HW, int relu) {
+    T bias[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+        const int m = m0 + compute.row(i);
+        bias[i] = b && m < M ? b[m] : T(0);
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+        const int q = q0 + compute.col(j);
+        if (q >= Q) continue;
+        const int n = q / HW, hw = q - n * HW;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const int m = m0 + compute.row(i);
+            const T v = acc[i][j] + bias[i];
+            if (m < M) out[(n * M + m) * HW + hw] = relu && v < T(0) ? T(0) : v;
+        }
+    }
+}
+
 template <typename T, class S, class Pipeline, class Compute>
 __device__ __forceinline__ void conv2d_forward_tiled(const T* __restrict__ x, const T* __restrict__ wt,
                                                      const T* __restrict__ b, T* __restrict__ y,
@@ -735,24 +763,7 @@ __device__ __forceinline__ void conv2d_forward_tiled(const T* __restrict__ x, co
     const Compute compute;
     T acc[8][8];
     register_tiled_gemm<S, Pipeline>(la, lb, kh * kw * ((C + 7) / 8), acc, compute);
-    T bias[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const int k = m0 + compute.row(i);
-        bias[i] = b && k < K ? b[k] : T(0);
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int p = p0 + compute.col(j);
-        if (p >= P) continue;
-        const int n = p / HoWo, ij = p - n * HoWo;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int k = m0 + compute.row(i);
-            const T v = acc[i][j] + bias[i];
-            if (k < K) y[(n * K + k) * HoWo + ij] = relu && v < T(0) ? T(0) : v;
-        }
-    }
+    store_nchw_tile(acc, compute, b, y, m0, K, p0, P, HoWo, relu);
 }
 
 template <typename T, class S, class Pipeline, class Compute>
@@ -771,23 +782,7 @@ __device__ __forceinline__ void conv2d_backward_input_tiled(const T* __restrict_
     const Compute compute;
     T acc[8][8];
     register_tiled_gemm<S, Pipeline>(la, lb, kh * kw * ((K + 7) / 8), acc, compute);
-    T bias[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        const int c = m0 + compute.row(i);
-        bias[i] = b && c < C ? b[c] : T(0);
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int q = q0 + compute.col(j);
-        if (q >= Q) continue;
-        const int n = q / HW, hw = q - n * HW;
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const int c = m0 + compute.row(i);
-            if (c < C) gx[(n * C + c) * HW + hw] = acc[i][j] + bias[i];
-        }
-    }
+    store_nchw_tile(acc, compute, b, gx, m0, C, q0, Q, HW, 0);
 }
 
 template <typename T, class S, class Pipeline, class Compute>

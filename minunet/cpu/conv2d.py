@@ -6,7 +6,8 @@ forward computes y, backward_input gx = d/dx sum(y * gy), backward_weight gw = d
 (and with bias=True the bias gradient, activation.bias_backward's). With relu=True the forward
 is max(y, 0), and with relu_y= (that output) both gradients are those of gy * (relu_y > 0): v4's
 Winograd kernels do that on the way (the bias and the ReLU as they write y, the mask as they
-read gy, the bias gradient from gy's transform), the others as passes of their own. Every
+read gy, the bias gradient from gy's transform), v3 the ReLU as it writes y and the mask as it
+pads gy for the weight gradient, the rest as passes of their own. Every
 version computes the same function; `version=None` picks one by shape (`choose_version`), the
 tests run them all against tests/reference.py and benchmarks/bench_cpu.py times them all.
 
@@ -345,10 +346,12 @@ _V3_REDUCE = {"contract", "reassoc"}  # ... and reorder sums, so the reductions 
 
 
 @kernel
-def _pad_planes(x, top, left, Hp, Wp, xp):
+def _pad_planes(x, mask, top, left, Hp, Wp, xp):
     # x: (N, C, H, W) -> xp: (N, C, Hp*Wp + tail), xp[n, c, h*Wp + q] = x[n, c, h - top, q - left]
-    # where that lies inside x, else 0 (top and left may be negative: a crop). One plane per
-    # task; each place is written once (a zero fill first would double the memory traffic).
+    # where that lies inside x, else 0 (top and left may be negative: a crop); with a mask (x's
+    # shape: the output of the ReLU fused into the convolution whose gradient x is), 0 also
+    # where the mask is <= 0. One plane per task; each place is written once (a zero fill
+    # first would double the memory traffic).
     N, C, H, W = x.shape
     h0, h1 = min(Hp, max(0, top)), max(min(Hp, max(0, top)), min(Hp, H + top))
     q0, q1 = min(Wp, max(0, left)), max(min(Wp, max(0, left)), min(Wp, W + left))
@@ -359,23 +362,28 @@ def _pad_planes(x, top, left, Hp, Wp, xp):
         for h in range(h0, h1):
             row = plane[h * Wp:(h + 1) * Wp]
             row[:q0] = 0
-            row[q0:q1] = x[n, c, h - top, q0 - left:q1 - left]
+            if mask is None:
+                row[q0:q1] = x[n, c, h - top, q0 - left:q1 - left]
+            else:
+                src, m = x[n, c, h - top], mask[n, c, h - top]
+                for q in range(q0, q1):
+                    row[q] = src[q - left] if m[q - left] > 0 else 0
             row[q1:] = 0
         plane[h1 * Wp:] = 0
 
 
-def _padded(x, top, left, Hp, Wp, tail, slot=0):
-    """x as zero-padded flat planes (N, C, Hp*Wp + tail) with x[.., 0, 0] at row top, column
-    left, in scratch buffer `slot`."""
+def _padded(x, top, left, Hp, Wp, tail, slot=0, mask=None):
+    """x (masked, see _pad_planes) as zero-padded flat planes (N, C, Hp*Wp + tail) with x[.., 0, 0]
+    at row top, column left, in scratch buffer `slot`."""
     xp = scratch((*x.shape[:2], Hp * Wp + tail), x.dtype, slot)
-    _pad_planes(x, top, left, Hp, Wp, xp)
+    _pad_planes(x, mask, top, left, Hp, Wp, xp)
     return xp
 
 
 @kernel(fastmath=_V3_FAST)
-def _correlate_v3(xp, w, b, Wp, Ho, Wo, y):
-    # y[n, k, i, j] = b[k] + sum_{c,u,v} w[k,c,u,v] * xp[n, c, (i+u)*Wp + j+v]; one task per
-    # (image, block of 4 output channels, chunk of whole extended rows)
+def _correlate_v3(xp, w, b, apply_relu, Wp, Ho, Wo, y):
+    # y[n, k, i, j] = b[k] + sum_{c,u,v} w[k,c,u,v] * xp[n, c, (i+u)*Wp + j+v], with apply_relu
+    # max(y, 0); one task per (image, block of 4 output channels, chunk of whole extended rows)
     N, C, _ = xp.shape
     K, _, kh, kw = w.shape
     n_chunks = max(1, min(Ho, (Ho * Wp) // _V3_CHUNK))   # chunks of about _V3_CHUNK places ...
@@ -415,7 +423,8 @@ def _correlate_v3(xp, w, b, Wp, Ho, Wo, y):
             for i in range(i0, i1):
                 src, dst = acc[k - k0, (i - i0) * Wp:], y[n, k, i]
                 for j in range(Wo):
-                    dst[j] = src[j] + b[k]
+                    t = src[j] + b[k]
+                    dst[j] = 0 if apply_relu and t <= 0 else t
 
 
 @kernel(fastmath=_V3_REDUCE)
@@ -490,14 +499,14 @@ def _dilated(gy, stride, shape):
     return out
 
 
-def _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo):
+def _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo, relu):
     N, K, (kh, kw), (sh, sw), (ph, pw) = x.shape[0], w.shape[0], w.shape[2:], stride, padding
     H1, W1 = (Ho - 1) * sh + 1, (Wo - 1) * sw + 1              # the stride-1 output that covers y
     Wp = W1 + kw - 1
     xp = _padded(x, ph, pw, H1 + kh - 1, Wp, kw)
     b = np.zeros(K, x.dtype) if b is None else b
     y = np.empty((N, K, H1, W1), x.dtype)
-    _correlate_v3(xp, w, b, Wp, H1, W1, y)
+    _correlate_v3(xp, w, b, relu, Wp, H1, W1, y)
     return y if (sh, sw) == (1, 1) else np.ascontiguousarray(y[:, :, ::sh, ::sw])
 
 
@@ -511,20 +520,23 @@ def _conv2d_backward_input_v3(gy, w, x_shape, stride, padding):
     Wp = W + kw - 1
     gp = _padded(gyd, kh - 1 - ph, kw - 1 - pw, H + kh - 1, Wp, kw)
     gx = np.empty(x_shape, gy.dtype)
-    _correlate_v3(gp, _flipped(w), np.zeros(C, gy.dtype), Wp, H, W, gx)
+    _correlate_v3(gp, _flipped(w), np.zeros(C, gy.dtype), False, Wp, H, W, gx)
     return gx
 
 
-def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding):
+def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding, relu_y, bias):
+    # -> (gw, gb or None) of gy masked by relu_y (None: not masked) as it is padded; gb (with
+    # bias) summed over that padded copy
     (K, _, kh, kw), (sh, sw), (ph, pw) = w_shape, stride, padding
     N, _, Ho, Wo = gy.shape
     H1, W1 = (Ho - 1) * sh + 1, (Wo - 1) * sw + 1
     Wp = W1 + kw - 1
     xp = _padded(x, ph, pw, H1 + kh - 1, Wp, kw)
-    gp = _padded(_dilated(gy, stride, (N, K, H1, W1)), 0, 0, H1, Wp, 0, slot=1)  # 0 in the garbage columns
+    mask = None if relu_y is None else _dilated(relu_y, stride, (N, K, H1, W1))
+    gp = _padded(_dilated(gy, stride, (N, K, H1, W1)), 0, 0, H1, Wp, 0, slot=1, mask=mask)  # 0 in the garbage columns
     gw = np.empty(w_shape, x.dtype)
     _correlate_grad_v3(xp, gp, Wp, gw)
-    return gw
+    return gw, (bias_backward(gp) if bias else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -542,14 +554,14 @@ def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
         gemm.pointwise_forward(x, w.reshape(w.shape[0], -1), np.zeros(w.shape[0], x.dtype) if b is None else b,
                                relu, gemm.row_blocks(Ho, Wo), y)
         return y
+    if v >= 3:                                           # v3 too adds them as it writes y
+        return _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo, relu)
     if v == 1:
         y = np.empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
         _conv2d_forward_v1(x, w, np.zeros(w.shape[0], x.dtype) if b is None else b, *stride, *padding, y)
-    elif v >= 3:
-        y = _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo)
     else:
         y = _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo)
-    if relu:  # v1-v3 fuse no ReLU: a second pass, in place
+    if relu:  # v1 and v2 fuse no ReLU: a second pass, in place
         np.maximum(y, 0, out=y)
     return y
 
@@ -583,12 +595,16 @@ def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None, relu_y
     if v == 4 and _winograd_fits(stride, (kh, kw)):      # v4 masks gy as it reads it, and sums gb
         gw, gb = conv2d_winograd_weight.conv2d_backward_weight(x, gy, w_shape, padding, relu_y)
         return (gw, gb) if bias else gw
+    if v >= 3 and not _pointwise(stride, (kh, kw), padding):   # v3 masks gy as it pads it
+        gw, gb = _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding, relu_y, bias)
+        return (gw, gb) if bias else gw
     gy = gy if relu_y is None else relu_backward(gy, relu_y)  # the others: passes of their own
     gw = _conv2d_backward_weight(x, gy, w_shape, stride, padding, v)
     return (gw, bias_backward(gy)) if bias else gw
 
 
 def _conv2d_backward_weight(x, gy, w_shape, stride, padding, v):
+    # v1, v2 and v4's 1x1 product
     K, C, kh, kw = w_shape
     if v == 1:
         gw = np.empty(w_shape, x.dtype)
@@ -598,6 +614,4 @@ def _conv2d_backward_weight(x, gy, w_shape, stride, padding, v):
         gw = np.empty(w_shape, x.dtype)
         gemm.weight_gradient(gy, x, gw.reshape(K, C))
         return gw
-    if v >= 3:
-        return _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding)
     return _conv2d_backward_weight_v2(x, gy, w_shape, stride, padding)

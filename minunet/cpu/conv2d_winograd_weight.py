@@ -301,13 +301,15 @@ def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
     # gb: (K,)), both of gy where relu_y > 0 (else 0) with relu_y
     (N, C), (K, Ho, Wo) = x.shape[:2], gy.shape[1:]
     gw, gb = np.empty(w_shape, x.dtype), np.empty(K, x.dtype)
-    if _by_channels(C + K, N, Ho, Wo, x.itemsize):
-        _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, gw, gb)
-        return gw, gb
     R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
     rows, _ = _blocking(R, TW, C, K, x.itemsize)
-    Cv = -(-C // (64 // x.itemsize)) * (64 // x.itemsize)
     n_parts = min(numba.get_num_threads(), math.ceil(R / rows))
+    # by tiles, a thread sums whole blocks of tile rows: where there are fewer blocks than
+    # threads (the 8x8 bottom of a U-Net), split by channels whatever the size
+    if _by_channels(C + K, N, Ho, Wo, x.itemsize) or n_parts < numba.get_num_threads():
+        _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, gw, gb)
+        return gw, gb
+    Cv = -(-C // (64 // x.itemsize)) * (64 // x.itemsize)
     part, gb_part = np.empty((n_parts, 36, K, Cv), x.dtype), np.empty((n_parts, K))
     _backward_weight_by_tiles(x, gy, relu_y, padding[0], padding[1], rows, part, gb_part)
     _filters_from_parts(part, gb_part, gw, gb)

@@ -22,7 +22,8 @@ import numpy as np
 from numba import prange
 
 from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel
-from minunet.cpu.simd import fma, hsum, lanes, load_range, relu, splat, store_range, zeros
+from minunet.cpu.simd import (fma, hsum, lanes, load_every2, load_range, relu, splat, store_every2, store_range,
+                              zeros)
 
 
 
@@ -188,6 +189,7 @@ def patches_forward(x, wt, b, rows, y):
     M, Cout = wt.shape[0], y.shape[1]
     kh, kw = y.shape[2] // H, y.shape[3] // W
     P = H * W
+    L = lanes(x)
     nb = (H + rows - 1) // rows
     zero = np.zeros(M, x.dtype)
     for task in prange(N * nb):
@@ -198,6 +200,15 @@ def patches_forward(x, wt, b, rows, y):
         _product(wt, 0, Cin, x, n * Cin * P + i0 * W, P, zero, False, z, 0, npx, M, Cin, npx)
         for o in range(Cout):                           # each pixel's patch into place
             for u in range(kh):
+                if kw == 2:                             # rows (o, u, 0) and (o, u, 1) interleaved
+                    z0, z1 = z[(o * kh + u) * 2], z[(o * kh + u) * 2 + 1]
+                    bias = splat(b[o], zeros(z))
+                    for i in range(i0, i1):
+                        dst, s = y[n, o, i * kh + u], (i - i0) * W
+                        for j in range(0, W, L):
+                            store_every2(dst, 2 * j, load_range(z0, s + j, 0, W - j) + bias,
+                                         load_range(z1, s + j, 0, W - j) + bias, 0, 2 * (W - j))
+                    continue
                 for v in range(kw):
                     src = z[(o * kh + u) * kw + v]
                     for i in range(i0, i1):
@@ -210,8 +221,18 @@ def patches_forward(x, wt, b, rows, y):
 def _patches_of(gy, n, i0, i1, kh, kw, gp):
     # gp[(o,u,v), (i-i0)*W + j] = gy[n, o, i*kh + u, j*kw + v] for input rows i0 <= i < i1
     Cout, W = gy.shape[1], gy.shape[3] // kw
+    L = lanes(gp)
     for o in range(Cout):
         for u in range(kh):
+            if kw == 2:                                 # one row of gy split into rows (o, u, 0), (o, u, 1)
+                d0, d1 = gp[(o * kh + u) * 2], gp[(o * kh + u) * 2 + 1]
+                for i in range(i0, i1):
+                    src, s = gy[n, o, i * kh + u], (i - i0) * W
+                    for j in range(0, W, L):
+                        v0, v1 = load_every2(src, 2 * j, 0, 2 * (W - j))
+                        store_range(d0, s + j, v0, 0, W - j)
+                        store_range(d1, s + j, v1, 0, W - j)
+                continue
             for v in range(kw):
                 dst = gp[(o * kh + u) * kw + v]
                 for i in range(i0, i1):

@@ -22,6 +22,10 @@ splits each operation into two or four narrower ones, so the code stays correct 
                          the inverse: a[i + e] = vs[e % 4][e // 4] for lo <= e < hi only
                          (a masked store: the places outside [i + lo, i + hi) are not touched,
                          so i may point before a's start when lo makes up for it)
+    load_every2(a, i, lo, hi)     two vectors: lane j of the s-th is a[i + 2*j + s], for the
+                         places e = 2*j + s with lo <= e < hi only (the others are not read: 0)
+    store_every2(a, i, v0, v1, lo, hi)
+                         the inverse: a[i + e] = vs[e % 2][e // 2] for lo <= e < hi only
     gather(a, i, stride) lane j = a[i + j*stride]
     scatter(a, i, stride, v, n)   a[i + j*stride] = v[j] for j < n
     transpose(a, i, sa, b, j, sb)
@@ -154,6 +158,22 @@ def _lane_mask(builder, n, first, last):
     return builder.and_(builder.icmp_signed(">=", lane, splat32(first)), builder.icmp_signed("<", lane, splat32(last)))
 
 
+def _masked(builder, vector_ty, ptr, align, mask, value=None):
+    """llvm.masked.load of vector_ty at ptr (masked-off lanes 0), or with a value, llvm.masked.store"""
+    n = vector_ty.count
+    name = f"v{n}{'f32' if isinstance(vector_ty.element, ir.FloatType) else 'f64'}.p0"
+    mask_ty, i32 = ir.VectorType(ir.IntType(1), n), ir.IntType(32)
+    if value is None:
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector_ty, [vector_ty.as_pointer(), i32, mask_ty, vector_ty]),
+            f"llvm.masked.load.{name}")
+        return builder.call(fn, [ptr, ir.Constant(i32, align), mask, ir.Constant(vector_ty, None)])
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [vector_ty, vector_ty.as_pointer(), i32, mask_ty]),
+        f"llvm.masked.store.{name}")
+    return builder.call(fn, [value, ptr, ir.Constant(i32, align), mask])
+
+
 @intrinsic
 def load_range(typingctx, a, i, lo, hi):
     vt = _vector_type(a)
@@ -161,13 +181,9 @@ def load_range(typingctx, a, i, lo, hi):
         return None
 
     def codegen(context, builder, sig, args):
-        ty = context.get_value_type(vt)
         ptr = _pointer(context, builder, sig.args[0], args[0], args[1], vt)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ty, [ty.as_pointer(), ir.IntType(32), ir.VectorType(ir.IntType(1), vt.lanes), ty]),
-            f"llvm.masked.load.v{vt.lanes}f{vt.dtype.bitwidth}.p0")
-        return builder.call(fn, [ptr, ir.Constant(ir.IntType(32), vt.dtype.bitwidth // 8),
-                                 _lane_mask(builder, vt.lanes, args[2], args[3]), ir.Constant(ty, None)])
+        return _masked(builder, context.get_value_type(vt), ptr, vt.dtype.bitwidth // 8,
+                       _lane_mask(builder, vt.lanes, args[2], args[3]))
     return vt(a, i, lo, hi), codegen
 
 
@@ -177,14 +193,9 @@ def store_range(typingctx, a, i, v, lo, hi):
         return None
 
     def codegen(context, builder, sig, args):
-        ty = context.get_value_type(v)
         ptr = _pointer(context, builder, sig.args[0], args[0], args[1], v)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ty, ty.as_pointer(), ir.IntType(32),
-                                                            ir.VectorType(ir.IntType(1), v.lanes)]),
-            f"llvm.masked.store.v{v.lanes}f{v.dtype.bitwidth}.p0")
-        builder.call(fn, [args[2], ptr, ir.Constant(ir.IntType(32), v.dtype.bitwidth // 8),
-                          _lane_mask(builder, v.lanes, args[3], args[4])])
+        mask = _lane_mask(builder, v.lanes, args[3], args[4])
+        _masked(builder, context.get_value_type(v), ptr, v.dtype.bitwidth // 8, mask, args[2])
         return context.get_dummy_value()
     return types.void(a, i, v, lo, hi), codegen
 
@@ -228,16 +239,49 @@ def store_every4(typingctx, a, i, v0, v1, v2, v3, lo, hi):
         # element e = 4*j + s of the block is lane j of vector s, i.e. element s*n + j of cat
         block = builder.shuffle_vector(cat, ir.Constant(wide_ty, ir.Undefined),
                                        _i32s([(e % 4) * n + e // 4 for e in range(4 * n)]))
-        mask = _lane_mask(builder, 4 * n, first, last)
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
         ptr = builder.bitcast(builder.gep(data, [index]), wide_ty.as_pointer())
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [wide_ty, wide_ty.as_pointer(), ir.IntType(32),
-                                                            ir.VectorType(ir.IntType(1), 4 * n)]),
-            f"llvm.masked.store.v{4 * n}f{vt.dtype.bitwidth}.p0")
-        builder.call(fn, [block, ptr, ir.Constant(ir.IntType(32), vt.dtype.bitwidth // 8), mask])
+        _masked(builder, wide_ty, ptr, vt.dtype.bitwidth // 8, _lane_mask(builder, 4 * n, first, last), block)
         return context.get_dummy_value()
     return types.void(a, i, v0, v1, v2, v3, lo, hi), codegen
+
+
+@intrinsic
+def load_every2(typingctx, a, i, lo, hi):
+    vt = _vector_type(a)
+    if vt is None or not isinstance(a, types.Array) or not all(isinstance(t, types.Integer) for t in (i, lo, hi)):
+        return None
+    n = vt.lanes
+    result = types.UniTuple(vt, 2)
+
+    def codegen(context, builder, sig, args):
+        wide_ty = ir.VectorType(context.get_value_type(vt).element, 2 * n)
+        ptr = builder.bitcast(builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [args[1]]),
+                              wide_ty.as_pointer())
+        block = _masked(builder, wide_ty, ptr, vt.dtype.bitwidth // 8, _lane_mask(builder, 2 * n, args[2], args[3]))
+        parts = [builder.shuffle_vector(block, ir.Constant(wide_ty, ir.Undefined), _i32s([2 * j + s for j in range(n)]))
+                 for s in range(2)]
+        return context.make_tuple(builder, result, parts)
+    return result(a, i, lo, hi), codegen
+
+
+@intrinsic
+def store_every2(typingctx, a, i, v0, v1, lo, hi):
+    vt = _vector_type(a)
+    if vt is None or not (v0 == vt and v1 == vt) or not all(isinstance(t, types.Integer) for t in (i, lo, hi)):
+        return None
+    n = vt.lanes
+
+    def codegen(context, builder, sig, args):
+        _, index, a0, a1, first, last = args
+        wide_ty = ir.VectorType(context.get_value_type(vt).element, 2 * n)
+        # element e = 2*j + s of the block is lane j of vector s
+        block = builder.shuffle_vector(a0, a1, _i32s([(e % 2) * n + e // 2 for e in range(2 * n)]))
+        ptr = builder.bitcast(builder.gep(context.make_array(sig.args[0])(context, builder, args[0]).data, [index]),
+                              wide_ty.as_pointer())
+        _masked(builder, wide_ty, ptr, vt.dtype.bitwidth // 8, _lane_mask(builder, 2 * n, first, last), block)
+        return context.get_dummy_value()
+    return types.void(a, i, v0, v1, lo, hi), codegen
 
 
 @intrinsic

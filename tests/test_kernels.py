@@ -308,6 +308,7 @@ CONV_T_CASES = [
     (3, 5, 1, 1, 7, (1, 1)),    # one pixel, a 1x1 kernel
     (2, 3, 7, 2, 4, (2, 3)),    # odd sizes
     (1, 9, 40, 30, 5, (2, 2)),  # several blocks of input rows in one image (cpu/gemm.py)
+    (2, 17, 5, 7, 3, (2, 2)),   # whole and partial blocks of channels and pixels (cpu/gemm.py's transpose)
 ]
 
 

@@ -12,12 +12,14 @@ z[n] = the patches of y as columns, z[n, (o,u,v), (i,j)] = y[n, o, i*kh+u, j*kw+
 
     forward          z[n] (Cout*kh*kw, H*W) = W.T (Cout*kh*kw, Cin) @ x[n] (Cin, H*W), then into place
     backward_input   gx[n] (Cin, H*W) = W (Cin, Cout*kh*kw) @ patches(gy)[n] (Cout*kh*kw, H*W)
-    backward_weight  gW (Cin, Cout*kh*kw) = sum_n x[n] (Cin, H*W) @ patches(gy)[n].T
+    backward_weight  gW (Cin, Cout*kh*kw) = sum_n x[n] (Cin, H*W) @ patches(gy)[n].T, computed
+                     transposed: sum_n patches(gy)[n] @ x[n].T, x[n].T laid out pixel-major
 
 The products run on numba's threads with SIMD micro-kernels (gemm.py, which says why not
 BLAS), one task per block of input rows of one image, the patches of y (or of gy) going into
 (or coming out of) place in the same task.
 """
+import numba
 import numpy as np
 
 from minunet.cpu import gemm
@@ -48,6 +50,10 @@ def conv_transpose2d_backward_weight(x, gy, w_shape):
     _, Cout, kh, kw = w_shape
     gp = np.empty((N, Cout * kh * kw, H * W), x.dtype)
     gemm.patches_of(gy, kh, kw, gp)
+    xt = np.empty((N, H * W, Cin), x.dtype)
+    gemm.transposed_planes(x.reshape(N, Cin, H * W), xt)
+    gwt = np.empty((1, Cout * kh * kw, Cin), x.dtype)
+    gemm.patches_weight_gradient(gp, xt, gemm.weight_rows(Cout * kh * kw, numba.get_num_threads()), gwt[0])
     gw = np.empty(w_shape, x.dtype)
-    gemm.weight_gradient(x, gp, gw.reshape(Cin, -1))
+    gemm.transposed_planes(gwt, gw.reshape(1, Cin, -1))
     return gw

@@ -23,7 +23,7 @@ from numba import prange
 
 from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel
 from minunet.cpu.simd import (fma, hsum, lanes, load_every2, load_range, relu, splat, store_every2, store_range,
-                              zeros)
+                              transpose, zeros)
 
 
 
@@ -143,10 +143,13 @@ def _product_nt(A, a0, lda, sa, B, b0, ldb, sb, n_batch, M, N, T, C, c0, ldc):
 #     whose outputs do not overlap: z[n] (Cout*kh*kw, P) = w^T @ x[n] holds, for every input
 #     pixel, its (Cout, kh, kw) patch of y, which is then put into place; the gradients read gy
 #     as those patches, gyp[n] (Cout*kh*kw, P):  gx[n] = w (Cin, Cout*kh*kw) @ gyp[n] and
-#     gw = sum_n x[n] @ gyp[n]^T.
+#     gw = sum_n x[n] @ gyp[n]^T, computed transposed as sum_n gyp[n] @ x[n]^T with x[n]^T laid out
+#     pixel-major (a cheap transpose of the smaller operand) so that _product's vectors run
+#     along its input channels.
 # Tasks: blocks of whole input rows of one image for the products per image (about
 # _BLOCK_PIXELS pixels, so a block's columns stay in cache while every row of the weights
-# passes over them); 4 x 4 blocks of the weight gradient, each summing over the whole batch.
+# passes over them); 4 x 4 blocks of the 1x1 weight gradient, each summing over the whole batch;
+# blocks of rows (weight_rows) of the up-convolution's weight gradient, each over the batch.
 
 _BLOCK_PIXELS = 1024
 
@@ -267,3 +270,44 @@ def patches_of(gy, kh, kw, gp):
     for task in prange(N * Cout):
         n, o = task // Cout, task % Cout
         _patches_of(gy[:, o:o + 1], n, 0, H, kh, kw, gp[n, o * kh * kw:(o + 1) * kh * kw])
+
+
+@_kernel
+def transposed_planes(x, xt):
+    # x: (N, C, P) -> xt: (N, P, C), xt[n, p, c] = x[n, c, p]: whole lanes x lanes blocks by shuffles
+    # in registers (simd.transpose), the rest one float at a time; one task per (image, vector of channels)
+    N, C, P = x.shape
+    L = lanes(x)
+    nc = (C + L - 1) // L
+    for task in prange(N * nc):
+        n, c0 = task // nc, task % nc * L
+        p1 = P - P % L if c0 + L <= C else 0            # pixels covered by whole blocks
+        for p in range(0, p1, L):
+            transpose(x, (n * C + c0) * P + p, P, xt, (n * P + p) * C + c0, C)
+        for p in range(p1, P):
+            for c in range(c0, min(C, c0 + L)):
+                xt[n, p, c] = x[n, c, p]
+
+
+def weight_rows(Q, threads):
+    """Rows of the up-convolution's transposed weight gradient per task: a multiple of 8 (the
+    micro-kernel's), at most 64, at least two tasks per thread where Q allows."""
+    return max(8, min(64, -(-Q // (16 * threads)) * 8))
+
+
+@_kernel
+def patches_weight_gradient(gp, xt, rows, gwt):
+    # gwt (Q, C) = sum_n gp[n] (Q, P) @ xt[n] (P, C): the transposed weight gradient of the kernel
+    # == stride transposed convolution, gp its patches of gy, xt its x transposed; one task per
+    # block of `rows` rows, the images' products summed in float64
+    N, Q, P = gp.shape
+    C = xt.shape[2]
+    zero = np.zeros(Q, gp.dtype)
+    for task in prange((Q + rows - 1) // rows):
+        q0 = task * rows
+        nq = min(Q, q0 + rows) - q0
+        one, acc = np.empty((nq, C), gp.dtype), np.zeros((nq, C))
+        for n in range(N):
+            _product(gp, (n * Q + q0) * P, P, xt, n * P * C, C, zero, False, one, 0, C, nq, P, C)
+            acc += one
+        gwt[q0:q0 + nq] = acc

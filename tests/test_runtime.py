@@ -108,3 +108,34 @@ def test_gemms_run_on_one_blas_thread(default_blas_threads):
         print(blas_threads())
     """)
     assert same_blas(printed, default_blas_threads)
+
+
+def test_pooled_arrays_are_fresh_while_any_view_lives():
+    """runtime.empty hands a large buffer out again only once every array over it is gone (a
+    reshaped, sliced or transposed view keeps it), and then to the next array of its size;
+    small arrays and other sizes come from malloc as usual."""
+    import gc
+
+    import numpy as np
+
+    from minunet.cpu import runtime
+    shape = (4, 16, 64, 64)                                 # 1 MB of float32: pooled
+    a = runtime.empty(shape, np.float32)
+    view = a[1:3].reshape(2, 16, -1).transpose(0, 2, 1)   # a view of a view of a view: no copy
+    address = a.__array_interface__["data"][0]
+    assert np.shares_memory(view, a)
+    del a
+    gc.collect()
+    b = runtime.empty(shape, np.float32)
+    assert b.__array_interface__["data"][0] != address, "a buffer was handed out while a view of it lived"
+    view[...] = 1.0                                         # the view's memory is still its own
+    assert not np.shares_memory(view, b)
+    del view, b
+    gc.collect()
+    held = [runtime.empty(shape, np.float32) for _ in range(2)]   # the two buffers freed above
+    assert address in {h.__array_interface__["data"][0] for h in held}, \
+        "a buffer whose arrays were all gone was not used again"
+    z = runtime.zeros((256, 1024), np.float32)              # same bytes, another shape: pooled too, and zeroed
+    assert z.shape == (256, 1024) and not z.any()
+    small = runtime.empty((3, 5), np.float64)
+    assert small.shape == (3, 5) and small.flags.owndata

@@ -7,7 +7,7 @@ feature map. bias_backward sums gy over everything but the channel axis.
 import numpy as np
 from numba import prange
 
-from minunet.cpu.runtime import kernel
+from minunet.cpu.runtime import empty, kernel
 
 
 @kernel
@@ -52,7 +52,7 @@ def _bias_backward(gy, gb):
 
 def relu_forward(x, b=None):
     # x: (N, C, H, W), b: (C,) -> y = max(x + b, 0): (N, C, H, W); without b, x of any shape
-    y = np.empty_like(x)
+    y = empty(x.shape, x.dtype)
     if b is None:
         _relu(x.reshape(-1), y.reshape(-1))
         return y
@@ -63,7 +63,7 @@ def relu_forward(x, b=None):
 
 def relu_backward(gy, y):
     # gy, y: same shape -> gx = gy * (y > 0)
-    gx = np.empty_like(gy)
+    gx = empty(gy.shape, gy.dtype)
     _relu_backward(gy.reshape(-1), y.reshape(-1), gx.reshape(-1))
     return gx
 

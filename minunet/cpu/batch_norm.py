@@ -8,7 +8,7 @@ import math
 import numpy as np
 from numba import prange
 
-from minunet.cpu.runtime import kernel
+from minunet.cpu.runtime import empty, kernel
 
 
 @kernel
@@ -91,7 +91,7 @@ def batch_norm_forward(x, gamma, beta, mean, var, eps, training):
         _channel_mean_var(x3, mean, var)
     else:
         mean, var = mean.copy(), var.copy()
-    y = np.empty_like(x)
+    y = empty(x.shape, x.dtype)
     _batch_norm_forward(x3, _per_channel(gamma, C, x.dtype, 1), _per_channel(beta, C, x.dtype, 0), mean, var, eps,
                         y.reshape(x3.shape))
     return y, mean, var
@@ -104,7 +104,7 @@ def batch_norm_backward(gy, x, gamma, mean, var, eps, training):
     gy3 = gy.reshape(x3.shape)
     gbeta, ggamma = np.empty(C, x.dtype), np.empty(C, x.dtype)
     _batch_norm_sums(gy3, x3, mean, var, eps, gbeta, ggamma)
-    gx = np.empty_like(x)
+    gx = empty(x.shape, x.dtype)
     _batch_norm_backward_input(gy3, x3, _per_channel(gamma, C, x.dtype, 1), mean, var, eps, gbeta, ggamma, training,
                                gx.reshape(x3.shape))
     return gx, ggamma, gbeta

@@ -8,7 +8,7 @@ outside it.
 import numpy as np
 from numba import prange
 
-from minunet.cpu.runtime import kernel
+from minunet.cpu.runtime import empty, kernel
 
 
 @kernel
@@ -34,7 +34,7 @@ def _uncrop_from(gy, top, left, c0, gx):
 
 def concat_forward(xs, offsets, out_hw):
     # xs: list of (N, C_i, H_i, W_i) -> y: (N, sum C_i, H, W), input i cropped at offsets[i]
-    y = np.empty((xs[0].shape[0], sum(x.shape[1] for x in xs), *out_hw), xs[0].dtype)
+    y = empty((xs[0].shape[0], sum(x.shape[1] for x in xs), *out_hw), xs[0].dtype)
     c0 = 0
     for x, (top, left) in zip(xs, offsets):
         _crop_into(x, top, left, c0, y)
@@ -46,7 +46,7 @@ def concat_backward(gy, x_shapes, offsets):
     # gy: (N, sum C_i, H, W) -> gxs: list of x_shapes[i], zero outside each crop window
     gxs, c0 = [], 0
     for shape, (top, left) in zip(x_shapes, offsets):
-        gx = np.empty(shape, gy.dtype)
+        gx = empty(shape, gy.dtype)
         _uncrop_from(gy, top, left, c0, gx)
         gxs.append(gx)
         c0 += shape[1]

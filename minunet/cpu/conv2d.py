@@ -53,7 +53,7 @@ from numba import prange
 from minunet.contract import conv_out_hw
 from minunet.cpu import conv2d_winograd, conv2d_winograd_weight, gemm
 from minunet.cpu.activation import bias_backward, relu_backward
-from minunet.cpu.runtime import batches, kernel, one_blas_thread, scratch
+from minunet.cpu.runtime import batches, empty, kernel, one_blas_thread, scratch, zeros
 
 VERSIONS = {
     "conv2d_forward": (1, 2, 3, 4),
@@ -266,7 +266,7 @@ def _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo):
     N, C = x.shape[:2]
     K, _, kh, kw = w.shape
     P = Ho * Wo
-    y = np.empty((N, K, P), x.dtype)
+    y = empty((N, K, P), x.dtype)
     for s in batches(N, C * kh * kw * P * x.itemsize):
         col = _cols(x[s], (kh, kw), stride, padding, Ho, Wo)  # (n, R, P)
         if P < _THIN:  # one GEMM over the images side by side
@@ -294,7 +294,7 @@ def _conv2d_backward_input_v2(gy, w, x_shape, stride, padding):
     w_t = w.reshape(K, -1).T                                    # (R, K)
     if (kh, kw) == (1, 1) and stride == (1, 1) and padding == (0, 0):
         return np.matmul(w_t, gy).reshape(x_shape)              # col2im of a 1x1 kernel: the identity
-    gx = np.empty(x_shape, gy.dtype)
+    gx = empty(x_shape, gy.dtype)
     for s in batches(N, C * kh * kw * Ho * Wo * gy.itemsize):
         gcol = scratch((s.stop - s.start, C * kh * kw, Ho * Wo), gy.dtype)
         np.matmul(w_t, gy[s], out=gcol)                         # (R, K) @ (n, K, P) -> (n, R, P)
@@ -505,7 +505,7 @@ def _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo, relu):
     Wp = W1 + kw - 1
     xp = _padded(x, ph, pw, H1 + kh - 1, Wp, kw)
     b = np.zeros(K, x.dtype) if b is None else b
-    y = np.empty((N, K, H1, W1), x.dtype)
+    y = empty((N, K, H1, W1), x.dtype)
     _correlate_v3(xp, w, b, relu, Wp, H1, W1, y)
     return y if (sh, sw) == (1, 1) else np.ascontiguousarray(y[:, :, ::sh, ::sw])
 
@@ -519,7 +519,7 @@ def _conv2d_backward_input_v3(gy, w, x_shape, stride, padding):
     gyd = _dilated(gy, stride, (N, gy.shape[1], (Ho - 1) * sh + 1, (Wo - 1) * sw + 1))
     Wp = W + kw - 1
     gp = _padded(gyd, kh - 1 - ph, kw - 1 - pw, H + kh - 1, Wp, kw)
-    gx = np.empty(x_shape, gy.dtype)
+    gx = empty(x_shape, gy.dtype)
     _correlate_v3(gp, _flipped(w), np.zeros(C, gy.dtype), False, Wp, H, W, gx)
     return gx
 
@@ -550,14 +550,14 @@ def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
     if v == 4 and _winograd_fits(stride, w.shape[2:]):   # v4 adds the bias and the ReLU as it writes y
         return conv2d_winograd.conv2d_forward(x, w, b, padding, relu)
     if v == 4 and _pointwise(stride, w.shape[2:], padding):
-        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
+        y = empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
         gemm.pointwise_forward(x, w.reshape(w.shape[0], -1), np.zeros(w.shape[0], x.dtype) if b is None else b,
                                relu, gemm.row_blocks(Ho, Wo), y)
         return y
     if v >= 3:                                           # v3 too adds them as it writes y
         return _conv2d_forward_v3(x, w, b, stride, padding, Ho, Wo, relu)
     if v == 1:
-        y = np.empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
+        y = empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
         _conv2d_forward_v1(x, w, np.zeros(w.shape[0], x.dtype) if b is None else b, *stride, *padding, y)
     else:
         y = _conv2d_forward_v2(x, w, b, stride, padding, Ho, Wo)
@@ -574,11 +574,11 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=
         return conv2d_winograd.conv2d_backward_input(gy, w, x_shape, padding, relu_y)
     gy = gy if relu_y is None else relu_backward(gy, relu_y)  # the others: a pass of its own
     if v == 1:
-        gx = np.zeros(x_shape, gy.dtype)
+        gx = zeros(x_shape, gy.dtype)
         _conv2d_backward_input_v1(gy, w, *stride, *padding, gx)
         return gx
     if v == 4 and _pointwise(stride, w.shape[2:], padding):
-        gx = np.empty(x_shape, gy.dtype)
+        gx = empty(x_shape, gy.dtype)
         gemm.pointwise_forward(gy, np.ascontiguousarray(w.reshape(w.shape[0], -1).T), np.zeros(C, gy.dtype), False,
                                gemm.row_blocks(H, W), gx)
         return gx

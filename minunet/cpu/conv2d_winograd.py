@@ -63,7 +63,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel
+from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel
 from minunet.cpu.simd import (fma, gather, lanes, load, load_every4, load_range, relu, relu_mask, splat, store,
                               store_every4, store_range, zeros)
 
@@ -495,7 +495,7 @@ def conv2d_backward_input(gy, w, x_shape, padding, relu_y):
 def _forward(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
     N, C = x.shape[:2]
     K = w.shape[1] if flip else w.shape[0]
-    y = np.empty((N, K, Ho, Wo), x.dtype)
+    y = empty((N, K, Ho, Wo), x.dtype)
     b = np.zeros(K, x.dtype) if b is None else b
     if _by_channels(C, N, Ho, Wo, x.itemsize):
         _forward_by_channels(x, mask, w, flip, b, relu, ph, pw, max(1, C // (4 * numba.get_num_threads())), _KB, y)

@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from minunet.cpu.conv2d_winograd import _KB, _blocking, _by_channels, _pad_rows, _SIXTH, _24TH, _tile_inputs, _tiles
-from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel
+from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel
 from minunet.cpu.simd import fma, hsum, lanes, load, load_every4, scatter, splat, store, transpose, zeros
 
 
@@ -310,7 +310,7 @@ def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
         _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, gw, gb)
         return gw, gb
     Cv = -(-C // (64 // x.itemsize)) * (64 // x.itemsize)
-    part, gb_part = np.empty((n_parts, 36, K, Cv), x.dtype), np.empty((n_parts, K))
+    part, gb_part = empty((n_parts, 36, K, Cv), x.dtype), np.empty((n_parts, K))
     _backward_weight_by_tiles(x, gy, relu_y, padding[0], padding[1], rows, part, gb_part)
     _filters_from_parts(part, gb_part, gw, gb)
     return gw, gb

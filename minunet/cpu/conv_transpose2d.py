@@ -23,13 +23,14 @@ import numba
 import numpy as np
 
 from minunet.cpu import gemm
+from minunet.cpu.runtime import empty
 
 
 def conv_transpose2d_forward(x, w, b):
     # x: (N, Cin, H, W), w: (Cin, Cout, kh, kw), b: (Cout,) or None -> y: (N, Cout, H*kh, W*kw)
     N, Cin, H, W = x.shape
     _, Cout, kh, kw = w.shape
-    y = np.empty((N, Cout, H * kh, W * kw), x.dtype)
+    y = empty((N, Cout, H * kh, W * kw), x.dtype)
     gemm.patches_forward(x, np.ascontiguousarray(w.reshape(Cin, -1).T), np.zeros(Cout, x.dtype) if b is None else b,
                          gemm.row_blocks(H, W), y)
     return y
@@ -39,7 +40,7 @@ def conv_transpose2d_backward_input(gy, w):
     # gy: (N, Cout, H*kh, W*kw), w: (Cin, Cout, kh, kw) -> gx: (N, Cin, H, W)
     N, Cout, Ho, Wo = gy.shape
     Cin, _, kh, kw = w.shape
-    gx = np.empty((N, Cin, Ho // kh, Wo // kw), gy.dtype)
+    gx = empty((N, Cin, Ho // kh, Wo // kw), gy.dtype)
     gemm.patches_backward_input(gy, w.reshape(Cin, -1), gemm.row_blocks(Ho // kh, Wo // kw), gx)
     return gx
 
@@ -48,9 +49,9 @@ def conv_transpose2d_backward_weight(x, gy, w_shape):
     # x: (N, Cin, H, W), gy: (N, Cout, H*kh, W*kw) -> gw: w_shape = (Cin, Cout, kh, kw)
     N, Cin, H, W = x.shape
     _, Cout, kh, kw = w_shape
-    gp = np.empty((N, Cout * kh * kw, H * W), x.dtype)
+    gp = empty((N, Cout * kh * kw, H * W), x.dtype)
     gemm.patches_of(gy, kh, kw, gp)
-    xt = np.empty((N, H * W, Cin), x.dtype)
+    xt = empty((N, H * W, Cin), x.dtype)
     gemm.transposed_planes(x.reshape(N, Cin, H * W), xt)
     gwt = np.empty((1, Cout * kh * kw, Cin), x.dtype)
     gemm.patches_weight_gradient(gp, xt, gemm.weight_rows(Cout * kh * kw, numba.get_num_threads()), gwt[0])

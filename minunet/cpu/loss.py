@@ -9,7 +9,7 @@ import math
 import numpy as np
 from numba import prange
 
-from minunet.cpu.runtime import kernel
+from minunet.cpu.runtime import empty, kernel
 
 
 @kernel
@@ -62,14 +62,14 @@ def _ones_for_none(weight, C, dtype):
 def softmax_cross_entropy_forward(x, target, weight, ignore_index):
     # x: (N, C, H, W) logits, target: (N, H, W) int64 -> loss: (N, H, W), p: (N, C, H, W)
     N, C, H, W = x.shape
-    loss = np.empty((N, H, W), x.dtype)
-    p = np.empty_like(x)
+    loss = empty((N, H, W), x.dtype)
+    p = empty(x.shape, x.dtype)
     _softmax_cross_entropy_forward(x, target, _ones_for_none(weight, C, x.dtype), ignore_index, loss, p)
     return loss, p
 
 
 def softmax_cross_entropy_backward(p, target, weight, ignore_index, gloss):
     # p: (N, C, H, W), target, gloss: (N, H, W) -> gx: (N, C, H, W)
-    gx = np.empty_like(p)
+    gx = empty(p.shape, p.dtype)
     _softmax_cross_entropy_backward(p, target, _ones_for_none(weight, p.shape[1], p.dtype), ignore_index, gloss, gx)
     return gx

@@ -9,7 +9,7 @@ import numpy as np
 from numba import prange
 
 from minunet.contract import conv_out_hw
-from minunet.cpu.runtime import kernel
+from minunet.cpu.runtime import empty, kernel, zeros
 
 
 @kernel
@@ -59,8 +59,8 @@ def _max_pool2d_backward(gy, argmax, gx):
 
 def max_pool2d_forward(x, kernel_size, stride, padding):
     # x: (N, C, H, W) -> y: (N, C, Ho, Wo), argmax: (N, C, Ho, Wo) int64
-    y = np.empty((*x.shape[:2], *conv_out_hw(x.shape[2:], kernel_size, stride, padding)), x.dtype)
-    argmax = np.empty(y.shape, np.int64)
+    y = empty((*x.shape[:2], *conv_out_hw(x.shape[2:], kernel_size, stride, padding)), x.dtype)
+    argmax = empty(y.shape, np.int64)
     _max_pool2d_forward(x, *kernel_size, *stride, *padding, y, argmax)
     return y, argmax
 
@@ -68,6 +68,6 @@ def max_pool2d_forward(x, kernel_size, stride, padding):
 def max_pool2d_backward(gy, argmax, x_shape):
     # gy: (N, C, Ho, Wo), argmax: (N, C, Ho, Wo) -> gx: x_shape = (N, C, H, W)
     N, C, H, W = x_shape
-    gx = np.zeros((N * C, H * W), gy.dtype)
+    gx = zeros((N * C, H * W), gy.dtype)
     _max_pool2d_backward(gy.reshape(N * C, -1), argmax.reshape(N * C, -1), gx)
     return gx.reshape(N, C, H, W)

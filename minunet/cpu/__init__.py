@@ -19,14 +19,15 @@ tests/reference.py:
     loss.py              per-pixel softmax cross-entropy
     batch_norm.py        batch normalisation
     optim.py             fused SGD and Adam/AdamW updates
-    runtime.py           numba's thread pool, the kernel decorator, scratch buffers
+    runtime.py           numba's thread pool, the kernel decorator, scratch buffers, the pool of output buffers
     simd.py              explicit 512-bit SIMD vectors for numba code
     gemm.py              matrix products on those vectors (1x1 convolutions, the up-convolution)
 
 How a kernel is built
 ---------------------
-Each public function is a thin Python wrapper that allocates the outputs with NumPy and hands
-everything to a `@kernel` loop (runtime.py), exactly as cuda.py allocates and launches. Only
+Each public function is a thin Python wrapper that allocates the outputs (NumPy arrays, the large
+ones over buffers that runtime.empty recycles) and hands everything to a `@kernel` loop
+(runtime.py), exactly as cuda.py allocates and launches. Only
 `sgd_update` and `adam_update` write into their arguments. Reductions (bias and batch-norm
 sums, weight gradients) accumulate in float64, except within one plane where a kernel says so
 (vector partial sums in the input dtype). `configure()` sets up the threads the kernels run

@@ -455,9 +455,17 @@ def _tiles(N, Ho, Wo, itemsize):
     return R, TW, (R * (TW + 1) + L - 1) // L * L
 
 
-def _by_channels(C, N, Ho, Wo, itemsize):
-    """Whether a convolution of C input channels onto (N, ., Ho, Wo) shares work by channels."""
-    return 36 * C * _tiles(N, Ho, Wo, itemsize)[2] * itemsize <= _BY_CHANNELS_BYTES
+def _by_channels(C, N, Ho, Wo, itemsize, rows):
+    """Whether a convolution that transforms C channels (input channels; for the weight gradient
+    C + K) onto (N, ., Ho, Wo) shares work by channels: where every tile's transformed inputs
+    fit _BY_CHANNELS_BYTES, or twice that where the split by tiles, in blocks of `rows` tile
+    rows each rounded up to whole vectors of tiles, would compute half as many tiles again (the
+    16x16 planes near a U-Net's bottom: 4 blocks of 20 tiles become 4 of 32)."""
+    R, TW, TBv = _tiles(N, Ho, Wo, itemsize)
+    L = 64 // itemsize
+    nbytes = 36 * C * TBv * itemsize
+    by_tiles = math.ceil(R / rows) * (-(-rows * (TW + 1) // L) * L)
+    return nbytes <= _BY_CHANNELS_BYTES or (nbytes <= 2 * _BY_CHANNELS_BYTES and by_tiles >= 1.5 * TBv)
 
 
 def _blocking(R, TW, C, K, itemsize):
@@ -497,13 +505,14 @@ def _forward(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
     K = w.shape[1] if flip else w.shape[0]
     y = empty((N, K, Ho, Wo), x.dtype)
     b = np.zeros(K, x.dtype) if b is None else b
-    if _by_channels(C, N, Ho, Wo, x.itemsize):
+    R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
+    rows, groups = _blocking(R, TW, C, K, x.itemsize)
+    if _by_channels(C, N, Ho, Wo, x.itemsize, rows):
         _forward_by_channels(x, mask, w, flip, b, relu, ph, pw, max(1, C // (4 * numba.get_num_threads())), _KB, y)
         return y
     U = np.empty((36, K, C), x.dtype)
     _transform_all_filters(w, flip, U)
-    R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
-    _forward_by_tiles(x, mask, U, b, relu, ph, pw, *_blocking(R, TW, C, K, x.itemsize), y)
+    _forward_by_tiles(x, mask, U, b, relu, ph, pw, rows, groups, y)
     return y
 
 

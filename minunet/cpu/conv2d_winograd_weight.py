@@ -306,7 +306,7 @@ def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
     n_parts = min(numba.get_num_threads(), math.ceil(R / rows))
     # by tiles, a thread sums whole blocks of tile rows: where there are fewer blocks than
     # threads (the 8x8 bottom of a U-Net), split by channels whatever the size
-    if _by_channels(C + K, N, Ho, Wo, x.itemsize) or n_parts < numba.get_num_threads():
+    if _by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads():
         _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, gw, gb)
         return gw, gb
     Cv = -(-C // (64 // x.itemsize)) * (64 // x.itemsize)

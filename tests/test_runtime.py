@@ -7,9 +7,10 @@ thread settings (minunet/cpu/runtime.py) are made at the first launch and scoped
 - the first kernel launch starts numba's pool and leaves the environment, numba's settings
   and the BLAS thread count as they were;
 - a GEMM of the v2 convolution runs with BLAS limited to one thread, and the limit is lifted
-  after it.
+  after it;
+- runtime.empty's pool hands a large buffer out again only once every array over it is gone.
 
-Each check runs in a fresh interpreter, as this test process has long since launched kernels.
+Each check of the settings runs in a fresh interpreter, as this test process has long since launched kernels.
 threadpoolctl, which the checks use to read the BLAS settings, sets an environment variable
 as it is imported, so a check imports it only after it has compared the environment.
 """

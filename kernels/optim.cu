@@ -61,32 +61,42 @@ Kernels: sgd_update<T>, adam_update<T>.
 #define OPTIM_CHUNK 4096       // elements per chunk; minunet/cuda.py mirrors it (OPTIM_CHUNK)
 #define TABLE_COLUMNS 6        // p, g, state 1, state 2, n, first_chunk
 
-// The row of the tensor that owns chunk c: the last row whose first_chunk is <= c.
-__device__ __forceinline__ int tensor_of_chunk(const int64* __restrict__ table, int ntensors, int64 c) {
+// Chunk c of the launch: the tensor t that owns it (the last row whose first_chunk is <= c),
+// that tensor's table row and element count n, and the chunk's elements [begin, end).
+struct OptimChunk {
+    int t;
+    const int64* row;
+    int64 n, begin, end;
+};
+
+__device__ __forceinline__ OptimChunk optim_chunk(const int64* __restrict__ table, int ntensors, int64 c) {
     int lo = 0, hi = ntensors - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) / 2;
         if (table[(int64)mid * TABLE_COLUMNS + 5] <= c) lo = mid;
         else hi = mid - 1;
     }
-    return lo;
+    OptimChunk k;
+    k.t = lo;
+    k.row = table + (int64)lo * TABLE_COLUMNS;
+    k.n = k.row[4];
+    k.begin = (c - k.row[5]) * OPTIM_CHUNK;
+    k.end = min(k.n, k.begin + OPTIM_CHUNK);
+    return k;
 }
 
 template <typename T>
 __global__ void sgd_update(const int64* __restrict__ table, const double* __restrict__ hyper, int ntensors,
                            int64 chunks) {
     for (int64 c = blockIdx.x; c < chunks; c += gridDim.x) {
-        const int t = tensor_of_chunk(table, ntensors, c);
-        const int64* row = table + (int64)t * TABLE_COLUMNS;
-        const int64 n = row[4], begin = (c - row[5]) * OPTIM_CHUNK;
-        const int64 end = min(n, begin + OPTIM_CHUNK);
-        T* p = table_pointer<T>(row + 0, n);
-        const T* g = table_pointer<const T>(row + 1, n);
-        T* buf = table_pointer<T>(row + 2, n);  // nullptr without momentum
-        const double* h = hyper + (int64)t * 6;
+        const OptimChunk k = optim_chunk(table, ntensors, c);
+        T* p = table_pointer<T>(k.row + 0, k.n);
+        const T* g = table_pointer<const T>(k.row + 1, k.n);
+        T* buf = table_pointer<T>(k.row + 2, k.n);  // nullptr without momentum
+        const double* h = hyper + (int64)k.t * 6;
         const T lr = T(h[0]), momentum = T(h[1]), dampening = T(h[2]), weight_decay = T(h[3]);
         const bool nesterov = h[4] != 0, first = h[5] != 0;
-        for (int64 idx = begin + threadIdx.x; idx < end; idx += blockDim.x) {
+        for (int64 idx = k.begin + threadIdx.x; idx < k.end; idx += blockDim.x) {
             T d = g[idx] + weight_decay * p[idx];
             if (buf) {
                 const T b = first ? d : momentum * buf[idx] + (T(1) - dampening) * d;
@@ -102,19 +112,16 @@ template <typename T>
 __global__ void adam_update(const int64* __restrict__ table, const double* __restrict__ hyper, int ntensors,
                             int64 chunks) {
     for (int64 c = blockIdx.x; c < chunks; c += gridDim.x) {
-        const int t = tensor_of_chunk(table, ntensors, c);
-        const int64* row = table + (int64)t * TABLE_COLUMNS;
-        const int64 n = row[4], begin = (c - row[5]) * OPTIM_CHUNK;
-        const int64 end = min(n, begin + OPTIM_CHUNK);
-        T* p = table_pointer<T>(row + 0, n);
-        const T* g = table_pointer<const T>(row + 1, n);
-        T* m = table_pointer<T>(row + 2, n);
-        T* v = table_pointer<T>(row + 3, n);
-        const double* h = hyper + (int64)t * 8;
+        const OptimChunk k = optim_chunk(table, ntensors, c);
+        T* p = table_pointer<T>(k.row + 0, k.n);
+        const T* g = table_pointer<const T>(k.row + 1, k.n);
+        T* m = table_pointer<T>(k.row + 2, k.n);
+        T* v = table_pointer<T>(k.row + 3, k.n);
+        const double* h = hyper + (int64)k.t * 8;
         const T lr = T(h[0]), beta1 = T(h[1]), beta2 = T(h[2]), eps = T(h[3]), weight_decay = T(h[4]);
         const T step_size = T(h[5]), bias_correction2_sqrt = T(h[6]);
         const bool decoupled = h[7] != 0;
-        for (int64 idx = begin + threadIdx.x; idx < end; idx += blockDim.x) {
+        for (int64 idx = k.begin + threadIdx.x; idx < k.end; idx += blockDim.x) {
             T param = p[idx], grad = g[idx];
             if (decoupled)
                 param *= T(1) - lr * weight_decay;

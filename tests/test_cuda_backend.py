@@ -141,10 +141,9 @@ CONV_T_EDGE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("version", CONV_VERSIONS)
-@pytest.mark.parametrize("case", CONV_EDGE_CASES, ids=str)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-def test_conv2d_tile_edges(dtype, case, version, rng):
+def check_conv2d_passes(case, dtype, version, rng):
+    """conv2d's forward and both backward passes at `version` against the oracle, on random
+    x, w, b and gy of the shape case (N, C, H, W, K, kernel, stride, padding)."""
     N, C, H, W, K, ks, stride, padding = case
     x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((N, C, H, W), (K, C, *ks), (K,)))
     y_ref = ref.conv2d_forward(x, w, b, stride, padding)
@@ -155,6 +154,13 @@ def test_conv2d_tile_edges(dtype, case, version, rng):
           ref.conv2d_backward_input(gy, w, x.shape, stride, padding), "conv2d_backward_input", version)
     check(cuda.conv2d_backward_weight(dx, dgy, w.shape, stride, padding, version=version),
           ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), "conv2d_backward_weight", version)
+
+
+@pytest.mark.parametrize("version", CONV_VERSIONS)
+@pytest.mark.parametrize("case", CONV_EDGE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_conv2d_tile_edges(dtype, case, version, rng):
+    check_conv2d_passes(case, dtype, version, rng)
 
 
 @pytest.mark.parametrize("case", CONV_T_EDGE_CASES, ids=str)
@@ -183,18 +189,10 @@ def test_every_block_tile(version, dtype, tile, rng, monkeypatch):
     on shapes with partial tiles along every dimension (and 70 channels: partial reduction
     steps), a strided padded case and a weight gradient split over blockIdx.z."""
     monkeypatch.setattr(cuda, "_gemm_tile", lambda M, N, dt: tile)
-    for N, C, H, W, K, ks, stride, padding in [(2, 70, 13, 11, 67, (3, 3), (1, 1), (1, 1)),
-                                               (1, 6, 17, 16, 133, (3, 3), (2, 2), (1, 1)),
-                                               (3, 5, 33, 35, 9, (3, 3), (1, 1), (0, 0))]:
-        x, w, b = (rng.standard_normal(s).astype(dtype) for s in ((N, C, H, W), (K, C, *ks), (K,)))
-        y_ref = ref.conv2d_forward(x, w, b, stride, padding)
-        gy = rng.standard_normal(y_ref.shape).astype(dtype)
-        dx, dw, db, dgy = (cupy.asarray(a) for a in (x, w, b, gy))
-        check(cuda.conv2d_forward(dx, dw, db, stride, padding, version=version), y_ref, "conv2d_forward", version)
-        check(cuda.conv2d_backward_input(dgy, dw, x.shape, stride, padding, version=version),
-              ref.conv2d_backward_input(gy, w, x.shape, stride, padding), "conv2d_backward_input", version)
-        check(cuda.conv2d_backward_weight(dx, dgy, w.shape, stride, padding, version=version),
-              ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), "conv2d_backward_weight", version)
+    for case in [(2, 70, 13, 11, 67, (3, 3), (1, 1), (1, 1)),
+                 (1, 6, 17, 16, 133, (3, 3), (2, 2), (1, 1)),
+                 (3, 5, 33, 35, 9, (3, 3), (1, 1), (0, 0))]:
+        check_conv2d_passes(case, dtype, version, rng)
 
 
 def test_gemm_tile_choice(monkeypatch):

@@ -157,7 +157,6 @@ def fma_helper(fn):
     return numba.njit(cache=True, fastmath=_FMA)(fn)
 
 
-
 _SCRATCH_BYTES = 64 << 20  # a kernel's temporaries (im2col's columns, ...) for this many bytes of images at a time
 
 

@@ -480,8 +480,8 @@ def test_minunet_multi_tensor_update_unbroken_runs_clean(emulator):
 def test_minunet_multi_tensor_chunk_past_its_tensor_is_out_of_bounds(emulator):
     """The last chunk of a tensor run to a full CHUNK: the bytes past the tensor are not its, even
     where another array lies right after it."""
-    optim = _break((KERNEL_DIR / "optim.cu").read_text(), "const int64 end = min(n, begin + OPTIM_CHUNK);",
-                   "const int64 end = begin + OPTIM_CHUNK;")
+    optim = _break((KERNEL_DIR / "optim.cu").read_text(), "k.end = min(k.n, k.begin + OPTIM_CHUNK);",
+                   "k.end = k.begin + OPTIM_CHUNK;")
     with pytest.raises(cp.EmulatorError, match=r"sgd_update<float>: out-of-bounds read of 4 bytes, \d+ bytes past the end "
                                                r"of argument 0"):
         _sgd_step(optim, [4096 + 5, 7])

@@ -109,15 +109,18 @@ def _tile_sum(G, nt, k):
 
 
 @_helper
-def _multiply_transposed(G, k0, nk, VT, nt, acc):
-    # acc[p, kk, c] += sum_t G[p, k0 + kk, t] * VT[p, t, c] over the tiles t < nt, rounded up to
-    # whole vectors (G is 0 at the dummy tiles and past the last one). Micro-kernel: 8 output channels x 2 vectors of input
-    # channels, 16 accumulators in registers along the sum over t, each step 2 loads of VT, 8
-    # broadcasts of G and 16 fused multiply-adds.
+def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
+    # acc[p, kk, c] += sum_t G[p, k0 + kk, t] * VT[p, t, c] over the real tiles t of nr tile rows:
+    # t = lr*(TW + 1) + j, j < TW. The sum runs along t one tile at a time (the vectors lie
+    # along c), so it skips the dummy tiles and the vector padding past the last tile, which
+    # the transforms computed as zeros: at 8x8 (2 tiles a row, 3 slots) and in blocks of a few
+    # tile rows these are as many again as the real tiles. Micro-kernel: 8 output channels x 2
+    # vectors of input channels, 16 accumulators in registers along the sum over t, each step
+    # 2 loads of VT, 8 broadcasts of G and 16 fused multiply-adds.
     TBv = G.shape[2]
     Cv = VT.shape[2]
     L = lanes(VT)
-    T = (nt + L - 1) // L * L
+    S = TW + 1
     z = zeros(VT)
     for p in range(36):
         kk = 0
@@ -130,25 +133,26 @@ def _multiply_transposed(G, k0, nk, VT, nt, acc):
                 b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
                 i = p * TBv * Cv + c
                 if rows == 8:
-                    for t in range(T):
-                        x0 = load(VT, i + t * Cv)
-                        x1 = load(VT, i + t * Cv + L) if two else z
-                        s = splat(g[0, t], z)
-                        a0, b0 = fma(s, x0, a0), fma(s, x1, b0)
-                        s = splat(g[1, t], z)
-                        a1, b1 = fma(s, x0, a1), fma(s, x1, b1)
-                        s = splat(g[2, t], z)
-                        a2, b2 = fma(s, x0, a2), fma(s, x1, b2)
-                        s = splat(g[3, t], z)
-                        a3, b3 = fma(s, x0, a3), fma(s, x1, b3)
-                        s = splat(g[4, t], z)
-                        a4, b4 = fma(s, x0, a4), fma(s, x1, b4)
-                        s = splat(g[5, t], z)
-                        a5, b5 = fma(s, x0, a5), fma(s, x1, b5)
-                        s = splat(g[6, t], z)
-                        a6, b6 = fma(s, x0, a6), fma(s, x1, b6)
-                        s = splat(g[7, t], z)
-                        a7, b7 = fma(s, x0, a7), fma(s, x1, b7)
+                    for lr in range(nr):
+                        for t in range(lr * S, lr * S + TW):
+                            x0 = load(VT, i + t * Cv)
+                            x1 = load(VT, i + t * Cv + L) if two else z
+                            s = splat(g[0, t], z)
+                            a0, b0 = fma(s, x0, a0), fma(s, x1, b0)
+                            s = splat(g[1, t], z)
+                            a1, b1 = fma(s, x0, a1), fma(s, x1, b1)
+                            s = splat(g[2, t], z)
+                            a2, b2 = fma(s, x0, a2), fma(s, x1, b2)
+                            s = splat(g[3, t], z)
+                            a3, b3 = fma(s, x0, a3), fma(s, x1, b3)
+                            s = splat(g[4, t], z)
+                            a4, b4 = fma(s, x0, a4), fma(s, x1, b4)
+                            s = splat(g[5, t], z)
+                            a5, b5 = fma(s, x0, a5), fma(s, x1, b5)
+                            s = splat(g[6, t], z)
+                            a6, b6 = fma(s, x0, a6), fma(s, x1, b6)
+                            s = splat(g[7, t], z)
+                            a7, b7 = fma(s, x0, a7), fma(s, x1, b7)
                     o = (p * nk + kk) * Cv + c
                     _add8(acc, o, Cv, a0, a1, a2, a3, a4, a5, a6, a7)
                     if two:
@@ -156,11 +160,12 @@ def _multiply_transposed(G, k0, nk, VT, nt, acc):
                 else:
                     for r in range(rows):
                         a0 = b0 = z
-                        for t in range(T):
-                            s = splat(g[r, t], z)
-                            a0 = fma(s, load(VT, i + t * Cv), a0)
-                            if two:
-                                b0 = fma(s, load(VT, i + t * Cv + L), b0)
+                        for lr in range(nr):
+                            for t in range(lr * S, lr * S + TW):
+                                s = splat(g[r, t], z)
+                                a0 = fma(s, load(VT, i + t * Cv), a0)
+                                if two:
+                                    b0 = fma(s, load(VT, i + t * Cv + L), b0)
                         o = (p * nk + kk + r) * Cv + c
                         store(acc, o, load(acc, o) + a0)
                         if two:
@@ -237,7 +242,7 @@ def _backward_weight_by_tiles(x, gy, mask, ph, pw, rows_per_block, part, gb_part
             _gradient_transform(gs, nt, 0, K, G)
             for k in range(K):
                 gb_part[th, k] += _tile_sum(G, nt, k)
-            _multiply_transposed(G, 0, K, VT, nt, acc)
+            _multiply_transposed(G, 0, K, VT, nr, TW, acc)
 
 
 @_kernel
@@ -290,7 +295,7 @@ def _backward_weight_by_channels(x, gy, mask, ph, pw, KB, gw, gb):
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0
         acc = np.zeros((36, nk, Cv), x.dtype)
-        _multiply_transposed(G, k0, nk, VT, nt, acc)
+        _multiply_transposed(G, k0, nk, VT, R, TW, acc)
         for kk in range(nk):
             for c0 in range(0, Cv, L):
                 _filter_gradients(acc, kk * Cv + c0, nk * Cv, gw, k0 + kk, c0)

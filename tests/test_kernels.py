@@ -227,16 +227,18 @@ def test_conv2d_forward_drawn(device, version, dtype, case):
           conv_rtol(device, "conv2d_backward_weight", version, dtype))
 
 
-@pytest.mark.parametrize("split", ["tiles", "channels"])
+@pytest.mark.parametrize("split", ["tiles", "channels", "small"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cpu_winograd_work_splits(split, dtype, monkeypatch, rng):
     """v4 shares a convolution between threads by blocks of tiles (large planes) or by channels
-    (small planes, many channels): each way against the oracle, with blocks small enough that
-    there are several, and channel counts off the micro-kernels' multiples; plain and fused
-    (relu=, relu_y=, bias=)."""
-    from minunet.cpu import conv2d_winograd
+    (small planes, many channels), and on the smallest planes runs its forward and input gradient
+    with the output channels in the vectors (conv2d_winograd_small.py): each way against the
+    oracle, with blocks small enough that there are several, and channel counts off the
+    micro-kernels' multiples; plain and fused (relu=, relu_y=, bias=)."""
+    from minunet.cpu import conv2d_winograd, conv2d_winograd_small
     monkeypatch.setattr(conv2d_winograd, "_BY_CHANNELS_BYTES", 0 if split == "tiles" else 1 << 40)
     monkeypatch.setattr(conv2d_winograd, "_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(conv2d_winograd_small, "suits", lambda c_in, c_out, Wo: split == "small")
     for case in [(2, 16, 21, 38, 24, (3, 3), (1, 1), (1, 1)), (3, 9, 13, 10, 12, (3, 3), (1, 1), (0, 0)),
                  (1, 16, 26, 50, 17, (3, 3), (1, 1), (1, 1))]:   # 4 blocks of 2, 2, 2, 1 tile rows
         x, w, b, stride, padding = _conv_inputs(rng, dtype, case)

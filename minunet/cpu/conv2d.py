@@ -41,7 +41,9 @@ Convolution versions (`version=`, see VERSIONS)
       the 8x8, many-channel bottom, by 2x on the few-channel top.
   v4  Winograd's minimal filtering F(4x4, 3x3) for stride-1 3x3 kernels (conv2d_winograd.py
       teaches it): 36 multiplies per 4x4 tile of outputs instead of 144, as 36 matrix products
-      between transformed inputs and transformed filters, on explicit SIMD vectors (simd.py).
+      between transformed inputs and transformed filters, on explicit SIMD vectors (simd.py);
+      on planes a few tiles wide with many channels the forward and the input gradient run
+      with the output channels in the vectors instead of the tiles (conv2d_winograd_small.py).
       A 1x1 kernel with stride 1 and no padding v4 runs as one product per image on the same
       vectors (gemm.py), on numba's threads like every other kernel, not BLAS's. Every other
       convolution v4 runs as v3.
@@ -51,7 +53,7 @@ import numpy as np
 from numba import prange
 
 from minunet.contract import conv_out_hw
-from minunet.cpu import conv2d_winograd, conv2d_winograd_weight, gemm
+from minunet.cpu import conv2d_winograd, conv2d_winograd_small, conv2d_winograd_weight, gemm
 from minunet.cpu.activation import bias_backward, relu_backward
 from minunet.cpu.runtime import batches, empty, kernel, one_blas_thread, scratch, zeros
 
@@ -94,6 +96,13 @@ def choose_version(stride, khw, padding, c_in, c_out, plane):
 def _pointwise(stride, khw, padding):
     """Whether the convolution is one product per image: 1x1 kernel, stride 1, no padding."""
     return tuple(stride) == (1, 1) and tuple(khw) == (1, 1) and tuple(padding) == (0, 0)
+
+
+def _winograd(c_in, c_out, Wo):
+    """v4's module for a forward or input gradient of c_in channels into c_out onto planes Wo
+    wide: products with the tiles in the vectors, or (small planes, many channels) the output
+    channels."""
+    return conv2d_winograd_small if conv2d_winograd_small.suits(c_in, c_out, Wo) else conv2d_winograd
 
 
 def _winograd_fits(stride, khw):
@@ -548,7 +557,7 @@ def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
     Ho, Wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, padding)
     v = version or choose_version(stride, w.shape[2:], padding, x.shape[1], w.shape[0], Ho * Wo)
     if v == 4 and _winograd_fits(stride, w.shape[2:]):   # v4 adds the bias and the ReLU as it writes y
-        return conv2d_winograd.conv2d_forward(x, w, b, padding, relu)
+        return _winograd(x.shape[1], w.shape[0], Wo).conv2d_forward(x, w, b, padding, relu)
     if v == 4 and _pointwise(stride, w.shape[2:], padding):
         y = empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
         gemm.pointwise_forward(x, w.reshape(w.shape[0], -1), np.zeros(w.shape[0], x.dtype) if b is None else b,
@@ -571,7 +580,7 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=
     N, C, H, W = x_shape
     v = version or choose_version(stride, w.shape[2:], padding, w.shape[0], C, H * W)
     if v == 4 and _winograd_fits(stride, w.shape[2:]):   # v4 masks gy as it reads it
-        return conv2d_winograd.conv2d_backward_input(gy, w, x_shape, padding, relu_y)
+        return _winograd(w.shape[0], C, W).conv2d_backward_input(gy, w, x_shape, padding, relu_y)
     gy = gy if relu_y is None else relu_backward(gy, relu_y)  # the others: a pass of its own
     if v == 1:
         gx = zeros(x_shape, gy.dtype)

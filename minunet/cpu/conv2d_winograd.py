@@ -56,6 +56,9 @@ everything for them in buffers of its own that stay in the core's cache:
 Tasks split the tile rows into blocks of about _BLOCK_BYTES of V, and, where there are fewer
 blocks than twice the threads (the small planes at the bottom of a U-Net), split the
 output channels too (each such task transforms the inputs again: cheap next to its products).
+On planes only a few tiles wide with many channels, minunet.cpu.conv2d runs the forward and
+the input gradient in conv2d_winograd_small.py instead: the same transforms, with the vectors
+of the products along the output channels, so that no lane is spent on a dummy tile.
 """
 import math
 
@@ -127,29 +130,39 @@ def _transform_filter(g00, g01, g02, g10, g11, g12, g20, g21, g22):
 def _transform_filters(w, flip, o0, no, U):
     # U[p, oo, i] = (G f G^T)[p] of the filter f from input channel i to output channel o0 + oo of
     # this convolution: f = w[o, i] (K, C, 3, 3), or with flip, f = w[i, o] turned 180 degrees
-    # (the filter of the input gradient). Vectors run over i, gathered from w.
+    # (the filter of the input gradient). Vectors run over i.
     C = w.shape[1]
-    n_in = U.shape[2]
+    if flip:     # w[i, o] turned: tap q of f at (i*C + o)*9 + 8 - q
+        _filter_block(w, o0 * 9 + 8, 9, 9 * C, -1, no, U.shape[2], U)
+    else:        # w[o, i]: tap q at (o*C + i)*9 + q
+        _filter_block(w, o0 * C * 9, 9 * C, 9, 1, no, U.shape[2], U)
+
+
+@_helper
+def _filter_block(w, base, step_a, step_j, tap, na, nj, U):
+    # U[p, a, j] = (G f G^T)[p] for a < na, j < nj, the filter f's tap q (row-major 3x3) at w's
+    # flat place base + a*step_a + j*step_j + q*tap (tap = 1, or -1 for a filter turned 180
+    # degrees); vectors run over j, gathered from w (the last few j one at a time). U's other
+    # places are not written.
     L = lanes(w)
-    for oo in range(no):
-        o = o0 + oo
-        base, step, tap = (o * 9 + 8, 9 * C, -1) if flip else (o * C * 9, 9, 1)  # w[o or i] at base + i*step
-        for i0 in range(0, n_in - L + 1, L):
-            b = base + i0 * step
-            e = _transform_filter(gather(w, b, step), gather(w, b + tap, step), gather(w, b + 2 * tap, step),
-                                  gather(w, b + 3 * tap, step), gather(w, b + 4 * tap, step),
-                                  gather(w, b + 5 * tap, step), gather(w, b + 6 * tap, step),
-                                  gather(w, b + 7 * tap, step), gather(w, b + 8 * tap, step))
-            _store36(U, oo * n_in + i0, no * n_in, e)
+    nu = U.shape[2]
+    for a in range(na):
+        for j0 in range(0, nj - L + 1, L):
+            b = base + a * step_a + j0 * step_j
+            e = _transform_filter(gather(w, b, step_j), gather(w, b + tap, step_j), gather(w, b + 2 * tap, step_j),
+                                  gather(w, b + 3 * tap, step_j), gather(w, b + 4 * tap, step_j),
+                                  gather(w, b + 5 * tap, step_j), gather(w, b + 6 * tap, step_j),
+                                  gather(w, b + 7 * tap, step_j), gather(w, b + 8 * tap, step_j))
+            _store36(U, a * nu + j0, U.shape[1] * nu, e)
         wf = w.reshape(-1)
-        for i in range(n_in - n_in % L, n_in):          # the channels past the last whole vector
-            b = base + i * step
+        for j in range(nj - nj % L, nj):                # the places past the last whole vector
+            b = base + a * step_a + j * step_j
             e = _transform_filter(np.float64(wf[b]), np.float64(wf[b + tap]), np.float64(wf[b + 2 * tap]),
                                   np.float64(wf[b + 3 * tap]), np.float64(wf[b + 4 * tap]),
                                   np.float64(wf[b + 5 * tap]), np.float64(wf[b + 6 * tap]),
                                   np.float64(wf[b + 7 * tap]), np.float64(wf[b + 8 * tap]))
             for p in range(36):
-                U[p, oo, i] = e[p]
+                U[p, a, j] = e[p]
 
 
 @_helper

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from minunet.cpu import conv2d_winograd_small
 from minunet.cpu.conv2d_winograd import _KB, _blocking, _by_channels, _pad_rows, _SIXTH, _24TH, _tile_inputs, _tiles
 from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel
 from minunet.cpu.simd import fma, hsum, lanes, load, load_every4, scatter, splat, store, transpose, zeros
@@ -310,8 +311,11 @@ def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
     rows, _ = _blocking(R, TW, C, K, x.itemsize)
     n_parts = min(numba.get_num_threads(), math.ceil(R / rows))
     # by tiles, a thread sums whole blocks of tile rows: where there are fewer blocks than
-    # threads (the 8x8 bottom of a U-Net), split by channels whatever the size
-    if _by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads():
+    # threads (the 8x8 bottom of a U-Net), split by channels whatever the size; likewise where
+    # the forward runs in conv2d_winograd_small.py (16x16 with 512 channels: each thread's part
+    # would be 36 MB, twice the transformed tiles)
+    if (_by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads()
+            or conv2d_winograd_small.suits(C, K, Wo)):
         _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, gw, gb)
         return gw, gb
     Cv = -(-C // (64 // x.itemsize)) * (64 // x.itemsize)

@@ -1,0 +1,213 @@
+"""minunet.cpu.conv2d_winograd_small: Winograd's F(4x4, 3x3) on small planes, output channels in the lanes.
+
+conv2d's version 4 on the CPU (forward and input gradient) where the plane is a few tiles wide:
+the 8x8 bottom of a U-Net. conv2d_winograd.py teaches the algorithm; this module changes only
+which axis the SIMD lanes run along in the 36 products and the output transform.
+
+Why. conv2d_winograd.py's products M[p] (K, T) = U[p] (K, C) @ V[p] (C, T) run their vectors
+along the tiles T, which its input transform lays out a tile row at a time with one dummy tile
+after each row (see "the steps of a task" there). On an 8x8 plane a tile row is 2 tiles, so a
+row takes 3 lanes, and a batch of 4 images has 16 real tiles in 24 places, rounded up to 32
+lanes: half of every product's multiply-adds go to tiles that are never written out.
+
+Here the products are transposed, M[p]^T (T, K) = V[p]^T (T, C) @ U[p]^T (C, K), with the
+vectors along the output channels K, which a U-Net's bottom has many of (128 to 1024), and a
+sum over the real tiles only, one at a time (their places in V are looked up, the dummies
+skipped). The micro-kernel keeps 8 tiles x 2 vectors of output channels in 16 accumulators
+along the sum over C: each step 2 vector loads of U^T, 8 broadcasts of V and 16 fused
+multiply-adds, the same shape as conv2d_winograd.py's. The output transform then runs on
+vectors of output channels too, and writes each of a tile's 16 outputs to 16 channels at once
+(a scatter, stride Ho*Wo) with the bias and the ReLU added in the registers.
+
+What stays: the input transform (conv2d_winograd.py's, every tile of the batch at once, split
+over input channels) and the filter transform (the same `_filter_block`, with the lanes along
+the output channels). The work splits by blocks of 2 vectors of output channels, each task
+transforming its own filters, which never leave its core's cache.
+"""
+import numba
+import numpy as np
+from numba import prange
+
+from minunet.cpu.conv2d_winograd import _at, _filter_block, _input_transform, _pad_rows
+from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel
+from minunet.cpu.simd import fma, lanes, load, load_range, relu, scatter, splat, store, zeros
+
+_WIDEST = 8          # planes at most this wide (2 tiles a row) run here, ...
+_WIDE, _MANY = 16, 256  # ... and planes up to 16 wide with at least 256 channels in and out
+
+
+def suits(C, K, Wo):
+    """Whether a convolution of C channels into K onto planes Wo wide runs here rather than in
+    conv2d_winograd.py. Measured on 2 cores, batch 4, forward and input gradient: at 8x8 from
+    128 -> 256 channels up, 10 to 20% faster here, and twice as fast at 512 -> 512; at 16x16
+    as fast at 128 channels, twice as fast at 512 (where conv2d_winograd.py's blocks of tiles
+    each read all the transformed filters, 36 MB); at 32x32 slower."""
+    return Wo <= _WIDEST or (Wo <= _WIDE and min(C, K) >= _MANY)
+
+
+@_helper
+def _slot(j, TW):
+    """V's place of real tile j (tile rows of TW tiles, each followed by a dummy)"""
+    return j // TW * (TW + 1) + j % TW
+
+
+@_helper
+def _multiply(V, Ut, TW, Mt):
+    # Mt[p, j, k] = sum_c V[p, c, slot(j)] * Ut[p, c, k] for the real tiles j < T and k < KB (2
+    # vectors). Micro-kernel: 8 tiles x 2 vectors of output channels (see the module's docstring).
+    C, TBv = V.shape[1], V.shape[2]
+    T, KB = Mt.shape[1], Mt.shape[2]
+    L = lanes(V)
+    z = zeros(V)
+    vf = V.reshape(-1)
+    for p in range(36):
+        for j in range(0, T, 8):
+            last = T - 1                                # a group past the last tile repeats it, unstored
+            s0, s1, s2, s3 = _slot(j, TW), _slot(min(j + 1, last), TW), _slot(min(j + 2, last), TW), \
+                _slot(min(j + 3, last), TW)
+            s4, s5, s6, s7 = _slot(min(j + 4, last), TW), _slot(min(j + 5, last), TW), \
+                _slot(min(j + 6, last), TW), _slot(min(j + 7, last), TW)
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
+            b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
+            for c in range(C):
+                u0 = load(Ut, (p * C + c) * KB)
+                u1 = load(Ut, (p * C + c) * KB + L)
+                v = (p * C + c) * TBv
+                s = splat(vf[v + s0], z)
+                a0, b0 = fma(s, u0, a0), fma(s, u1, b0)
+                s = splat(vf[v + s1], z)
+                a1, b1 = fma(s, u0, a1), fma(s, u1, b1)
+                s = splat(vf[v + s2], z)
+                a2, b2 = fma(s, u0, a2), fma(s, u1, b2)
+                s = splat(vf[v + s3], z)
+                a3, b3 = fma(s, u0, a3), fma(s, u1, b3)
+                s = splat(vf[v + s4], z)
+                a4, b4 = fma(s, u0, a4), fma(s, u1, b4)
+                s = splat(vf[v + s5], z)
+                a5, b5 = fma(s, u0, a5), fma(s, u1, b5)
+                s = splat(vf[v + s6], z)
+                a6, b6 = fma(s, u0, a6), fma(s, u1, b6)
+                s = splat(vf[v + s7], z)
+                a7, b7 = fma(s, u0, a7), fma(s, u1, b7)
+            o = (p * T + j) * KB
+            _store2(Mt, o, L, a0, b0)
+            if j + 1 < T:
+                _store2(Mt, o + KB, L, a1, b1)
+            if j + 2 < T:
+                _store2(Mt, o + 2 * KB, L, a2, b2)
+            if j + 3 < T:
+                _store2(Mt, o + 3 * KB, L, a3, b3)
+            if j + 4 < T:
+                _store2(Mt, o + 4 * KB, L, a4, b4)
+            if j + 5 < T:
+                _store2(Mt, o + 5 * KB, L, a5, b5)
+            if j + 6 < T:
+                _store2(Mt, o + 6 * KB, L, a6, b6)
+            if j + 7 < T:
+                _store2(Mt, o + 7 * KB, L, a7, b7)
+
+
+@_helper
+def _store2(a, o, L, v0, v1):
+    store(a, o, v0)
+    store(a, o + L, v1)
+
+
+@_helper
+def _output_transform(Mt, b, apply_relu, k0, nk, TH, TW, y):
+    # y[n, k0 + k, 4*ti + i, 4*tj + c] = (A^T M A)[i, c] + b[k0 + k] (with apply_relu, max of that
+    # and 0) for k < nk, M[a, b'] = Mt[a*6 + b', j, k] of real tile j = (n*TH + ti)*TW + tj;
+    # vectors over k, each output scattered to its L channels; places past y's edge not written
+    T, KB = Mt.shape[1], Mt.shape[2]
+    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    L = lanes(Mt)
+    P = T * KB                                          # from one point to the next in Mt
+    HW = Ho * Wo
+    tmp = np.empty(24 * L, Mt.dtype)
+    for kv in range(0, nk, L):
+        n_lanes = min(L, nk - kv)
+        bias = load_range(b, k0 + kv, 0, n_lanes)
+        for j in range(T):
+            r, tj = j // TW, j % TW
+            n, ti = r // TH, r % TH
+            o = j * KB + kv
+            for a in range(6):                          # along each row: A^T over the columns
+                q0, q1, q2, q3 = _at(load(Mt, o), load(Mt, o + P), load(Mt, o + 2 * P),
+                                     load(Mt, o + 3 * P), load(Mt, o + 4 * P), load(Mt, o + 5 * P))
+                store(tmp, (4 * a) * L, q0)
+                store(tmp, (4 * a + 1) * L, q1)
+                store(tmp, (4 * a + 2) * L, q2)
+                store(tmp, (4 * a + 3) * L, q3)
+                o += 6 * P
+            for c in range(4):                          # then down each column: outputs (i, c)
+                col = 4 * tj + c
+                if col < Wo:
+                    y0, y1, y2, y3 = _at(load(tmp, c * L), load(tmp, (4 + c) * L), load(tmp, (8 + c) * L),
+                                         load(tmp, (12 + c) * L), load(tmp, (16 + c) * L), load(tmp, (20 + c) * L))
+                    y0, y1, y2, y3 = y0 + bias, y1 + bias, y2 + bias, y3 + bias
+                    if apply_relu:
+                        y0, y1, y2, y3 = relu(y0), relu(y1), relu(y2), relu(y3)
+                    at = ((n * K + k0 + kv) * Ho + 4 * ti) * Wo + col
+                    scatter(y, at, HW, y0, n_lanes)
+                    if 4 * ti + 1 < Ho:
+                        scatter(y, at + Wo, HW, y1, n_lanes)
+                    if 4 * ti + 2 < Ho:
+                        scatter(y, at + 2 * Wo, HW, y2, n_lanes)
+                    if 4 * ti + 3 < Ho:
+                        scatter(y, at + 3 * Wo, HW, y3, n_lanes)
+
+
+@_kernel
+def _forward(x, mask, w, flip, b, apply_relu, ph, pw, CB, y):
+    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W) (masked, see _pad_rows), padded
+    # by (ph, pw), by w (or w flipped: conv2d_winograd._transform_filters); with apply_relu
+    # max(y, 0). Every tile's inputs transformed first, CB input channels to a task; then one
+    # task per 2 vectors of output channels: its filters, products and outputs.
+    N, C = x.shape[0], x.shape[1]
+    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    Cw = w.shape[1]
+    L = lanes(x)
+    TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
+    R = N * TH
+    nt = R * (TW + 1)
+    TBv = (nt + L - 1) // L * L
+    xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
+    V = np.empty((36, C, TBv), x.dtype)
+    for cb in prange((C + CB - 1) // CB):
+        c0, c1 = cb * CB, min(C, cb * CB + CB)
+        _pad_rows(x, mask, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
+        _input_transform(xs, nt, c0, c1, V)
+    KB = 2 * L
+    for kb in prange((K + KB - 1) // KB):
+        k0 = kb * KB
+        nk = min(K, k0 + KB) - k0
+        Ut = np.empty((36, C, KB), x.dtype)             # U^T
+        if nk < KB:                                     # the lanes past nk: 0
+            Ut[:, :, nk:] = 0
+        if flip:   # output channel k of this convolution is w's input channel: w[c, k] turned
+            _filter_block(w, k0 * 9 + 8, 9 * Cw, 9, -1, C, nk, Ut)
+        else:      # w[k, c]
+            _filter_block(w, k0 * Cw * 9, 9, 9 * Cw, 1, C, nk, Ut)
+        Mt = np.empty((36, R * TW, KB), x.dtype)
+        _multiply(V, Ut, TW, Mt)
+        _output_transform(Mt, b, apply_relu, k0, nk, TH, TW, y)
+
+
+def conv2d_forward(x, w, b, padding, relu):
+    # as conv2d_winograd.conv2d_forward
+    (ph, pw), (H, W) = padding, x.shape[2:]
+    return _run(x, None, w, False, b, relu, ph, pw, H + 2 * ph - 2, W + 2 * pw - 2)
+
+
+def conv2d_backward_input(gy, w, x_shape, padding, relu_y):
+    # as conv2d_winograd.conv2d_backward_input
+    return _run(gy, relu_y, w, True, None, False, 2 - padding[0], 2 - padding[1], *x_shape[2:])
+
+
+def _run(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
+    N, C = x.shape[:2]
+    K = w.shape[1] if flip else w.shape[0]
+    y = empty((N, K, Ho, Wo), x.dtype)
+    b = np.zeros(K, x.dtype) if b is None else b
+    _forward(x, mask, w, flip, b, relu, ph, pw, max(1, C // (4 * numba.get_num_threads())), y)
+    return y

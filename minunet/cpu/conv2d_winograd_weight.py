@@ -125,6 +125,9 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
     z = zeros(VT)
     for p in range(36):
         kk = 0
+        while Cv == L and nk - kk >= 16:                # one vector of input channels: 16 output channels
+            _multiply16(G[p, k0 + kk:k0 + kk + 16], VT, p * TBv * Cv, nr, TW, acc, (p * nk + kk) * Cv)
+            kk += 16
         while kk < nk:
             rows = min(8, nk - kk)                      # 8 output channels, or the last few
             g = G[p, k0 + kk:k0 + kk + rows]
@@ -172,6 +175,32 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
                         if two:
                             store(acc, o + L, load(acc, o + L) + b0)
             kk += rows
+
+
+@_helper
+def _multiply16(g, VT, i, nr, TW, acc, o):
+    # acc[o + r*L : o + r*L + L] += sum_t g[r, t] * VT[i + t*L : i + t*L + L], r < 16, over the real
+    # tiles t of nr tile rows: _multiply_transposed's micro-kernel where the input channels are
+    # one vector (C <= L: the top of a U-Net), which there would leave half its accumulators
+    # idle; here 16 output channels x 1 vector, each step 1 load of VT, 16 broadcasts of g and
+    # 16 fused multiply-adds.
+    L = lanes(VT)
+    S = TW + 1
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zeros(VT)
+    a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = zeros(VT)
+    for lr in range(nr):
+        for t in range(lr * S, lr * S + TW):
+            x = load(VT, i + t * L)
+            a0, a1 = fma(splat(g[0, t], x), x, a0), fma(splat(g[1, t], x), x, a1)
+            a2, a3 = fma(splat(g[2, t], x), x, a2), fma(splat(g[3, t], x), x, a3)
+            a4, a5 = fma(splat(g[4, t], x), x, a4), fma(splat(g[5, t], x), x, a5)
+            a6, a7 = fma(splat(g[6, t], x), x, a6), fma(splat(g[7, t], x), x, a7)
+            a8, a9 = fma(splat(g[8, t], x), x, a8), fma(splat(g[9, t], x), x, a9)
+            a10, a11 = fma(splat(g[10, t], x), x, a10), fma(splat(g[11, t], x), x, a11)
+            a12, a13 = fma(splat(g[12, t], x), x, a12), fma(splat(g[13, t], x), x, a13)
+            a14, a15 = fma(splat(g[14, t], x), x, a14), fma(splat(g[15, t], x), x, a15)
+    _add8(acc, o, L, a0, a1, a2, a3, a4, a5, a6, a7)
+    _add8(acc, o + 8 * L, L, a8, a9, a10, a11, a12, a13, a14, a15)
 
 
 @_helper

@@ -56,6 +56,7 @@ from minunet.contract import conv_out_hw
 from minunet.cpu import conv2d_winograd, conv2d_winograd_small, conv2d_winograd_weight, gemm
 from minunet.cpu.activation import bias_backward, relu_backward
 from minunet.cpu.runtime import batches, empty, kernel, one_blas_thread, scratch, zeros
+from minunet.cpu.simd import lanes, load_range, relu_mask, store_range
 
 VERSIONS = {
     "conv2d_forward": (1, 2, 3, 4),
@@ -362,6 +363,7 @@ def _pad_planes(x, mask, top, left, Hp, Wp, xp):
     # where the mask is <= 0. One plane per task; each place is written once (a zero fill
     # first would double the memory traffic).
     N, C, H, W = x.shape
+    L = lanes(x)
     h0, h1 = min(Hp, max(0, top)), max(min(Hp, max(0, top)), min(Hp, H + top))
     q0, q1 = min(Wp, max(0, left)), max(min(Wp, max(0, left)), min(Wp, W + left))
     for nc in prange(N * C):
@@ -373,10 +375,11 @@ def _pad_planes(x, mask, top, left, Hp, Wp, xp):
             row[:q0] = 0
             if mask is None:
                 row[q0:q1] = x[n, c, h - top, q0 - left:q1 - left]
-            else:
+            else:                                       # on vectors: LLVM leaves this loop scalar
                 src, m = x[n, c, h - top], mask[n, c, h - top]
-                for q in range(q0, q1):
-                    row[q] = src[q - left] if m[q - left] > 0 else 0
+                for q in range(q0, q1, L):
+                    v = relu_mask(load_range(src, q - left, 0, q1 - q), load_range(m, q - left, 0, q1 - q))
+                    store_range(plane, h * Wp + q, v, 0, q1 - q)
             row[q1:] = 0
         plane[h1 * Wp:] = 0
 

@@ -5,7 +5,6 @@ so the valid-padding U-Net's centre crop of each skip feature costs no extra cop
 backward pass hands each input the matching channel slice of gy inside its window and 0
 outside it.
 """
-import numpy as np
 from numba import prange
 
 from minunet.cpu.runtime import empty, kernel

@@ -99,11 +99,13 @@ def _pointwise(stride, khw, padding):
     return tuple(stride) == (1, 1) and tuple(khw) == (1, 1) and tuple(padding) == (0, 0)
 
 
-def _winograd(c_in, c_out, Wo):
-    """v4's module for a forward or input gradient of c_in channels into c_out onto planes Wo
-    wide: products with the tiles in the vectors, or (small planes, many channels) the output
-    channels."""
-    return conv2d_winograd_small if conv2d_winograd_small.suits(c_in, c_out, Wo) else conv2d_winograd
+def _winograd(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
+    """v4's stride-1 3x3 convolution (conv2d_winograd.convolve: the forward, or with flip and the
+    mask relu_y the input gradient) onto planes Wo wide: products with the tiles in the vectors,
+    or (small planes, many channels) with the output channels."""
+    c_out = w.shape[1] if flip else w.shape[0]
+    small = conv2d_winograd_small.suits(x.shape[1], c_out, Wo)
+    return (conv2d_winograd_small if small else conv2d_winograd).convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo)
 
 
 def _winograd_fits(stride, khw):
@@ -560,7 +562,7 @@ def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
     Ho, Wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, padding)
     v = version or choose_version(stride, w.shape[2:], padding, x.shape[1], w.shape[0], Ho * Wo)
     if v == 4 and _winograd_fits(stride, w.shape[2:]):   # v4 adds the bias and the ReLU as it writes y
-        return _winograd(x.shape[1], w.shape[0], Wo).conv2d_forward(x, w, b, padding, relu)
+        return _winograd(x, None, w, False, b, relu, *padding, Ho, Wo)
     if v == 4 and _pointwise(stride, w.shape[2:], padding):
         y = empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
         gemm.pointwise_forward(x, w.reshape(w.shape[0], -1), np.zeros(w.shape[0], x.dtype) if b is None else b,
@@ -583,7 +585,7 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=
     N, C, H, W = x_shape
     v = version or choose_version(stride, w.shape[2:], padding, w.shape[0], C, H * W)
     if v == 4 and _winograd_fits(stride, w.shape[2:]):   # v4 masks gy as it reads it
-        return _winograd(w.shape[0], C, W).conv2d_backward_input(gy, w, x_shape, padding, relu_y)
+        return _winograd(gy, relu_y, w, True, None, False, 2 - padding[0], 2 - padding[1], H, W)  # padded by 2 - p
     gy = gy if relu_y is None else relu_backward(gy, relu_y)  # the others: a pass of its own
     if v == 1:
         gx = zeros(x_shape, gy.dtype)

@@ -313,6 +313,22 @@ def _store8(a, o, step, v0, v1, v2, v3, v4, v5, v6, v7):
 
 
 @_helper
+def _rows_at(Mt, o, P, tmp):
+    # the first half of the output transform, A^T along each row: tmp[(4a + c)*L + lane] =
+    # (A^T m_a)[c] for the 6 rows a, m_a's 6 points (a, b) the vectors at Mt's flat places
+    # o + (6a + b)*P
+    L = lanes(Mt)
+    for a in range(6):
+        q0, q1, q2, q3 = _at(load(Mt, o), load(Mt, o + P), load(Mt, o + 2 * P),
+                             load(Mt, o + 3 * P), load(Mt, o + 4 * P), load(Mt, o + 5 * P))
+        store(tmp, (4 * a) * L, q0)
+        store(tmp, (4 * a + 1) * L, q1)
+        store(tmp, (4 * a + 2) * L, q2)
+        store(tmp, (4 * a + 3) * L, q3)
+        o += 6 * P
+
+
+@_helper
 def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y):
     # y[n, k0+kk, 4*ti + i, 4*tj + j] = (A^T M A)[i, j] + b[k0+kk], M[a, b'] = Mt[a*6+b', kk, t] for
     # the tiles t = lr*(TW+1) + tj of tile rows r0 + lr (with apply_relu, max of that and 0: the bias and
@@ -328,14 +344,7 @@ def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y):
         bias = splat(b[k0 + kk], zeros(Mt))
         for t0 in range(0, nt, L):
             o = kk * TBv + t0
-            for a in range(6):                          # along each row: A^T over the columns
-                q0, q1, q2, q3 = _at(load(Mt, o), load(Mt, o + P), load(Mt, o + 2 * P),
-                                     load(Mt, o + 3 * P), load(Mt, o + 4 * P), load(Mt, o + 5 * P))
-                store(tmp, (4 * a) * L, q0)
-                store(tmp, (4 * a + 1) * L, q1)
-                store(tmp, (4 * a + 2) * L, q2)
-                store(tmp, (4 * a + 3) * L, q3)
-                o += 6 * P
+            _rows_at(Mt, o, P, tmp)                     # along each row: A^T over the columns
             y0 = _at(load(tmp, 0), load(tmp, 4 * L), load(tmp, 8 * L),                # then down each column
                      load(tmp, 12 * L), load(tmp, 16 * L), load(tmp, 20 * L))
             y1 = _at(load(tmp, L), load(tmp, 5 * L), load(tmp, 9 * L),
@@ -425,30 +434,46 @@ def _forward_by_tiles(x, mask, U, b, apply_relu, ph, pw, rows_per_block, groups,
 
 
 @_kernel
-def _forward_by_channels(x, mask, w, flip, b, apply_relu, ph, pw, CB, KB, y):
-    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W) (masked, see _pad_rows), padded
-    # by (ph, pw), by w (or w flipped, see _transform_filters), with apply_relu max(y, 0); every tile at
-    # once, the inputs transformed CB channels to a task, the products and outputs KB output
-    # channels to a task
+def _transform_inputs(x, mask, ph, pw, Ho, Wo, CB, V):
+    # V: (36, C, TBv) = the input transform of every tile of x: (N, C, H, W) (masked, see
+    # _pad_rows), padded by (ph, pw), onto planes (Ho, Wo); CB input channels to a task. The
+    # first step of the split by channels (and of conv2d_winograd_small.py's kernel).
     N, C = x.shape[0], x.shape[1]
-    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
-    L = lanes(x)
+    TBv = V.shape[2]
     TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
     R = N * TH
     nt = R * (TW + 1)
-    TBv = (nt + L - 1) // L * L
     xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
-    V = np.empty((36, C, TBv), x.dtype)
     for cb in prange((C + CB - 1) // CB):
         c0, c1 = cb * CB, min(C, cb * CB + CB)
         _pad_rows(x, mask, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
         _input_transform(xs, nt, c0, c1, V)
+
+
+def transformed_inputs(x, mask, ph, pw, Ho, Wo):
+    """V: (36, C, TBv), the transformed inputs of every tile of the batch (_transform_inputs),
+    split over input channels between the threads."""
+    N, C = x.shape[:2]
+    V = empty((36, C, _tiles(N, Ho, Wo, x.itemsize)[2]), x.dtype)
+    _transform_inputs(x, mask, ph, pw, Ho, Wo, max(1, C // (4 * numba.get_num_threads())), V)
+    return V
+
+
+@_kernel
+def _forward_by_channels(V, w, flip, b, apply_relu, KB, y):
+    # y: (N, K, Ho, Wo) = b + the products of the transformed inputs V (transformed_inputs) with w
+    # (or w flipped, see _transform_filters), with apply_relu max(y, 0): one task per block of KB
+    # output channels, which transforms its own filters, multiplies and writes its outputs
+    N, C, TBv = y.shape[0], V.shape[1], V.shape[2]
+    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
+    R = N * TH
     for kb in prange((K + KB - 1) // KB):
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0
-        Ub = np.empty((36, nk, C), x.dtype)
+        Ub = np.empty((36, nk, C), V.dtype)
         _transform_filters(w, flip, k0, nk, Ub)
-        Mt = np.empty((36, nk, TBv), x.dtype)
+        Mt = np.empty((36, nk, TBv), V.dtype)
         _multiply(Ub, V, Mt)
         _output_transform(Mt, b, apply_relu, k0, 0, R, TH, TW, y)
 
@@ -499,21 +524,11 @@ def _blocking(R, TW, C, K, itemsize):
     return rows, groups
 
 
-def conv2d_forward(x, w, b, padding, relu):
-    # x: (N, C, H, W), w: (K, C, 3, 3), b: (K,) or None -> y: (N, K, H + 2ph - 2, W + 2pw - 2),
-    # max(y, 0) with relu
-    (ph, pw), (H, W) = padding, x.shape[2:]
-    return _forward(x, None, w, False, b, relu, ph, pw, H + 2 * ph - 2, W + 2 * pw - 2)
-
-
-def conv2d_backward_input(gy, w, x_shape, padding, relu_y):
-    # gy: (N, K, Ho, Wo), w: (K, C, 3, 3), relu_y: gy's shape or None -> gx: x_shape, the
-    # convolution of gy (of gy where relu_y > 0, else 0, with relu_y), padded by 2 - p, by w
-    # turned 180 degrees with its channel axes swapped
-    return _forward(gy, relu_y, w, True, None, False, 2 - padding[0], 2 - padding[1], *x_shape[2:])
-
-
-def _forward(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
+def convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
+    """y: (N, K, Ho, Wo) = b + the stride-1 3x3 convolution of x: (N, C, H, W), padded by (ph, pw),
+    by w: (K, C, 3, 3), max(y, 0) with relu; or with flip by w turned 180 degrees with its
+    channel axes swapped (K = w.shape[1]): conv2d's input gradient, of x = gy padded by 2 - p,
+    masked by mask = relu_y (None: not masked) as it is read. b may be None."""
     N, C = x.shape[:2]
     K = w.shape[1] if flip else w.shape[0]
     y = empty((N, K, Ho, Wo), x.dtype)
@@ -521,7 +536,7 @@ def _forward(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
     R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
     rows, groups = _blocking(R, TW, C, K, x.itemsize)
     if _by_channels(C, N, Ho, Wo, x.itemsize, rows):
-        _forward_by_channels(x, mask, w, flip, b, relu, ph, pw, max(1, C // (4 * numba.get_num_threads())), _KB, y)
+        _forward_by_channels(transformed_inputs(x, mask, ph, pw, Ho, Wo), w, flip, b, relu, _KB, y)
         return y
     U = np.empty((36, K, C), x.dtype)
     _transform_all_filters(w, flip, U)

@@ -24,11 +24,10 @@ over input channels) and the filter transform (the same `_filter_block`, with th
 the output channels). The work splits by blocks of 2 vectors of output channels, each task
 transforming its own filters, which never leave its core's cache.
 """
-import numba
 import numpy as np
 from numba import prange
 
-from minunet.cpu.conv2d_winograd import _at, _filter_block, _input_transform, _pad_rows
+from minunet.cpu.conv2d_winograd import _at, _filter_block, _rows_at, transformed_inputs
 from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel
 from minunet.cpu.simd import fma, lanes, load, load_range, relu, scatter, splat, store, zeros
 
@@ -131,14 +130,7 @@ def _output_transform(Mt, b, apply_relu, k0, nk, TH, TW, y):
             r, tj = j // TW, j % TW
             n, ti = r // TH, r % TH
             o = j * KB + kv
-            for a in range(6):                          # along each row: A^T over the columns
-                q0, q1, q2, q3 = _at(load(Mt, o), load(Mt, o + P), load(Mt, o + 2 * P),
-                                     load(Mt, o + 3 * P), load(Mt, o + 4 * P), load(Mt, o + 5 * P))
-                store(tmp, (4 * a) * L, q0)
-                store(tmp, (4 * a + 1) * L, q1)
-                store(tmp, (4 * a + 2) * L, q2)
-                store(tmp, (4 * a + 3) * L, q3)
-                o += 6 * P
+            _rows_at(Mt, o, P, tmp)                     # along each row: A^T over the columns
             for c in range(4):                          # then down each column: outputs (i, c)
                 col = 4 * tj + c
                 if col < Wo:
@@ -158,56 +150,37 @@ def _output_transform(Mt, b, apply_relu, k0, nk, TH, TW, y):
 
 
 @_kernel
-def _forward(x, mask, w, flip, b, apply_relu, ph, pw, CB, y):
-    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W) (masked, see _pad_rows), padded
-    # by (ph, pw), by w (or w flipped: conv2d_winograd._transform_filters); with apply_relu
-    # max(y, 0). Every tile's inputs transformed first, CB input channels to a task; then one
-    # task per 2 vectors of output channels: its filters, products and outputs.
-    N, C = x.shape[0], x.shape[1]
+def _forward(V, w, flip, b, apply_relu, y):
+    # y: (N, K, Ho, Wo) = b + the products of the transformed inputs V (conv2d_winograd's
+    # transformed_inputs) with w (or w flipped: conv2d_winograd._transform_filters); with
+    # apply_relu max(y, 0). One task per 2 vectors of output channels: its filters, products
+    # and outputs.
+    N, C = y.shape[0], V.shape[1]
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     Cw = w.shape[1]
-    L = lanes(x)
+    L = lanes(V)
     TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
     R = N * TH
-    nt = R * (TW + 1)
-    TBv = (nt + L - 1) // L * L
-    xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
-    V = np.empty((36, C, TBv), x.dtype)
-    for cb in prange((C + CB - 1) // CB):
-        c0, c1 = cb * CB, min(C, cb * CB + CB)
-        _pad_rows(x, mask, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
-        _input_transform(xs, nt, c0, c1, V)
     KB = 2 * L
     for kb in prange((K + KB - 1) // KB):
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0
-        Ut = np.empty((36, C, KB), x.dtype)             # U^T
+        Ut = np.empty((36, C, KB), V.dtype)             # U^T
         if nk < KB:                                     # the lanes past nk: 0
             Ut[:, :, nk:] = 0
         if flip:   # output channel k of this convolution is w's input channel: w[c, k] turned
             _filter_block(w, k0 * 9 + 8, 9 * Cw, 9, -1, C, nk, Ut)
         else:      # w[k, c]
             _filter_block(w, k0 * Cw * 9, 9, 9 * Cw, 1, C, nk, Ut)
-        Mt = np.empty((36, R * TW, KB), x.dtype)
+        Mt = np.empty((36, R * TW, KB), V.dtype)
         _multiply(V, Ut, TW, Mt)
         _output_transform(Mt, b, apply_relu, k0, nk, TH, TW, y)
 
 
-def conv2d_forward(x, w, b, padding, relu):
-    # as conv2d_winograd.conv2d_forward
-    (ph, pw), (H, W) = padding, x.shape[2:]
-    return _run(x, None, w, False, b, relu, ph, pw, H + 2 * ph - 2, W + 2 * pw - 2)
-
-
-def conv2d_backward_input(gy, w, x_shape, padding, relu_y):
-    # as conv2d_winograd.conv2d_backward_input
-    return _run(gy, relu_y, w, True, None, False, 2 - padding[0], 2 - padding[1], *x_shape[2:])
-
-
-def _run(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
-    N, C = x.shape[:2]
+def convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
+    """As conv2d_winograd.convolve."""
     K = w.shape[1] if flip else w.shape[0]
-    y = empty((N, K, Ho, Wo), x.dtype)
+    y = empty((x.shape[0], K, Ho, Wo), x.dtype)
     b = np.zeros(K, x.dtype) if b is None else b
-    _forward(x, mask, w, flip, b, relu, ph, pw, max(1, C // (4 * numba.get_num_threads())), y)
+    _forward(transformed_inputs(x, mask, ph, pw, Ho, Wo), w, flip, b, relu, y)
     return y

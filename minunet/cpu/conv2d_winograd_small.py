@@ -51,17 +51,18 @@ def _slot(j, TW):
 
 
 @_helper
-def _multiply(V, Ut, TW, Mt):
+def _multiply(V, Ut, T, TW, Mt):
     # Mt[p, j, k] = sum_c V[p, c, slot(j)] * Ut[p, c, k] for the real tiles j < T and k < KB (2
     # vectors). Micro-kernel: 8 tiles x 2 vectors of output channels (see the module's docstring).
+    # Mt's rows are T rounded up to 8: a last group past tile T - 1 repeats it into rows never read.
     C, TBv = V.shape[1], V.shape[2]
-    T, KB = Mt.shape[1], Mt.shape[2]
+    T8, KB = Mt.shape[1], Mt.shape[2]
     L = lanes(V)
     z = zeros(V)
     vf = V.reshape(-1)
     for p in range(36):
         for j in range(0, T, 8):
-            last = T - 1                                # a group past the last tile repeats it, unstored
+            last = T - 1
             s0, s1, s2, s3 = _slot(j, TW), _slot(min(j + 1, last), TW), _slot(min(j + 2, last), TW), \
                 _slot(min(j + 3, last), TW)
             s4, s5, s6, s7 = _slot(min(j + 4, last), TW), _slot(min(j + 5, last), TW), \
@@ -88,22 +89,15 @@ def _multiply(V, Ut, TW, Mt):
                 a6, b6 = fma(s, u0, a6), fma(s, u1, b6)
                 s = splat(vf[v + s7], z)
                 a7, b7 = fma(s, u0, a7), fma(s, u1, b7)
-            o = (p * T + j) * KB
+            o = (p * T8 + j) * KB
             _store2(Mt, o, L, a0, b0)
-            if j + 1 < T:
-                _store2(Mt, o + KB, L, a1, b1)
-            if j + 2 < T:
-                _store2(Mt, o + 2 * KB, L, a2, b2)
-            if j + 3 < T:
-                _store2(Mt, o + 3 * KB, L, a3, b3)
-            if j + 4 < T:
-                _store2(Mt, o + 4 * KB, L, a4, b4)
-            if j + 5 < T:
-                _store2(Mt, o + 5 * KB, L, a5, b5)
-            if j + 6 < T:
-                _store2(Mt, o + 6 * KB, L, a6, b6)
-            if j + 7 < T:
-                _store2(Mt, o + 7 * KB, L, a7, b7)
+            _store2(Mt, o + KB, L, a1, b1)
+            _store2(Mt, o + 2 * KB, L, a2, b2)
+            _store2(Mt, o + 3 * KB, L, a3, b3)
+            _store2(Mt, o + 4 * KB, L, a4, b4)
+            _store2(Mt, o + 5 * KB, L, a5, b5)
+            _store2(Mt, o + 6 * KB, L, a6, b6)
+            _store2(Mt, o + 7 * KB, L, a7, b7)
 
 
 @_helper
@@ -113,14 +107,14 @@ def _store2(a, o, L, v0, v1):
 
 
 @_helper
-def _output_transform(Mt, b, apply_relu, k0, nk, TH, TW, y):
+def _output_transform(Mt, T, b, apply_relu, k0, nk, TH, TW, y):
     # y[n, k0 + k, 4*ti + i, 4*tj + c] = (A^T M A)[i, c] + b[k0 + k] (with apply_relu, max of that
-    # and 0) for k < nk, M[a, b'] = Mt[a*6 + b', j, k] of real tile j = (n*TH + ti)*TW + tj;
+    # and 0) for k < nk, M[a, b'] = Mt[a*6 + b', j, k] of real tile j = (n*TH + ti)*TW + tj < T;
     # vectors over k, each output scattered to its L channels; places past y's edge not written
-    T, KB = Mt.shape[1], Mt.shape[2]
+    KB = Mt.shape[2]
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     L = lanes(Mt)
-    P = T * KB                                          # from one point to the next in Mt
+    P = Mt.shape[1] * KB                                          # from one point to the next in Mt
     HW = Ho * Wo
     tmp = np.empty(24 * L, Mt.dtype)
     for kv in range(0, nk, L):
@@ -172,9 +166,9 @@ def _forward(V, w, flip, b, apply_relu, y):
             _filter_block(w, k0 * 9 + 8, 9 * Cw, 9, -1, C, nk, Ut)
         else:      # w[k, c]
             _filter_block(w, k0 * Cw * 9, 9, 9 * Cw, 1, C, nk, Ut)
-        Mt = np.empty((36, R * TW, KB), V.dtype)
-        _multiply(V, Ut, TW, Mt)
-        _output_transform(Mt, b, apply_relu, k0, nk, TH, TW, y)
+        Mt = np.empty((36, (R * TW + 7) // 8 * 8, KB), V.dtype)
+        _multiply(V, Ut, R * TW, TW, Mt)
+        _output_transform(Mt, R * TW, b, apply_relu, k0, nk, TH, TW, y)
 
 
 def convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):

@@ -8,7 +8,9 @@ thread settings (minunet/cpu/runtime.py) are made at the first launch and scoped
   and the BLAS thread count as they were;
 - a GEMM of the v2 convolution runs with BLAS limited to one thread, and the limit is lifted
   after it;
-- runtime.empty's pool hands a large buffer out again only once every array over it is gone.
+- runtime.empty's pool hands a large buffer out again only once every array over it is gone;
+- scratch buffers are reused from call to call, and from 2 MB up (pooled ones too) start on a
+  huge page's boundary, marked for transparent huge pages where Linux has them.
 
 Each check of the settings runs in a fresh interpreter, as this test process has long since launched kernels.
 threadpoolctl, which the checks use to read the BLAS settings, sets an environment variable
@@ -140,3 +142,44 @@ def test_pooled_arrays_are_fresh_while_any_view_lives():
     assert z.shape == (256, 1024) and not z.any()
     small = runtime.empty((3, 5), np.float64)
     assert small.shape == (3, 5) and small.flags.owndata
+
+
+def _vm_flags(address):
+    """The VmFlags of the mapping of this process that holds address (Linux's /proc/self/smaps)."""
+    with open("/proc/self/smaps") as f:
+        inside = False
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(v, 16) for v in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    return None
+
+
+def test_scratch_is_reused_and_large_buffers_are_on_huge_pages():
+    """runtime.scratch hands the same memory to the next call of its slot, and a larger buffer only
+    when asked for more; thread_scratch's rows (one per numba thread) start on cache lines; from
+    2 MB up, scratch and pooled buffers start on a 2 MB boundary in a mapping of their own marked
+    for transparent huge pages (VmFlags 'hg'), where Linux offers them."""
+    import mmap
+
+    import numba
+    import numpy as np
+
+    from minunet.cpu import runtime
+    a = runtime.scratch((1000,), np.float32, slot=7)
+    b = runtime.scratch((10, 50), np.float64, slot=7)       # the same bytes, another shape
+    assert b.shape == (10, 50) and b.__array_interface__["data"][0] == a.__array_interface__["data"][0]
+    rows = runtime.thread_scratch(1001, np.float32, slot=7)
+    assert rows.shape[0] == numba.get_num_threads() and rows.shape[1] >= 1001
+    assert rows.strides[0] % 64 == 0
+    big = runtime.scratch((3 << 20,), np.uint8, slot=7)     # 3 MB
+    pooled = runtime.empty((3 << 18,), np.float32)          # 3 MB
+    for arr in (big, pooled):
+        address = arr.__array_interface__["data"][0]
+        assert address % (2 << 20) == 0
+        if hasattr(mmap, "MADV_HUGEPAGE") and _vm_flags(address) is not None:
+            assert "hg" in _vm_flags(address)
+    runtime._scratch_space.bufs.pop(7)

@@ -9,6 +9,7 @@ compiled once per machine.
 import contextlib
 import functools
 import math
+import mmap
 import os
 import threading
 import weakref
@@ -167,10 +168,35 @@ def batches(N, sample_nbytes):
     return [slice(n, min(n + step, N)) for n in range(0, N, step)]
 
 
+# Scratch memory. Temporaries that never leave a kernel (im2col's columns, v3's padded planes,
+# v4's per-thread tiles) live in growing buffers kept per Python thread and reused from call to
+# call, which skips the page faults a fresh array of that size costs on every call. From 2 MB up
+# they are mapped on their own and marked for transparent huge pages (madvise(MADV_HUGEPAGE),
+# where Linux offers it: it changes nothing outside these mappings). v4's transforms store each
+# tile's 36 points into 36 rows some kilobytes apart, a new 4 KB page per store: with 4 KB pages
+# the TLB misses on nearly every one, with 2 MB pages a whole block of tiles is a few entries
+# (measured on 2 cores: the forward of 16 -> 16 channels at 128x128, 20% faster).
+_HUGE_PAGE = 2 << 20
+
+
+def _buffer(nbytes):
+    """A new np.uint8 buffer of nbytes; from _HUGE_PAGE up, on huge pages where the system has them."""
+    if nbytes < _HUGE_PAGE or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return np.empty(nbytes, np.uint8)
+    size = nbytes + _HUGE_PAGE                          # room to start on a huge page's boundary
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:                                     # a kernel without transparent huge pages
+        pass
+    whole = np.frombuffer(m, np.uint8)                  # keeps the mapping alive
+    start = -whole.ctypes.data % _HUGE_PAGE
+    return whole[start:start + nbytes]
+
+
 class _Scratch(threading.local):
-    """Growing byte buffers per thread, for temporaries that never leave a kernel (im2col's
-    columns, v3's padded planes): reusing them skips the page faults that a fresh array of that
-    size costs on every call. A kernel that needs two at once takes them from two slots."""
+    """The growing scratch buffers of one Python thread, by slot: a kernel that needs two at once
+    takes them from two slots."""
     def __init__(self):
         self.bufs = {}
 
@@ -179,11 +205,21 @@ _scratch_space = _Scratch()
 
 
 def scratch(shape, dtype, slot=0):
+    """An array of shape and dtype over this thread's scratch buffer `slot` (see above): valid
+    until the next call for that slot."""
     nbytes = math.prod(shape) * np.dtype(dtype).itemsize
     buf = _scratch_space.bufs.get(slot)
     if buf is None or buf.nbytes < nbytes:
-        buf = _scratch_space.bufs[slot] = np.empty(nbytes, np.uint8)
+        buf = _scratch_space.bufs[slot] = _buffer(nbytes)
     return buf[:nbytes].view(dtype).reshape(shape)
+
+
+def thread_scratch(n, dtype, slot=0):
+    """scratch((threads, n), dtype, slot): one row of n elements for each of numba's threads, a
+    kernel's thread taking row numba.get_thread_id(), each row starting on a cache line."""
+    itemsize = np.dtype(dtype).itemsize
+    n = -(-n * itemsize // 64) * 64 // itemsize
+    return scratch((numba.get_num_threads(), n), dtype, slot)
 
 
 # Outputs. A training step allocates the same large arrays in every step (each layer's outputs
@@ -211,7 +247,7 @@ class _Pool:
             if bufs:
                 self.nbytes -= nbytes
                 return bufs.pop()
-        return np.empty(nbytes, np.uint8)
+        return _buffer(nbytes)
 
     def give(self, buf):
         with self.lock:

@@ -43,16 +43,20 @@ How the work is laid out (all float lanes run over tiles)
 The tiles of the batch are grouped by tile row, (image n, tile row ti), each of TW tiles;
 one task takes a block of consecutive tile rows and a group of output channels, and does
 everything for them in buffers of its own that stay in the core's cache:
-  1. copies the 6 input rows each of its tile rows reads into zero-padded rows (the padding
-     and the image border handled once, here);
-  2. input transform: one SIMD vector holds one value of 16 (float32; 8 in float64)
-     neighbouring tiles of a row, loaded with a stride-4 shuffle (simd.load_every4),
-     so the whole transform is vector arithmetic, written V[p, c, t] with t contiguous;
-  3. the 36 products M[p] = U[p] @ V[p], a register-blocked micro-kernel: 4 output channels
+  1. reads the 6 input rows each of its tile rows covers, the padding and the image border
+     handled here, and applies the first half of the input transform, B^T down each column,
+     as it copies them (on whole rows, where neighbouring tiles share 2 columns);
+  2. the second half, along the rows: one SIMD vector holds one value of 16 (float32; 8 in
+     float64) neighbouring tiles, their 6 columns loaded with stride-4 shuffles
+     (simd.load_tiles6), so the whole transform is vector arithmetic, written V[p, c, t] with
+     t contiguous;
+  3. the 36 products M[p] = U[p] @ V[p], a register-blocked micro-kernel: 8 output channels
      x 2 vectors of tiles of accumulators stay in registers along the sum over c, each step
-     one broadcast of U and 8 fused multiply-adds (`_multiply`);
+     8 broadcasts of U and 16 fused multiply-adds (`_multiply`);
   4. output transform and bias, written into y's rows with a stride-4 interleaving store that
      drops the columns past the image's edge (simd.store_every4).
+A task's buffers are its thread's, reused from task to task and call to call, on huge pages
+(runtime.thread_scratch): the transforms write 36 rows kilobytes apart at each step.
 Tasks split the tile rows into blocks of about _BLOCK_BYTES of V, and, where there are fewer
 blocks than twice the threads (the small planes at the bottom of a U-Net), split the
 output channels too (each such task transforms the inputs again: cheap next to its products).
@@ -66,8 +70,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel
-from minunet.cpu.simd import (fma, gather, lanes, load, load_every4, load_range, relu, relu_mask, splat, store,
+from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel, scratch, thread_scratch
+from minunet.cpu.simd import (fma, gather, lanes, load, load_range, load_tiles6, relu, relu_mask, splat, store,
                               store_every4, store_range, zeros)
 
 _BLOCK_BYTES = 512 << 10   # transformed inputs per task: fits in one core's L2 with its products
@@ -179,74 +183,91 @@ def _store36(a, o, step, e):
 
 
 @_helper
-def _pad_rows(x, mask, r0, nr, TH, S, top, left, c0, c1, xs):
-    # xs[c, i, lr*S + q] = x[n, c, 4*ti - top + i, q - left] for q < S (0 outside x) and channels
-    # c0 <= c < c1, where r0 + lr = n*TH + ti runs over nr tile rows; 0 from nr*S to the end.
-    # Vectors with masks: a lane outside x reads nothing and stays 0. With a mask (the output
-    # of the ReLU fused into the convolution that made x = gy), x where mask > 0, else 0: the
-    # ReLU's backward on the way in (numba compiles the mask=None case without the test).
-    N, C, H, W = x.shape
-    rows, Wx = xs.shape[1], xs.shape[2]
-    L = lanes(xs)
-    z = zeros(xs)
-    for c in range(c0, c1):
-        for i in range(rows):
-            dst = xs[c, i]
-            for lr in range(nr):
-                n, ti = (r0 + lr) // TH, (r0 + lr) % TH
-                h, base = 4 * ti - top + i, lr * S
-                if 0 <= h < H:
-                    src = x[n, c, h]
-                    for q in range(0, S, L):
-                        j = q - left                    # x's column under lane 0
-                        v = load_range(src, j, -j, W - j)
-                        if mask is not None:
-                            v = relu_mask(v, load_range(mask[n, c, h], j, -j, W - j))
-                        store_range(dst, base + q, v, 0, S - q)
-                else:
-                    for q in range(0, S, L):
-                        store_range(dst, base + q, z, 0, S - q)
-            for q in range(nr * S, Wx, L):
-                store_range(dst, q, z, 0, Wx - q)
+def _row(x, o, h, j, z):
+    """x's row h, its first column at x's flat place o, from column j: one vector, 0 in the
+    places outside x. Flat places, not views: a view of x costs numba a reference count, twice,
+    and here that would be twice per vector."""
+    H, W = x.shape[2], x.shape[3]
+    if h < 0 or h >= H:
+        return z
+    return load_range(x, o + j, -j, W - j)
 
 
 @_helper
-def _tile_inputs(xs, c, t0, tmp, out, o, step):
-    # (B^T d B)[a, b] of the L tiles d = xs[c, :, 4*t : 4*t+6], t0 <= t < t0 + L, one vector per
-    # point, stored at out's flat places o + (a*6 + b)*step
+def _column(x, mask, o, h, j, z):
+    """_row of the six rows h, ..., h + 5; with a mask (the output of the ReLU fused into the
+    convolution that made x = gy), x where mask > 0, else 0: the ReLU's backward on the way in
+    (numba compiles the mask=None case without the test)"""
+    W = x.shape[3]
+    d0, d1, d2 = _row(x, o, h, j, z), _row(x, o + W, h + 1, j, z), _row(x, o + 2 * W, h + 2, j, z)
+    d3, d4, d5 = _row(x, o + 3 * W, h + 3, j, z), _row(x, o + 4 * W, h + 4, j, z), _row(x, o + 5 * W, h + 5, j, z)
+    if mask is None:
+        return d0, d1, d2, d3, d4, d5
+    return (relu_mask(d0, _row(mask, o, h, j, z)), relu_mask(d1, _row(mask, o + W, h + 1, j, z)),
+            relu_mask(d2, _row(mask, o + 2 * W, h + 2, j, z)), relu_mask(d3, _row(mask, o + 3 * W, h + 3, j, z)),
+            relu_mask(d4, _row(mask, o + 4 * W, h + 4, j, z)), relu_mask(d5, _row(mask, o + 5 * W, h + 5, j, z)))
+
+
+@_helper
+def _input_rows(x, mask, r0, nr, TH, S, top, left, c0, c1, xs):
+    # The input transform's first half, down the columns, on the way in: xs[c, a, lr*S + q] =
+    # (B^T d)[a], d the column of six input rows d_i = x[n, c, 4*ti - top + i, q - left] (0
+    # outside x, masked as _column), for q < S and channels c0 <= c < c1, where r0 + lr =
+    # n*TH + ti runs over nr tile rows; 0 from nr*S to the end. Done here on whole columns, it
+    # costs 4 vectors of B^T per vector of tiles, where done per tile (after the pass along the
+    # rows) it would cost 6: neighbouring tiles overlap by 2 columns.
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    Wx = xs.shape[2]
     L = lanes(xs)
-    for i in range(6):                                  # along each row: B^T over the columns
-        row = xs[c, i]
-        d0, d1, d2, d3 = load_every4(row, 4 * t0)
-        d4, d5, _, _ = load_every4(row, 4 * t0 + 4)
+    z = zeros(xs)
+    for c in range(c0, c1):
+        out = c * 6 * Wx                                # xs[c, 0, 0]
+        for lr in range(nr):
+            n, ti = (r0 + lr) // TH, (r0 + lr) % TH
+            h, base = 4 * ti - top, lr * S
+            o = ((n * C + c) * H + h) * W               # x[n, c, h, 0]
+            for q in range(0, S, L):
+                j = q - left                            # x's column under lane 0
+                d0, d1, d2, d3, d4, d5 = _column(x, mask, o, h, j, z)
+                e0, e1, e2, e3, e4, e5 = _bt(d0, d1, d2, d3, d4, d5)
+                at = out + base + q
+                store_range(xs, at, e0, 0, S - q)
+                store_range(xs, at + Wx, e1, 0, S - q)
+                store_range(xs, at + 2 * Wx, e2, 0, S - q)
+                store_range(xs, at + 3 * Wx, e3, 0, S - q)
+                store_range(xs, at + 4 * Wx, e4, 0, S - q)
+                store_range(xs, at + 5 * Wx, e5, 0, S - q)
+        for q in range(out + nr * S, out + Wx, L):     # the tails of the six rows
+            for a in range(6):
+                store_range(xs, q + a * Wx, z, 0, out + Wx - q)
+
+
+@_helper
+def _tile_inputs(xs, c, t0, out, o, step):
+    # (B^T d B)[a, b] of the L tiles t0 <= t < t0 + L, the second half of the input transform,
+    # along the rows of xs[c] (_input_rows: B^T d already), one vector per point, stored at
+    # out's flat places o + (a*6 + b)*step
+    Wx = xs.shape[2]
+    for a in range(6):
+        d0, d1, d2, d3, d4, d5 = load_tiles6(xs, (c * 6 + a) * Wx + 4 * t0)
         e0, e1, e2, e3, e4, e5 = _bt(d0, d1, d2, d3, d4, d5)
-        store(tmp, (6 * i) * L, e0)
-        store(tmp, (6 * i + 1) * L, e1)
-        store(tmp, (6 * i + 2) * L, e2)
-        store(tmp, (6 * i + 3) * L, e3)
-        store(tmp, (6 * i + 4) * L, e4)
-        store(tmp, (6 * i + 5) * L, e5)
-    for b in range(6):                                  # then down each column
-        v0, v1, v2, v3, v4, v5 = _bt(load(tmp, b * L), load(tmp, (6 + b) * L), load(tmp, (12 + b) * L),
-                                     load(tmp, (18 + b) * L), load(tmp, (24 + b) * L), load(tmp, (30 + b) * L))
-        store(out, o + b * step, v0)
-        store(out, o + (6 + b) * step, v1)
-        store(out, o + (12 + b) * step, v2)
-        store(out, o + (18 + b) * step, v3)
-        store(out, o + (24 + b) * step, v4)
-        store(out, o + (30 + b) * step, v5)
+        store(out, o + (6 * a) * step, e0)
+        store(out, o + (6 * a + 1) * step, e1)
+        store(out, o + (6 * a + 2) * step, e2)
+        store(out, o + (6 * a + 3) * step, e3)
+        store(out, o + (6 * a + 4) * step, e4)
+        store(out, o + (6 * a + 5) * step, e5)
 
 
 @_helper
 def _input_transform(xs, nt, c0, c1, V):
-    # xs: (C, 6, Wx) -> V: (36, C, TBv), V[p, c, t] = (B^T d B)[p] of tile t of channel c, for
-    # c0 <= c < c1 and t < nt rounded up to whole vectors
+    # xs: (C, 6, Wx) (_input_rows) -> V: (36, C, TBv), V[p, c, t] = (B^T d B)[p] of tile t of
+    # channel c, for c0 <= c < c1 and t < nt rounded up to whole vectors
     C, TBv = V.shape[1], V.shape[2]
     L = lanes(xs)
-    tmp = np.empty(36 * L, xs.dtype)
     for c in range(c0, c1):
         for t0 in range(0, nt, L):
-            _tile_inputs(xs, c, t0, tmp, V, c * TBv + t0, C * TBv)
+            _tile_inputs(xs, c, t0, V, c * TBv + t0, C * TBv)
 
 
 @_helper
@@ -334,7 +355,7 @@ def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y):
     # the tiles t = lr*(TW+1) + tj of tile rows r0 + lr (with apply_relu, max of that and 0: the bias and
     # the ReLU in the registers, before the one store); places past y's edge are not written
     nk, TBv = Mt.shape[1], Mt.shape[2]
-    Ho, Wo = y.shape[2], y.shape[3]
+    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     L = lanes(Mt)
     T1 = TW + 1
     nt = nr * T1
@@ -367,10 +388,10 @@ def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y):
                 n, ti = (r0 + lr) // TH, (r0 + lr) % TH
                 start = lr * T1 - t0                    # the lane of tile (lr, 0), maybe < 0
                 lo, hi = max(0, start), min(L, start + TW)
+                row = ((n * K + k0 + kk) * Ho + 4 * ti) * Wo    # y[n, k0 + kk, 4*ti, 0], a flat place: no view
                 for i in range(4):
-                    h = 4 * ti + i
-                    if h < Ho and lo < hi:              # lane l -> columns 4*(l - start) + j
-                        store_every4(y[n, k0 + kk, h], -4 * start, y0[i], y1[i], y2[i], y3[i], 4 * lo,
+                    if 4 * ti + i < Ho and lo < hi:     # lane l -> columns 4*(l - start) + j
+                        store_every4(y, row + i * Wo - 4 * start, y0[i], y1[i], y2[i], y3[i], 4 * lo,
                                      min(4 * hi, Wo + 4 * start))
 
 
@@ -411,9 +432,10 @@ def _task(t, rows_per_block, R, groups, K):
 
 
 @_kernel
-def _forward_by_tiles(x, mask, U, b, apply_relu, ph, pw, rows_per_block, groups, y):
-    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W) (masked, see _pad_rows), padded
-    # by (ph, pw), by the transformed filters U: (36, K, C); with apply_relu, max(y, 0)
+def _forward_by_tiles(x, mask, U, b, apply_relu, ph, pw, rows_per_block, groups, work, y):
+    # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W) (masked, see _column), padded
+    # by (ph, pw), by the transformed filters U: (36, K, C); with apply_relu, max(y, 0). A task's
+    # buffers are its thread's row of work (_task_buffers).
     N, C = x.shape[0], x.shape[1]
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     L = lanes(x)
@@ -424,29 +446,39 @@ def _forward_by_tiles(x, mask, U, b, apply_relu, ph, pw, rows_per_block, groups,
         if nk > 0:
             nt = nr * (TW + 1)
             TBv = (nt + L - 1) // L * L
-            xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
-            _pad_rows(x, mask, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
-            V = np.empty((36, C, TBv), x.dtype)
+            mine = work[numba.get_thread_id()]
+            n_xs, n_v = C * 6 * (4 * TBv + 4), 36 * C * TBv
+            xs = mine[:n_xs].reshape((C, 6, 4 * TBv + 4))
+            V = mine[n_xs:n_xs + n_v].reshape((36, C, TBv))
+            Mt = mine[n_xs + n_v:n_xs + n_v + 36 * nk * TBv].reshape((36, nk, TBv))
+            _input_rows(x, mask, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
             _input_transform(xs, nt, 0, C, V)
-            Mt = np.empty((36, nk, TBv), x.dtype)
             _multiply(U[:, k0:k0 + nk], V, Mt)
             _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y)
 
 
+def _task_buffers(C, K, rows, groups, TW, dtype):
+    """work for _forward_by_tiles: per thread, a task's padded rows xs (C, 6, 4*TBv + 4),
+    transformed inputs V (36, C, TBv) and products Mt (36, <= K/groups, TBv) for TBv the tiles of
+    `rows` tile rows rounded up to whole vectors, on huge pages (runtime.scratch)"""
+    L = 64 // np.dtype(dtype).itemsize
+    TBv = -(-rows * (TW + 1) // L) * L
+    return thread_scratch(C * 6 * (4 * TBv + 4) + 36 * C * TBv + 36 * -(-K // groups) * TBv, dtype)
+
+
 @_kernel
-def _transform_inputs(x, mask, ph, pw, Ho, Wo, CB, V):
+def _transform_inputs(x, mask, ph, pw, Ho, Wo, CB, xs, V):
     # V: (36, C, TBv) = the input transform of every tile of x: (N, C, H, W) (masked, see
-    # _pad_rows), padded by (ph, pw), onto planes (Ho, Wo); CB input channels to a task. The
-    # first step of the split by channels (and of conv2d_winograd_small.py's kernel).
+    # _column), padded by (ph, pw), onto planes (Ho, Wo), through xs: (C, 6, 4*TBv + 4); CB input
+    # channels to a task. The first step of the split by channels (and of
+    # conv2d_winograd_small.py's kernel).
     N, C = x.shape[0], x.shape[1]
-    TBv = V.shape[2]
     TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
     R = N * TH
     nt = R * (TW + 1)
-    xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
     for cb in prange((C + CB - 1) // CB):
         c0, c1 = cb * CB, min(C, cb * CB + CB)
-        _pad_rows(x, mask, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
+        _input_rows(x, mask, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
         _input_transform(xs, nt, c0, c1, V)
 
 
@@ -454,16 +486,18 @@ def transformed_inputs(x, mask, ph, pw, Ho, Wo):
     """V: (36, C, TBv), the transformed inputs of every tile of the batch (_transform_inputs),
     split over input channels between the threads."""
     N, C = x.shape[:2]
-    V = empty((36, C, _tiles(N, Ho, Wo, x.itemsize)[2]), x.dtype)
-    _transform_inputs(x, mask, ph, pw, Ho, Wo, max(1, C // (4 * numba.get_num_threads())), V)
+    TBv = _tiles(N, Ho, Wo, x.itemsize)[2]
+    V, xs = empty((36, C, TBv), x.dtype), scratch((C, 6, 4 * TBv + 4), x.dtype, 1)
+    _transform_inputs(x, mask, ph, pw, Ho, Wo, max(1, C // (4 * numba.get_num_threads())), xs, V)
     return V
 
 
 @_kernel
-def _forward_by_channels(V, w, flip, b, apply_relu, KB, y):
+def _forward_by_channels(V, w, flip, b, apply_relu, KB, work, y):
     # y: (N, K, Ho, Wo) = b + the products of the transformed inputs V (transformed_inputs) with w
     # (or w flipped, see _transform_filters), with apply_relu max(y, 0): one task per block of KB
-    # output channels, which transforms its own filters, multiplies and writes its outputs
+    # output channels, which transforms its own filters, multiplies and writes its outputs, in
+    # its thread's row of work: 36*KB*(C + TBv) elements
     N, C, TBv = y.shape[0], V.shape[1], V.shape[2]
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
@@ -471,9 +505,10 @@ def _forward_by_channels(V, w, flip, b, apply_relu, KB, y):
     for kb in prange((K + KB - 1) // KB):
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0
-        Ub = np.empty((36, nk, C), V.dtype)
+        mine = work[numba.get_thread_id()]
+        Ub = mine[:36 * nk * C].reshape((36, nk, C))
         _transform_filters(w, flip, k0, nk, Ub)
-        Mt = np.empty((36, nk, TBv), V.dtype)
+        Mt = mine[36 * nk * C:36 * nk * (C + TBv)].reshape((36, nk, TBv))
         _multiply(Ub, V, Mt)
         _output_transform(Mt, b, apply_relu, k0, 0, R, TH, TW, y)
 
@@ -536,11 +571,12 @@ def convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
     R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
     rows, groups = _blocking(R, TW, C, K, x.itemsize)
     if _by_channels(C, N, Ho, Wo, x.itemsize, rows):
-        _forward_by_channels(transformed_inputs(x, mask, ph, pw, Ho, Wo), w, flip, b, relu, _KB, y)
+        V = transformed_inputs(x, mask, ph, pw, Ho, Wo)
+        _forward_by_channels(V, w, flip, b, relu, _KB, thread_scratch(36 * _KB * (C + V.shape[2]), x.dtype), y)
         return y
     U = np.empty((36, K, C), x.dtype)
     _transform_all_filters(w, flip, U)
-    _forward_by_tiles(x, mask, U, b, relu, ph, pw, rows, groups, y)
+    _forward_by_tiles(x, mask, U, b, relu, ph, pw, rows, groups, _task_buffers(C, K, rows, groups, TW, x.dtype), y)
     return y
 
 

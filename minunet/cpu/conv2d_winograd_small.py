@@ -24,11 +24,12 @@ over input channels) and the filter transform (the same `_filter_block`, with th
 the output channels). The work splits by blocks of 2 vectors of output channels, each task
 transforming its own filters, which never leave its core's cache.
 """
+import numba
 import numpy as np
 from numba import prange
 
 from minunet.cpu.conv2d_winograd import _at, _filter_block, _rows_at, transformed_inputs
-from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel
+from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel, thread_scratch
 from minunet.cpu.simd import fma, lanes, load, load_range, relu, scatter, splat, store, zeros
 
 _WIDEST = 8          # planes at most this wide (2 tiles a row) run here, ...
@@ -144,11 +145,11 @@ def _output_transform(Mt, T, b, apply_relu, k0, nk, TH, TW, y):
 
 
 @_kernel
-def _forward(V, w, flip, b, apply_relu, y):
+def _forward(V, w, flip, b, apply_relu, work, y):
     # y: (N, K, Ho, Wo) = b + the products of the transformed inputs V (conv2d_winograd's
     # transformed_inputs) with w (or w flipped: conv2d_winograd._transform_filters); with
     # apply_relu max(y, 0). One task per 2 vectors of output channels: its filters, products
-    # and outputs.
+    # and outputs, in its thread's row of work (36*(C + T8)*KB elements).
     N, C = y.shape[0], V.shape[1]
     K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     Cw = w.shape[1]
@@ -159,14 +160,16 @@ def _forward(V, w, flip, b, apply_relu, y):
     for kb in prange((K + KB - 1) // KB):
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0
-        Ut = np.empty((36, C, KB), V.dtype)             # U^T
+        mine = work[numba.get_thread_id()]
+        Ut = mine[:36 * C * KB].reshape((36, C, KB))    # U^T
         if nk < KB:                                     # the lanes past nk: 0
             Ut[:, :, nk:] = 0
         if flip:   # output channel k of this convolution is w's input channel: w[c, k] turned
             _filter_block(w, k0 * 9 + 8, 9 * Cw, 9, -1, C, nk, Ut)
         else:      # w[k, c]
             _filter_block(w, k0 * Cw * 9, 9, 9 * Cw, 1, C, nk, Ut)
-        Mt = np.empty((36, (R * TW + 7) // 8 * 8, KB), V.dtype)
+        T8 = (R * TW + 7) // 8 * 8
+        Mt = mine[36 * C * KB:36 * (C + T8) * KB].reshape((36, T8, KB))
         _multiply(V, Ut, R * TW, TW, Mt)
         _output_transform(Mt, R * TW, b, apply_relu, k0, nk, TH, TW, y)
 
@@ -176,5 +179,8 @@ def convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
     K = w.shape[1] if flip else w.shape[0]
     y = empty((x.shape[0], K, Ho, Wo), x.dtype)
     b = np.zeros(K, x.dtype) if b is None else b
-    _forward(transformed_inputs(x, mask, ph, pw, Ho, Wo), w, flip, b, relu, y)
+    N, C = x.shape[:2]
+    T8 = (N * -(-Ho // 4) * -(-Wo // 4) + 7) // 8 * 8   # the real tiles, rounded up to 8
+    work = thread_scratch(36 * (C + T8) * 2 * (64 // x.itemsize), x.dtype)   # Ut and Mt, KB = 2 vectors
+    _forward(transformed_inputs(x, mask, ph, pw, Ho, Wo), w, flip, b, relu, work, y)
     return y

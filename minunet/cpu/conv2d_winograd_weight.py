@@ -22,9 +22,11 @@ import numpy as np
 from numba import prange
 
 from minunet.cpu import conv2d_winograd_small
-from minunet.cpu.conv2d_winograd import _KB, _blocking, _by_channels, _pad_rows, _SIXTH, _24TH, _tile_inputs, _tiles
-from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel
-from minunet.cpu.simd import fma, hsum, lanes, load, load_every4, scatter, splat, store, transpose, zeros
+from minunet.cpu.conv2d_winograd import (_KB, _blocking, _by_channels, _input_rows, _row, _SIXTH, _24TH, _tile_inputs,
+                                         _tiles)
+from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel, scratch, thread_scratch
+from minunet.cpu.simd import (fma, hsum, lanes, load, load_every4, relu_mask, scatter, splat, store, store_range,
+                              transpose, zeros)
 
 
 @_helper
@@ -51,14 +53,13 @@ def _input_transform_t(xs, nt, c0, c1, VT):
     # of channels is transformed into `blk` as (36, channel, tile) and transposed into place.
     C, Cv, TBv = xs.shape[0], VT.shape[2], VT.shape[1]
     L = lanes(xs)
-    tmp = np.empty(36 * L, xs.dtype)
     blk = np.empty(36 * L * L, xs.dtype)
     z = zeros(xs)
     for t0 in range(0, nt, L):
         for cg in range(c0, min(c1, Cv), L):
             for cc in range(L):
                 if cg + cc < C:
-                    _tile_inputs(xs, cg + cc, t0, tmp, blk, cc * L, L * L)
+                    _tile_inputs(xs, cg + cc, t0, blk, cc * L, L * L)
                 else:
                     for p in range(36):
                         store(blk, (p * L + cc) * L, z)
@@ -67,16 +68,41 @@ def _input_transform_t(xs, nt, c0, c1, VT):
 
 
 @_helper
+def _gradient_rows(gy, mask, r0, nr, TH, S, k0, k1, gs):
+    # gs[k, i, lr*S + q] = gy[n, k, 4*ti + i, q] for q < S (0 past gy's edges) and channels
+    # k0 <= k < k1, where r0 + lr = n*TH + ti runs over nr tile rows; 0 from nr*S to the end.
+    # With a mask (relu_y), gy where mask > 0, else 0: the ReLU's backward on the way in.
+    K, H, W = gy.shape[1], gy.shape[2], gy.shape[3]
+    Wg = gs.shape[2]
+    L = lanes(gs)
+    z = zeros(gs)
+    for k in range(k0, k1):
+        for lr in range(nr):
+            n, ti = (r0 + lr) // TH, (r0 + lr) % TH
+            for i in range(4):
+                o, at = ((n * K + k) * H + 4 * ti + i) * W, (k * 4 + i) * Wg + lr * S   # flat places: no views
+                for q in range(0, S, L):
+                    v = _row(gy, o, 4 * ti + i, q, z)
+                    if mask is not None:
+                        v = relu_mask(v, _row(mask, o, 4 * ti + i, q, z))
+                    store_range(gs, at + q, v, 0, S - q)
+        for i in range(4):
+            for q in range(nr * S, Wg, L):
+                store_range(gs, (k * 4 + i) * Wg + q, z, 0, Wg - q)
+
+
+@_helper
 def _gradient_transform(gs, nt, k0, k1, G):
     # gs: (K, 4, Wx) -> G: (36, K, TBv), G[a*6+b, k, t] = (A g A^T)[a, b] of the output-gradient
     # tile g = gs[k, :, 4*t : 4*t+4], for k0 <= k < k1
     K, TBv = G.shape[1], G.shape[2]
+    Wg = gs.shape[2]
     L = lanes(gs)
     tmp = np.empty(24 * L, gs.dtype)
     for k in range(k0, k1):
         for t0 in range(0, nt, L):
             for i in range(4):
-                h0, h1, h2, h3 = load_every4(gs[k, i], 4 * t0)
+                h0, h1, h2, h3 = load_every4(gs, (k * 4 + i) * Wg + 4 * t0)     # gs[k, i, 4*t0:], no view
                 e0, e1, e2, e3, e4, e5 = _a(h0, h1, h2, h3)
                 store(tmp, (6 * i) * L, e0)
                 store(tmp, (6 * i + 1) * L, e1)
@@ -242,10 +268,11 @@ def _filter_gradients(m, o, step, gw, k, c0):
 
 
 @_kernel
-def _backward_weight_by_tiles(x, gy, mask, ph, pw, rows_per_block, part, gb_part):
+def _backward_weight_by_tiles(x, gy, mask, ph, pw, rows_per_block, work, part, gb_part):
     # part[th, p, k, c] = thread th's share of sum_t (A gy_t A^T)[p] * (B^T x_t B)[p], and
-    # gb_part[th, k] its share of gy's sum (gy masked by relu_y, see _pad_rows): one prange
-    # iteration per thread, over every threads-th block of tile rows
+    # gb_part[th, k] its share of gy's sum (gy masked by relu_y, see _gradient_rows): one prange
+    # iteration per thread, over every threads-th block of tile rows, in its row of work
+    # (_buffers)
     N, C = x.shape[0], x.shape[1]
     K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
     n_parts, Cv = part.shape[0], part.shape[3]
@@ -258,17 +285,14 @@ def _backward_weight_by_tiles(x, gy, mask, ph, pw, rows_per_block, part, gb_part
         acc = part[th]
         acc[:] = 0
         gb_part[th] = 0
-        xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
-        VT = np.empty((36, TBv, Cv), x.dtype)
-        gs = np.empty((K, 4, 4 * TBv + 4), x.dtype)
-        G = np.empty((36, K, TBv), x.dtype)
+        xs, VT, gs, G = _carve(work[th], C, K, TBv, Cv)
         for blk in range(th, n_blocks, n_parts):
             r0 = blk * rows_per_block
             nr = min(R, r0 + rows_per_block) - r0
             nt = nr * (TW + 1)
-            _pad_rows(x, None, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
+            _input_rows(x, None, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
             _input_transform_t(xs, nt, 0, Cv, VT)
-            _pad_rows(gy, mask, r0, nr, TH, 4 * (TW + 1), 0, 0, 0, K, gs)
+            _gradient_rows(gy, mask, r0, nr, TH, 4 * (TW + 1), 0, K, gs)
             _gradient_transform(gs, nt, 0, K, G)
             for k in range(K):
                 gb_part[th, k] += _tile_sum(G, nt, k)
@@ -293,11 +317,21 @@ def _filters_from_parts(part, gb_part, gw, gb):
             _filter_gradients(m, 0, L, gw, k, c0)
 
 
+@_helper
+def _carve(buf, C, K, TBv, Cv):
+    """(xs, VT, gs, G) over buf's start (see _buffers)"""
+    n_xs, n_vt, n_gs = C * 6 * (4 * TBv + 4), 36 * TBv * Cv, K * 4 * (4 * TBv + 4)
+    return (buf[:n_xs].reshape((C, 6, 4 * TBv + 4)), buf[n_xs:n_xs + n_vt].reshape((36, TBv, Cv)),
+            buf[n_xs + n_vt:n_xs + n_vt + n_gs].reshape((K, 4, 4 * TBv + 4)),
+            buf[n_xs + n_vt + n_gs:n_xs + n_vt + n_gs + 36 * K * TBv].reshape((36, K, TBv)))
+
+
 @_kernel
-def _backward_weight_by_channels(x, gy, mask, ph, pw, KB, gw, gb):
+def _backward_weight_by_channels(x, gy, mask, ph, pw, KB, work, sums, gw, gb):
     # gw: (K, C, 3, 3) and gb: (K,), every tile at once: the transforms of x and of gy (masked
-    # by relu_y, see _pad_rows; gb on the way) split over channels, then one prange iteration
-    # per block of KB output channels, from the products to gw
+    # by relu_y, see _gradient_rows; gb on the way) into work (_buffers) split over channels, then
+    # one prange iteration per block of KB output channels, from the products (summed in its
+    # thread's row of sums) to gw
     N, C = x.shape[0], x.shape[1]
     K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
     L = lanes(x)
@@ -306,29 +340,38 @@ def _backward_weight_by_channels(x, gy, mask, ph, pw, KB, gw, gb):
     nt = R * (TW + 1)
     TBv = (nt + L - 1) // L * L
     Cv = (C + L - 1) // L * L
-    xs = np.empty((C, 6, 4 * TBv + 4), x.dtype)
-    VT = np.empty((36, TBv, Cv), x.dtype)
-    gs = np.empty((K, 4, 4 * TBv + 4), x.dtype)
-    G = np.empty((36, K, TBv), x.dtype)
+    xs, VT, gs, G = _carve(work, C, K, TBv, Cv)
     nc = Cv // L
     for task in prange(nc + K):                         # a vector of input channels, or one output channel
         if task < nc:
             c0, c1 = task * L, min(C, task * L + L)
-            _pad_rows(x, None, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
+            _input_rows(x, None, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
             _input_transform_t(xs, nt, c0, c0 + L, VT)
         else:
             k = task - nc
-            _pad_rows(gy, mask, 0, R, TH, 4 * (TW + 1), 0, 0, k, k + 1, gs)
+            _gradient_rows(gy, mask, 0, R, TH, 4 * (TW + 1), k, k + 1, gs)
             _gradient_transform(gs, nt, k, k + 1, G)
             gb[k] = _tile_sum(G, nt, k)
     for kb in prange((K + KB - 1) // KB):
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0
-        acc = np.zeros((36, nk, Cv), x.dtype)
+        acc = sums[numba.get_thread_id(), :36 * nk * Cv].reshape((36, nk, Cv))
+        acc[:] = 0
         _multiply_transposed(G, k0, nk, VT, R, TW, acc)
         for kk in range(nk):
             for c0 in range(0, Cv, L):
                 _filter_gradients(acc, kk * Cv + c0, nk * Cv, gw, k0 + kk, c0)
+
+
+def _buffers(C, K, rows, TW, dtype, threads):
+    """work, for `threads` threads (a row each; 0: one, for every thread at once), enough for the
+    padded rows of x (C, 6, 4*TBv + 4) and of gy (K, 4, 4*TBv + 4) and their transforms VT
+    (36, TBv, Cv) and G (36, K, TBv) (_carve) for TBv the tiles of `rows` tile rows rounded up to
+    whole vectors; on huge pages (runtime.scratch)"""
+    L = 64 // np.dtype(dtype).itemsize
+    TBv, Cv = -(-rows * (TW + 1) // L) * L, -(-C // L) * L
+    n = (C * 6 + K * 4) * (4 * TBv + 4) + 36 * TBv * (Cv + K)
+    return thread_scratch(n, dtype) if threads else scratch((n,), dtype, 1)
 
 
 def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
@@ -345,11 +388,15 @@ def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
     # would be 36 MB, twice the transformed tiles)
     if (_by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads()
             or conv2d_winograd_small.suits(C, K, Wo)):
-        _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, gw, gb)
+        L = 64 // x.itemsize
+        sums = thread_scratch(36 * _KB * -(-C // L) * L, x.dtype)
+        _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, 0),
+                                     sums, gw, gb)
         return gw, gb
     Cv = -(-C // (64 // x.itemsize)) * (64 // x.itemsize)
     part, gb_part = empty((n_parts, 36, K, Cv), x.dtype), np.empty((n_parts, K))
-    _backward_weight_by_tiles(x, gy, relu_y, padding[0], padding[1], rows, part, gb_part)
+    _backward_weight_by_tiles(x, gy, relu_y, padding[0], padding[1], rows, _buffers(C, K, rows, TW, x.dtype, 1),
+                              part, gb_part)
     _filters_from_parts(part, gb_part, gw, gb)
     return gw, gb
 

@@ -18,6 +18,10 @@ splits each operation into two or four narrower ones, so the code stays correct 
     store_range(a, i, v, lo, hi)  a[i + j] = v[j] for lo <= j < hi only
     load_every4(a, i)    four vectors: lane j of the s-th is a[i + 4*j + s] (a stride-4 load,
                          one shuffle away from four contiguous loads)
+    load_tiles6(a, i)    six vectors: lane j of the s-th is a[i + 4*j + s] for s < 6, the six
+                         columns of lanes 6-wide windows 4 apart (Winograd's F(4, 3) input
+                         tiles): load_every4's four, and the last two as the first two moved
+                         down one lane, the top lane loaded on its own
     store_every4(a, i, v0, v1, v2, v3, lo, hi)
                          the inverse: a[i + e] = vs[e % 4][e // 4] for lo <= e < hi only
                          (a masked store: the places outside [i + lo, i + hi) are not touched,
@@ -216,6 +220,31 @@ def load_every4(typingctx, a, i):
         block = builder.load(ptr, align=vt.dtype.bitwidth // 8)       # 4 whole registers
         parts = [builder.shuffle_vector(block, ir.Constant(wide_ty, ir.Undefined),
                                         _i32s([4 * j + s for j in range(n)])) for s in range(4)]
+        return context.make_tuple(builder, result, parts)
+    return result(a, i), codegen
+
+
+@intrinsic
+def load_tiles6(typingctx, a, i):
+    vt = _vector_type(a)
+    if vt is None or not isinstance(a, types.Array) or not isinstance(i, types.Integer):
+        return None
+    n = vt.lanes
+    result = types.UniTuple(vt, 6)
+
+    def codegen(context, builder, sig, args):
+        element = context.get_value_type(vt).element
+        wide_ty, two_ty = ir.VectorType(element, 4 * n), ir.VectorType(element, 2)
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        align = vt.dtype.bitwidth // 8
+        block = builder.load(builder.bitcast(builder.gep(data, [args[1]]), wide_ty.as_pointer()), align=align)
+        parts = [builder.shuffle_vector(block, ir.Constant(wide_ty, ir.Undefined),
+                                        _i32s([4 * j + s for j in range(n)])) for s in range(4)]
+        top = builder.gep(data, [builder.add(args[1], ir.Constant(args[1].type, 4 * n))])
+        two = builder.load(builder.bitcast(top, two_ty.as_pointer()), align=align)   # a[i + 4n], a[i + 4n + 1]
+        two = builder.shuffle_vector(two, ir.Constant(two_ty, ir.Undefined), _i32s([0, 1] + [0] * (n - 2)))
+        for s in range(2):              # columns 4 and 5: columns 0 and 1 of the next window
+            parts.append(builder.shuffle_vector(parts[s], two, _i32s(list(range(1, n)) + [n + s])))
         return context.make_tuple(builder, result, parts)
     return result(a, i), codegen
 

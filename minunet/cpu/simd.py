@@ -209,19 +209,21 @@ def load_every4(typingctx, a, i):
     vt = _vector_type(a)
     if vt is None or not isinstance(a, types.Array) or not isinstance(i, types.Integer):
         return None
-    n = vt.lanes
     result = types.UniTuple(vt, 4)
 
     def codegen(context, builder, sig, args):
-        element = context.get_value_type(vt).element
-        wide_ty = ir.VectorType(element, 4 * n)
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        ptr = builder.bitcast(builder.gep(data, [args[1]]), wide_ty.as_pointer())
-        block = builder.load(ptr, align=vt.dtype.bitwidth // 8)       # 4 whole registers
-        parts = [builder.shuffle_vector(block, ir.Constant(wide_ty, ir.Undefined),
-                                        _i32s([4 * j + s for j in range(n)])) for s in range(4)]
-        return context.make_tuple(builder, result, parts)
+        return context.make_tuple(builder, result, _every4(context, builder, vt, sig.args[0], *args))
     return result(a, i), codegen
+
+
+def _every4(context, builder, vt, array_type, array, i):
+    """load_every4's four vectors: one load of 4 whole registers, one shuffle per vector"""
+    n = vt.lanes
+    wide_ty = ir.VectorType(context.get_value_type(vt).element, 4 * n)
+    ptr = _pointer(context, builder, array_type, array, i, vt)
+    block = builder.load(builder.bitcast(ptr, wide_ty.as_pointer()), align=vt.dtype.bitwidth // 8)
+    return [builder.shuffle_vector(block, ir.Constant(wide_ty, ir.Undefined), _i32s([4 * j + s for j in range(n)]))
+            for s in range(4)]
 
 
 @intrinsic
@@ -233,15 +235,11 @@ def load_tiles6(typingctx, a, i):
     result = types.UniTuple(vt, 6)
 
     def codegen(context, builder, sig, args):
-        element = context.get_value_type(vt).element
-        wide_ty, two_ty = ir.VectorType(element, 4 * n), ir.VectorType(element, 2)
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        align = vt.dtype.bitwidth // 8
-        block = builder.load(builder.bitcast(builder.gep(data, [args[1]]), wide_ty.as_pointer()), align=align)
-        parts = [builder.shuffle_vector(block, ir.Constant(wide_ty, ir.Undefined),
-                                        _i32s([4 * j + s for j in range(n)])) for s in range(4)]
-        top = builder.gep(data, [builder.add(args[1], ir.Constant(args[1].type, 4 * n))])
-        two = builder.load(builder.bitcast(top, two_ty.as_pointer()), align=align)   # a[i + 4n], a[i + 4n + 1]
+        two_ty = ir.VectorType(context.get_value_type(vt).element, 2)
+        parts = _every4(context, builder, vt, sig.args[0], *args)
+        top = _pointer(context, builder, sig.args[0], args[0], builder.add(args[1], ir.Constant(args[1].type, 4 * n)),
+                       vt)
+        two = builder.load(builder.bitcast(top, two_ty.as_pointer()), align=vt.dtype.bitwidth // 8)  # a[i + 4n : + 2]
         two = builder.shuffle_vector(two, ir.Constant(two_ty, ir.Undefined), _i32s([0, 1] + [0] * (n - 2)))
         for s in range(2):              # columns 4 and 5: columns 0 and 1 of the next window
             parts.append(builder.shuffle_vector(parts[s], two, _i32s(list(range(1, n)) + [n + s])))

@@ -22,12 +22,15 @@ def _crop_into(x, top, left, c0, y):
 
 @kernel
 def _uncrop_from(gy, top, left, c0, gx):
-    # gx[:, c] = 0 outside the window, gy[:, c0 + c] inside it; one iteration per plane
+    # gx[:, c] = 0 outside the window, gy[:, c0 + c] inside it; one iteration per plane (zeroed
+    # first only where the window leaves some of it out: the 'same' U-Net's windows are whole)
     N, C = gx.shape[0], gx.shape[1]
     H, W = gy.shape[2], gy.shape[3]
+    whole = H == gx.shape[2] and W == gx.shape[3]
     for nc in prange(N * C):
         n, c = nc // C, nc % C
-        gx[n, c] = 0
+        if not whole:
+            gx[n, c] = 0
         gx[n, c, top:top + H, left:left + W] = gy[n, c0 + c]
 
 

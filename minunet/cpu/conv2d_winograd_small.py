@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from minunet.cpu.conv2d_winograd import _at, _filter_block, _rows_at, transformed_inputs
+from minunet.cpu.conv2d_winograd import _at, _filter_block, _rows_at, _tiles, transformed_inputs
 from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel, thread_scratch
 from minunet.cpu.simd import fma, lanes, load, load_range, relu, scatter, splat, store, zeros
 
@@ -180,7 +180,8 @@ def convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
     y = empty((x.shape[0], K, Ho, Wo), x.dtype)
     b = np.zeros(K, x.dtype) if b is None else b
     N, C = x.shape[:2]
-    T8 = (N * -(-Ho // 4) * -(-Wo // 4) + 7) // 8 * 8   # the real tiles, rounded up to 8
+    R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
+    T8 = (R * TW + 7) // 8 * 8                          # the real tiles, rounded up to 8
     work = thread_scratch(36 * (C + T8) * 2 * (64 // x.itemsize), x.dtype)   # Ut and Mt, KB = 2 vectors
     _forward(transformed_inputs(x, mask, ph, pw, Ho, Wo), w, flip, b, relu, work, y)
     return y

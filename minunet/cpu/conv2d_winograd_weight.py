@@ -382,18 +382,18 @@ def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
     R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
     rows, _ = _blocking(R, TW, C, K, x.itemsize)
     n_parts = min(numba.get_num_threads(), math.ceil(R / rows))
+    L = 64 // x.itemsize
+    Cv = -(-C // L) * L                                 # the input channels in whole vectors
     # by tiles, a thread sums whole blocks of tile rows: where there are fewer blocks than
     # threads (the 8x8 bottom of a U-Net), split by channels whatever the size; likewise where
     # the forward runs in conv2d_winograd_small.py (16x16 with 512 channels: each thread's part
     # would be 36 MB, twice the transformed tiles)
     if (_by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads()
             or conv2d_winograd_small.suits(C, K, Wo)):
-        L = 64 // x.itemsize
-        sums = thread_scratch(36 * _KB * -(-C // L) * L, x.dtype)
+        sums = thread_scratch(36 * _KB * Cv, x.dtype)
         _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, 0),
                                      sums, gw, gb)
         return gw, gb
-    Cv = -(-C // (64 // x.itemsize)) * (64 // x.itemsize)
     part, gb_part = empty((n_parts, 36, K, Cv), x.dtype), np.empty((n_parts, K))
     _backward_weight_by_tiles(x, gy, relu_y, padding[0], padding[1], rows, _buffers(C, K, rows, TW, x.dtype, 1),
                               part, gb_part)

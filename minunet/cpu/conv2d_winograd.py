@@ -131,25 +131,26 @@ def _transform_filter(g00, g01, g02, g10, g11, g12, g20, g21, g22):
 
 
 @_helper
-def _transform_filters(w, flip, o0, no, U):
-    # U[p, oo, i] = (G f G^T)[p] of the filter f from input channel i to output channel o0 + oo of
-    # this convolution: f = w[o, i] (K, C, 3, 3), or with flip, f = w[i, o] turned 180 degrees
-    # (the filter of the input gradient). Vectors run over i.
-    C = w.shape[1]
+def _transform_filters(w, flip, o0, no, U, u0, step_p):
+    # U[u0 + p*step_p + oo*I + i] = (G f G^T)[p] of the filter f from input channel i < I to output
+    # channel o0 + oo (oo < no) of this convolution: f = w[o, i] (K, C, 3, 3), or with flip,
+    # f = w[i, o] turned 180 degrees (the filter of the input gradient), I = K then. Vectors run
+    # over i.
+    K, C = w.shape[0], w.shape[1]
     if flip:     # w[i, o] turned: tap q of f at (i*C + o)*9 + 8 - q
-        _filter_block(w, o0 * 9 + 8, 9, 9 * C, -1, no, U.shape[2], U)
+        _filter_block(w, o0 * 9 + 8, 9, 9 * C, -1, no, K, U, u0, step_p, K)
     else:        # w[o, i]: tap q at (o*C + i)*9 + q
-        _filter_block(w, o0 * C * 9, 9 * C, 9, 1, no, U.shape[2], U)
+        _filter_block(w, o0 * C * 9, 9 * C, 9, 1, no, C, U, u0, step_p, C)
 
 
 @_helper
-def _filter_block(w, base, step_a, step_j, tap, na, nj, U):
-    # U[p, a, j] = (G f G^T)[p] for a < na, j < nj, the filter f's tap q (row-major 3x3) at w's
-    # flat place base + a*step_a + j*step_j + q*tap (tap = 1, or -1 for a filter turned 180
-    # degrees); vectors run over j, gathered from w (the last few j one at a time). U's other
-    # places are not written.
+def _filter_block(w, base, step_a, step_j, tap, na, nj, U, u0, step_p, step_u):
+    # U[u0 + p*step_p + a*step_u + j] = (G f G^T)[p] for a < na, j < nj, the filter f's tap q
+    # (row-major 3x3) at w's flat place base + a*step_a + j*step_j + q*tap (tap = 1, or -1 for a
+    # filter turned 180 degrees); vectors run over j, gathered from w (the last few j one at a
+    # time). U's other places are not written.
     L = lanes(w)
-    nu = U.shape[2]
+    Uf = U.reshape(-1)
     for a in range(na):
         for j0 in range(0, nj - L + 1, L):
             b = base + a * step_a + j0 * step_j
@@ -157,16 +158,21 @@ def _filter_block(w, base, step_a, step_j, tap, na, nj, U):
                                   gather(w, b + 3 * tap, step_j), gather(w, b + 4 * tap, step_j),
                                   gather(w, b + 5 * tap, step_j), gather(w, b + 6 * tap, step_j),
                                   gather(w, b + 7 * tap, step_j), gather(w, b + 8 * tap, step_j))
-            _store36(U, a * nu + j0, U.shape[1] * nu, e)
-        wf = w.reshape(-1)
+            _store36(Uf, u0 + a * step_u + j0, step_p, e)
         for j in range(nj - nj % L, nj):                # the places past the last whole vector
-            b = base + a * step_a + j * step_j
-            e = _transform_filter(np.float64(wf[b]), np.float64(wf[b + tap]), np.float64(wf[b + 2 * tap]),
-                                  np.float64(wf[b + 3 * tap]), np.float64(wf[b + 4 * tap]),
-                                  np.float64(wf[b + 5 * tap]), np.float64(wf[b + 6 * tap]),
-                                  np.float64(wf[b + 7 * tap]), np.float64(wf[b + 8 * tap]))
-            for p in range(36):
-                U[p, a, j] = e[p]
+            _filter_one(w, base + a * step_a + j * step_j, tap, Uf, u0 + a * step_u + j, step_p)
+
+
+@_helper
+def _filter_one(w, b, tap, Uf, o, step_p):
+    """Uf[o + p*step_p] = (G f G^T)[p] of the one filter f whose tap q is at w's flat place b + q*tap,
+    in float64, rounded once"""
+    wf = w.reshape(-1)
+    e = _transform_filter(np.float64(wf[b]), np.float64(wf[b + tap]), np.float64(wf[b + 2 * tap]),
+                          np.float64(wf[b + 3 * tap]), np.float64(wf[b + 4 * tap]), np.float64(wf[b + 5 * tap]),
+                          np.float64(wf[b + 6 * tap]), np.float64(wf[b + 7 * tap]), np.float64(wf[b + 8 * tap]))
+    for p in range(36):
+        Uf[o + p * step_p] = e[p]
 
 
 @_helper
@@ -410,15 +416,13 @@ def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y):
 
 @_kernel
 def _transform_all_filters(w, flip, U):
-    # U: (36, O, I) transformed filters of every output channel, as _transform_filters;
-    # one prange iteration per 8 output channels
-    O = U.shape[1]
-    for ob in prange((O + 7) // 8):
-        o0 = ob * 8
-        no = min(8, O - o0)
-        Ub = np.empty((36, no, U.shape[2]), U.dtype)
-        _transform_filters(w, flip, o0, no, Ub)
-        U[:, o0:o0 + no] = Ub
+    # U: (36, O, I) transformed filters of every output channel, as _transform_filters, written
+    # in place; one prange iteration per vector of output channels
+    O, I = U.shape[1], U.shape[2]
+    L = lanes(w)
+    for ob in prange((O + L - 1) // L):
+        o0 = ob * L
+        _transform_filters(w, flip, o0, min(L, O - o0), U, o0 * I, O * I)
 
 
 @_helper
@@ -507,7 +511,7 @@ def _forward_by_channels(V, w, flip, b, apply_relu, KB, work, y):
         nk = min(K, k0 + KB) - k0
         mine = work[numba.get_thread_id()]
         Ub = mine[:36 * nk * C].reshape((36, nk, C))
-        _transform_filters(w, flip, k0, nk, Ub)
+        _transform_filters(w, flip, k0, nk, Ub, 0, nk * C)
         Mt = mine[36 * nk * C:36 * nk * (C + TBv)].reshape((36, nk, TBv))
         _multiply(Ub, V, Mt)
         _output_transform(Mt, b, apply_relu, k0, 0, R, TH, TW, y)
@@ -574,7 +578,7 @@ def convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
         V = transformed_inputs(x, mask, ph, pw, Ho, Wo)
         _forward_by_channels(V, w, flip, b, relu, _KB, thread_scratch(36 * _KB * (C + V.shape[2]), x.dtype), y)
         return y
-    U = np.empty((36, K, C), x.dtype)
+    U = empty((36, K, C), x.dtype)
     _transform_all_filters(w, flip, U)
     _forward_by_tiles(x, mask, U, b, relu, ph, pw, rows, groups, _task_buffers(C, K, rows, groups, TW, x.dtype), y)
     return y

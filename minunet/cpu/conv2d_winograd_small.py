@@ -165,9 +165,9 @@ def _forward(V, w, flip, b, apply_relu, work, y):
         if nk < KB:                                     # the lanes past nk: 0
             Ut[:, :, nk:] = 0
         if flip:   # output channel k of this convolution is w's input channel: w[c, k] turned
-            _filter_block(w, k0 * 9 + 8, 9 * Cw, 9, -1, C, nk, Ut)
+            _filter_block(w, k0 * 9 + 8, 9 * Cw, 9, -1, C, nk, Ut, 0, C * KB, KB)
         else:      # w[k, c]
-            _filter_block(w, k0 * Cw * 9, 9, 9 * Cw, 1, C, nk, Ut)
+            _filter_block(w, k0 * Cw * 9, 9, 9 * Cw, 1, C, nk, Ut, 0, C * KB, KB)
         T8 = (R * TW + 7) // 8 * 8
         Mt = mine[36 * C * KB:36 * (C + T8) * KB].reshape((36, T8, KB))
         _multiply(V, Ut, R * TW, TW, Mt)

@@ -30,7 +30,7 @@ from numba import prange
 
 from minunet.cpu.conv2d_winograd import _at, _filter_block, _rows_at, _tiles, transformed_inputs
 from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel, thread_scratch
-from minunet.cpu.simd import fma, lanes, load, load_range, relu, scatter, splat, store, zeros
+from minunet.cpu.simd import broadcast, fma, lanes, load, load_range, relu, scatter, store, zeros
 
 _WIDEST = 8          # planes at most this wide (2 tiles a row) run here, ...
 _WIDE, _MANY = 16, 256  # ... and planes up to 16 wide with at least 256 channels in and out
@@ -60,7 +60,6 @@ def _multiply(V, Ut, T, TW, Mt):
     T8, KB = Mt.shape[1], Mt.shape[2]
     L = lanes(V)
     z = zeros(V)
-    vf = V.reshape(-1)
     for p in range(36):
         for j in range(0, T, 8):
             last = T - 1
@@ -74,21 +73,21 @@ def _multiply(V, Ut, T, TW, Mt):
                 u0 = load(Ut, (p * C + c) * KB)
                 u1 = load(Ut, (p * C + c) * KB + L)
                 v = (p * C + c) * TBv
-                s = splat(vf[v + s0], z)
+                s = broadcast(V, v + s0)
                 a0, b0 = fma(s, u0, a0), fma(s, u1, b0)
-                s = splat(vf[v + s1], z)
+                s = broadcast(V, v + s1)
                 a1, b1 = fma(s, u0, a1), fma(s, u1, b1)
-                s = splat(vf[v + s2], z)
+                s = broadcast(V, v + s2)
                 a2, b2 = fma(s, u0, a2), fma(s, u1, b2)
-                s = splat(vf[v + s3], z)
+                s = broadcast(V, v + s3)
                 a3, b3 = fma(s, u0, a3), fma(s, u1, b3)
-                s = splat(vf[v + s4], z)
+                s = broadcast(V, v + s4)
                 a4, b4 = fma(s, u0, a4), fma(s, u1, b4)
-                s = splat(vf[v + s5], z)
+                s = broadcast(V, v + s5)
                 a5, b5 = fma(s, u0, a5), fma(s, u1, b5)
-                s = splat(vf[v + s6], z)
+                s = broadcast(V, v + s6)
                 a6, b6 = fma(s, u0, a6), fma(s, u1, b6)
-                s = splat(vf[v + s7], z)
+                s = broadcast(V, v + s7)
                 a7, b7 = fma(s, u0, a7), fma(s, u1, b7)
             o = (p * T8 + j) * KB
             _store2(Mt, o, L, a0, b0)

@@ -25,8 +25,8 @@ from minunet.cpu import conv2d_winograd_small
 from minunet.cpu.conv2d_winograd import (_KB, _blocking, _by_channels, _input_rows, _row, _SIXTH, _24TH, _tile_inputs,
                                          _tiles)
 from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel, scratch, thread_scratch
-from minunet.cpu.simd import (fma, hsum, lanes, load, load_every4, relu_mask, scatter, splat, store, store_range,
-                              transpose, zeros)
+from minunet.cpu.simd import (broadcast, fma, hsum, lanes, load, load_every4, relu_mask, scatter, store,
+                              store_range, transpose, zeros)
 
 
 @_helper
@@ -144,7 +144,7 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
     # tile rows these are as many again as the real tiles. Micro-kernel: 8 output channels x 2
     # vectors of input channels, 16 accumulators in registers along the sum over t, each step
     # 2 loads of VT, 8 broadcasts of G and 16 fused multiply-adds.
-    TBv = G.shape[2]
+    K, TBv = G.shape[1], G.shape[2]
     Cv = VT.shape[2]
     L = lanes(VT)
     S = TW + 1
@@ -152,11 +152,11 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
     for p in range(36):
         kk = 0
         while Cv == L and nk - kk >= 16:                # one vector of input channels: 16 output channels
-            _multiply16(G[p, k0 + kk:k0 + kk + 16], VT, p * TBv * Cv, nr, TW, acc, (p * nk + kk) * Cv)
+            _multiply16(G, (p * K + k0 + kk) * TBv, VT, p * TBv * Cv, nr, TW, acc, (p * nk + kk) * Cv)
             kk += 16
         while kk < nk:
             rows = min(8, nk - kk)                      # 8 output channels, or the last few
-            g = G[p, k0 + kk:k0 + kk + rows]
+            g = (p * K + k0 + kk) * TBv                 # G's row k0 + kk of point p
             for c in range(0, Cv, 2 * L):
                 two = c + L < Cv
                 a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
@@ -167,21 +167,21 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
                         for t in range(lr * S, lr * S + TW):
                             x0 = load(VT, i + t * Cv)
                             x1 = load(VT, i + t * Cv + L) if two else z
-                            s = splat(g[0, t], z)
+                            s = broadcast(G, g + t)
                             a0, b0 = fma(s, x0, a0), fma(s, x1, b0)
-                            s = splat(g[1, t], z)
+                            s = broadcast(G, g + 1 * TBv + t)
                             a1, b1 = fma(s, x0, a1), fma(s, x1, b1)
-                            s = splat(g[2, t], z)
+                            s = broadcast(G, g + 2 * TBv + t)
                             a2, b2 = fma(s, x0, a2), fma(s, x1, b2)
-                            s = splat(g[3, t], z)
+                            s = broadcast(G, g + 3 * TBv + t)
                             a3, b3 = fma(s, x0, a3), fma(s, x1, b3)
-                            s = splat(g[4, t], z)
+                            s = broadcast(G, g + 4 * TBv + t)
                             a4, b4 = fma(s, x0, a4), fma(s, x1, b4)
-                            s = splat(g[5, t], z)
+                            s = broadcast(G, g + 5 * TBv + t)
                             a5, b5 = fma(s, x0, a5), fma(s, x1, b5)
-                            s = splat(g[6, t], z)
+                            s = broadcast(G, g + 6 * TBv + t)
                             a6, b6 = fma(s, x0, a6), fma(s, x1, b6)
-                            s = splat(g[7, t], z)
+                            s = broadcast(G, g + 7 * TBv + t)
                             a7, b7 = fma(s, x0, a7), fma(s, x1, b7)
                     o = (p * nk + kk) * Cv + c
                     _add8(acc, o, Cv, a0, a1, a2, a3, a4, a5, a6, a7)
@@ -192,7 +192,7 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
                         a0 = b0 = z
                         for lr in range(nr):
                             for t in range(lr * S, lr * S + TW):
-                                s = splat(g[r, t], z)
+                                s = broadcast(G, g + r * TBv + t)
                                 a0 = fma(s, load(VT, i + t * Cv), a0)
                                 if two:
                                     b0 = fma(s, load(VT, i + t * Cv + L), b0)
@@ -204,27 +204,29 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
 
 
 @_helper
-def _multiply16(g, VT, i, nr, TW, acc, o):
-    # acc[o + r*L : o + r*L + L] += sum_t g[r, t] * VT[i + t*L : i + t*L + L], r < 16, over the real
+def _multiply16(G, g, VT, i, nr, TW, acc, o):
+    # acc[o + r*L : o + r*L + L] += sum_t G[g + r*T + t] * VT[i + t*L : i + t*L + L], r < 16 (T = G's
+    # rows: G[g + r*T] is row r of a block of G's rows of one point), over the real
     # tiles t of nr tile rows: _multiply_transposed's micro-kernel where the input channels are
     # one vector (C <= L: the top of a U-Net), which there would leave half its accumulators
     # idle; here 16 output channels x 1 vector, each step 1 load of VT, 16 broadcasts of g and
     # 16 fused multiply-adds.
     L = lanes(VT)
     S = TW + 1
+    T = G.shape[2]
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zeros(VT)
     a8 = a9 = a10 = a11 = a12 = a13 = a14 = a15 = zeros(VT)
     for lr in range(nr):
         for t in range(lr * S, lr * S + TW):
             x = load(VT, i + t * L)
-            a0, a1 = fma(splat(g[0, t], x), x, a0), fma(splat(g[1, t], x), x, a1)
-            a2, a3 = fma(splat(g[2, t], x), x, a2), fma(splat(g[3, t], x), x, a3)
-            a4, a5 = fma(splat(g[4, t], x), x, a4), fma(splat(g[5, t], x), x, a5)
-            a6, a7 = fma(splat(g[6, t], x), x, a6), fma(splat(g[7, t], x), x, a7)
-            a8, a9 = fma(splat(g[8, t], x), x, a8), fma(splat(g[9, t], x), x, a9)
-            a10, a11 = fma(splat(g[10, t], x), x, a10), fma(splat(g[11, t], x), x, a11)
-            a12, a13 = fma(splat(g[12, t], x), x, a12), fma(splat(g[13, t], x), x, a13)
-            a14, a15 = fma(splat(g[14, t], x), x, a14), fma(splat(g[15, t], x), x, a15)
+            a0, a1 = fma(broadcast(G, g + t), x, a0), fma(broadcast(G, g + 1 * T + t), x, a1)
+            a2, a3 = fma(broadcast(G, g + 2 * T + t), x, a2), fma(broadcast(G, g + 3 * T + t), x, a3)
+            a4, a5 = fma(broadcast(G, g + 4 * T + t), x, a4), fma(broadcast(G, g + 5 * T + t), x, a5)
+            a6, a7 = fma(broadcast(G, g + 6 * T + t), x, a6), fma(broadcast(G, g + 7 * T + t), x, a7)
+            a8, a9 = fma(broadcast(G, g + 8 * T + t), x, a8), fma(broadcast(G, g + 9 * T + t), x, a9)
+            a10, a11 = fma(broadcast(G, g + 10 * T + t), x, a10), fma(broadcast(G, g + 11 * T + t), x, a11)
+            a12, a13 = fma(broadcast(G, g + 12 * T + t), x, a12), fma(broadcast(G, g + 13 * T + t), x, a13)
+            a14, a15 = fma(broadcast(G, g + 14 * T + t), x, a14), fma(broadcast(G, g + 15 * T + t), x, a15)
     _add8(acc, o, L, a0, a1, a2, a3, a4, a5, a6, a7)
     _add8(acc, o + 8 * L, L, a8, a9, a10, a11, a12, a13, a14, a15)
 

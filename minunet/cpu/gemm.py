@@ -22,8 +22,8 @@ import numpy as np
 from numba import prange
 
 from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel
-from minunet.cpu.simd import (fma, hsum, lanes, load_every2, load_range, relu, splat, store_every2, store_range,
-                              transpose, zeros)
+from minunet.cpu.simd import (broadcast, fma, hsum, lanes, load_every2, load_range, relu, splat, store_every2,
+                              store_range, transpose, zeros)
 
 
 
@@ -33,7 +33,6 @@ def _product(A, a0, lda, B, b0, ldb, bias, apply_relu, C, c0, ldc, M, K, N):
     # with apply_relu, max of that and 0 (in the registers, before the store)
     L = lanes(B)
     z = zeros(B)
-    af = A.reshape(-1)
     for n0 in range(0, N, 2 * L):
         n1 = N - n0                                     # columns left: masks for the last step
         m = 0
@@ -46,21 +45,21 @@ def _product(A, a0, lda, B, b0, ldb, bias, apply_relu, C, c0, ldc, M, K, N):
                 for k in range(K):
                     x0 = load_range(B, b0 + k * ldb + n0, 0, n1)
                     x1 = load_range(B, b0 + k * ldb + n0 + L, 0, n1 - L)
-                    u = splat(af[a + k], z)
+                    u = broadcast(A, a + k)
                     s0, t0 = fma(u, x0, s0), fma(u, x1, t0)
-                    u = splat(af[a + lda + k], z)
+                    u = broadcast(A, a + lda + k)
                     s1, t1 = fma(u, x0, s1), fma(u, x1, t1)
-                    u = splat(af[a + 2 * lda + k], z)
+                    u = broadcast(A, a + 2 * lda + k)
                     s2, t2 = fma(u, x0, s2), fma(u, x1, t2)
-                    u = splat(af[a + 3 * lda + k], z)
+                    u = broadcast(A, a + 3 * lda + k)
                     s3, t3 = fma(u, x0, s3), fma(u, x1, t3)
-                    u = splat(af[a + 4 * lda + k], z)
+                    u = broadcast(A, a + 4 * lda + k)
                     s4, t4 = fma(u, x0, s4), fma(u, x1, t4)
-                    u = splat(af[a + 5 * lda + k], z)
+                    u = broadcast(A, a + 5 * lda + k)
                     s5, t5 = fma(u, x0, s5), fma(u, x1, t5)
-                    u = splat(af[a + 6 * lda + k], z)
+                    u = broadcast(A, a + 6 * lda + k)
                     s6, t6 = fma(u, x0, s6), fma(u, x1, t6)
-                    u = splat(af[a + 7 * lda + k], z)
+                    u = broadcast(A, a + 7 * lda + k)
                     s7, t7 = fma(u, x0, s7), fma(u, x1, t7)
                 c = c0 + m * ldc + n0
                 _store_row(C, c, s0, t0, apply_relu, n1, L)
@@ -76,7 +75,7 @@ def _product(A, a0, lda, B, b0, ldb, bias, apply_relu, C, c0, ldc, M, K, N):
                 a = a0 + m * lda
                 s0 = t0 = splat(bias[m], z)
                 for k in range(K):
-                    u = splat(af[a + k], z)
+                    u = broadcast(A, a + k)
                     s0 = fma(u, load_range(B, b0 + k * ldb + n0, 0, n1), s0)
                     t0 = fma(u, load_range(B, b0 + k * ldb + n0 + L, 0, n1 - L), t0)
                 _store_row(C, c0 + m * ldc + n0, s0, t0, apply_relu, n1, L)

@@ -11,6 +11,9 @@ splits each operation into two or four narrower ones, so the code stays correct 
     lanes(a)             the number of lanes of a vector of a's dtype (a: array or Vector)
     zeros(a)             a vector of zeros of a's dtype
     splat(s, a)          the scalar s in every lane
+    broadcast(a, i)      a[i] in every lane, i a flat element index of a C-contiguous array:
+                         splat(a.reshape(-1)[i], a) without numba's wrap-around of a negative
+                         index, which costs a micro-kernel five integer instructions a load
     load(a, i)           a[i : i+lanes] of a C-contiguous array a, i a flat element index
     store(a, i, v)       a[i : i+lanes] = v
     load_range(a, i, lo, hi)      lane j = a[i + j] for lo <= j < hi, else 0 (masked: the
@@ -125,6 +128,21 @@ def splat(typingctx, s, a):
         one = builder.insert_element(ir.Constant(ty, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
         return builder.shuffle_vector(one, ir.Constant(ty, ir.Undefined), _i32s([0] * vt.lanes))
     return vt(s, a), codegen
+
+
+@intrinsic
+def broadcast(typingctx, a, i):
+    vt = _vector_type(a)
+    if vt is None or not isinstance(a, types.Array) or not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ty = context.get_value_type(vt)
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        scalar = builder.load(builder.gep(data, [args[1]]), align=vt.dtype.bitwidth // 8)
+        one = builder.insert_element(ir.Constant(ty, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(one, ir.Constant(ty, ir.Undefined), _i32s([0] * vt.lanes))
+    return vt(a, i), codegen
 
 
 @intrinsic

@@ -399,6 +399,22 @@ def test_max_pool2d_forward_ties(device, dtype, case, value):
 
 @pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_max_pool2d_forward_nan(device, dtype, case, rng):
+    """A NaN wins its windows, as in PyTorch: y is NaN and argmax points at the window's first
+    NaN, wherever in the window it lies (the oracle's strict > would let it lose)."""
+    N, C, H, W, ks, stride, padding = case
+    x = _distinct(rng, dtype, (N, C, H, W))
+    x.reshape(N * C, H * W)[:, rng.permutation(H * W)[:max(1, H * W // 5)]] = np.nan
+    y, argmax = run(device, "max_pool2d_forward", x, ks, stride, padding)
+    has_nan = ~np.isfinite(ref.max_pool2d_forward(np.where(np.isnan(x), np.inf, x), ks, stride, padding)[0])
+    assert has_nan.any(), "the case needs a window with a NaN"
+    np.testing.assert_array_equal(np.isnan(y), has_nan, err_msg="max_pool2d_forward: NaN windows")
+    first = ref.max_pool2d_forward(np.where(np.isnan(x), 1.0, 0.0), ks, stride, padding)[1]
+    np.testing.assert_array_equal(argmax[has_nan], first[has_nan], err_msg="max_pool2d_forward: argmax of a NaN window")
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=case_id)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_max_pool2d_backward(device, dtype, case, rng):
     N, C, H, W, ks, stride, padding = case
     _, argmax = ref.max_pool2d_forward(_distinct(rng, np.float64, (N, C, H, W)), ks, stride, padding)

@@ -4,12 +4,24 @@ The forward pass records, for every output, where in its input plane the maximum
 h * W + w, int64, as PyTorch's indices); the backward pass adds each gy onto that place.
 Windows may overlap (stride < kernel), so the backward pass gives each input plane to one
 prange iteration, which owns every += into it.
+
+The U-Net's 2x2 pooling with stride 2 gets a forward loop of its own, with no bounds to check
+and written without branches (each comparison a select) so that LLVM vectorises it.
 """
+import numba
 import numpy as np
 from numba import prange
 
 from minunet.contract import conv_out_hw
 from minunet.cpu.runtime import empty, kernel, zeros
+
+
+@numba.njit(inline="always")
+def _larger(best, at, v, where):
+    """(best, at) unless v wins: v > best, or v is NaN and best is not (a NaN propagates, as in
+    PyTorch); no branch (the & and | of two booleans), so the loop around it vectorises"""
+    take = (v > best) | ((v != v) & (best == best))
+    return (v if take else best), (where if take else at)
 
 
 @kernel
@@ -25,11 +37,10 @@ def _max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, y, argmax):
                 top, bot = x[n, c, 2 * i], x[n, c, 2 * i + 1]
                 yr, ar = y[n, c, i], argmax[n, c, i]
                 for j in range(Wo):
-                    best, at = top[2 * j], 2 * i * W + 2 * j
-                    for v, where in ((top[2 * j + 1], at + 1), (bot[2 * j], at + W), (bot[2 * j + 1], at + W + 1)):
-                        if v > best or (v != v and best == best):
-                            best, at = v, where
-                    yr[j], ar[j] = best, at
+                    at = 2 * i * W + 2 * j
+                    best, where = _larger(top[2 * j], at, top[2 * j + 1], at + 1)
+                    best, where = _larger(best, where, bot[2 * j], at + W)
+                    yr[j], ar[j] = _larger(best, where, bot[2 * j + 1], at + W + 1)
         return
     for nc in prange(N * C):
         n, c = nc // C, nc % C

@@ -123,11 +123,14 @@ def splat(typingctx, s, a):
         return None
 
     def codegen(context, builder, sig, args):
-        ty = context.get_value_type(vt)
-        scalar = context.cast(builder, args[0], sig.args[0], vt.dtype)
-        one = builder.insert_element(ir.Constant(ty, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, ir.Constant(ty, ir.Undefined), _i32s([0] * vt.lanes))
+        return _splat(builder, context.get_value_type(vt), context.cast(builder, args[0], sig.args[0], vt.dtype))
     return vt(s, a), codegen
+
+
+def _splat(builder, ty, scalar):
+    """The vector of type ty with scalar in every lane"""
+    one = builder.insert_element(ir.Constant(ty, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, ir.Constant(ty, ir.Undefined), _i32s([0] * ty.count))
 
 
 @intrinsic
@@ -137,11 +140,9 @@ def broadcast(typingctx, a, i):
         return None
 
     def codegen(context, builder, sig, args):
-        ty = context.get_value_type(vt)
         data = context.make_array(sig.args[0])(context, builder, args[0]).data
         scalar = builder.load(builder.gep(data, [args[1]]), align=vt.dtype.bitwidth // 8)
-        one = builder.insert_element(ir.Constant(ty, ir.Undefined), scalar, ir.Constant(ir.IntType(32), 0))
-        return builder.shuffle_vector(one, ir.Constant(ty, ir.Undefined), _i32s([0] * vt.lanes))
+        return _splat(builder, context.get_value_type(vt), scalar)
     return vt(a, i), codegen
 
 

@@ -523,9 +523,8 @@ def _forward_by_channels(V, w, flip, b, apply_relu, KB, work, y):
 
 _BY_CHANNELS_BYTES = 2 << 20  # every tile's transformed inputs under this: split by channels
 _KB = 16                      # output channels per task when split by channels
-_BY_CHANNELS_TILES = 4        # ... and, for the forward and the input gradient, planes at most this many tiles
-                              # wide: measured on 2 cores at 32x32 and 64x64 with 32 to 128 channels, split by
-                              # tiles ran 1.2 to 1.8 times as fast, at 16x16 (64 to 256 channels) 1.04 to 1.3 slower
+_BY_CHANNELS_TILES = 4        # ... and, in convolve, planes at most this many tiles wide (measured on 2
+                              # cores: by tiles 1.2-1.8x as fast at 32x32 and 64x64, 1.04-1.3x slower at 16x16)
 
 
 def _tiles(N, Ho, Wo, itemsize):

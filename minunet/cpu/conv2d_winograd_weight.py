@@ -365,15 +365,15 @@ def _backward_weight_by_channels(x, gy, mask, ph, pw, KB, work, sums, gw, gb):
                 _filter_gradients(acc, kk * Cv + c0, nk * Cv, gw, k0 + kk, c0)
 
 
-def _buffers(C, K, rows, TW, dtype, threads):
-    """work, for `threads` threads (a row each; 0: one, for every thread at once), enough for the
+def _buffers(C, K, rows, TW, dtype, per_thread):
+    """work, a row for each thread with per_thread (else one, shared by every thread), enough for the
     padded rows of x (C, 6, 4*TBv + 4) and of gy (K, 4, 4*TBv + 4) and their transforms VT
     (36, TBv, Cv) and G (36, K, TBv) (_carve) for TBv the tiles of `rows` tile rows rounded up to
     whole vectors; on huge pages (runtime.scratch)"""
     L = 64 // np.dtype(dtype).itemsize
     TBv, Cv = -(-rows * (TW + 1) // L) * L, -(-C // L) * L
     n = (C * 6 + K * 4) * (4 * TBv + 4) + 36 * TBv * (Cv + K)
-    return thread_scratch(n, dtype) if threads else scratch((n,), dtype, 1)
+    return thread_scratch(n, dtype) if per_thread else scratch((n,), dtype, 1)
 
 
 def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
@@ -393,11 +393,11 @@ def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
     if (_by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads()
             or conv2d_winograd_small.suits(C, K, Wo)):
         sums = thread_scratch(36 * _KB * Cv, x.dtype)
-        _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, 0),
+        _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, False),
                                      sums, gw, gb)
         return gw, gb
     part, gb_part = empty((n_parts, 36, K, Cv), x.dtype), np.empty((n_parts, K))
-    _backward_weight_by_tiles(x, gy, relu_y, padding[0], padding[1], rows, _buffers(C, K, rows, TW, x.dtype, 1),
+    _backward_weight_by_tiles(x, gy, relu_y, padding[0], padding[1], rows, _buffers(C, K, rows, TW, x.dtype, True),
                               part, gb_part)
     _filters_from_parts(part, gb_part, gw, gb)
     return gw, gb

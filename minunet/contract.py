@@ -217,6 +217,29 @@ def _conv2d_call(c, x_shape, w_shape, stride, padding, names):
     return stride, padding, (N, K, Ho, Wo), 2 * N * K * Ho * Wo * C * kh * kw
 
 
+def _conv_input(c, x, **more):
+    """A convolution's input: an array (N, C, H, W), or a list of arrays (N, C_i, H, W) of one N,
+    H and W standing for their concatenation along channels (C = sum C_i), which the kernels
+    read where the arrays lie. Checked with the arrays `more` (by name) as `floats` does.
+    Returns (x: an array, or a list of two or more; its (N, C, H, W); the dtype)."""
+    if not isinstance(x, (list, tuple)):
+        dtype = c.floats(ndim=4, x=x, **more)
+        return x, x.shape, dtype
+    if not x:
+        c.fail("x is an empty list; expected an array or a list of arrays (N, C_i, H, W)")
+    dtype = c.floats(ndim=4, **{f"x[{i}]": a for i, a in enumerate(x)}, **more)
+    return (x[0], x[0].shape, dtype) if len(x) == 1 else (list(x), _listed_shape(c, "x", [a.shape for a in x]), dtype)
+
+
+def _listed_shape(c, name, shapes):
+    """The (N, sum C_i, H, W) of the shapes of a list input, which must agree in N, H and W"""
+    for i, s in enumerate(shapes):
+        if (s[0], *s[2:]) != (shapes[0][0], *shapes[0][2:]):
+            c.fail(f"{name}[{i}] has shape {tuple(s)} but {name}[0] has {tuple(shapes[0])}: a list input is its "
+                   f"arrays' concatenation along channels, which must agree in N, H and W")
+    return (shapes[0][0], sum(s[1] for s in shapes), *shapes[0][2:])
+
+
 def _relu_mask(c, relu_y, gy):
     """relu_y: the output y of the ReLU fused into the convolution (whose backward lets gy through
     where y > 0), of gy's shape and dtype; or None."""
@@ -230,9 +253,10 @@ def _relu_mask(c, relu_y, gy):
 def conv2d_forward(c, x, w, b, stride, padding, version=None, relu=False):
     """x (N,C,H,W), w (K,C,kh,kw), b (K,) or None -> y (N,K,Ho,Wo), Ho = (H + 2ph - kh) // sh + 1:
     y[n,k,i,j] = b[k] + sum_{c,u,v} x[n,c,i*sh-ph+u, j*sw-pw+v] w[k,c,u,v] (out-of-range x are 0);
-    relu=True: max(y, 0), a ReLU fused into the convolution."""
-    dtype = c.floats(ndim=4, x=x, w=w)
-    stride, padding, y_shape, flops = _conv2d_call(c, x.shape, w.shape, stride, padding, ("x", f"w {w.shape}"))
+    relu=True: max(y, 0), a ReLU fused into the convolution. x may be a list of (N,C_i,H,W):
+    their concatenation along channels, never made (free concatenation)."""
+    x, x_shape, dtype = _conv_input(c, x, w=w)
+    stride, padding, y_shape, flops = _conv2d_call(c, x_shape, w.shape, stride, padding, ("x", f"w {w.shape}"))
     return c.call(x, w, c.vector("b", b, w.shape[0], dtype), stride, padding, c.version(version), bool(relu),
                   out=Out(y_shape, dtype), flops=flops)
 
@@ -240,23 +264,32 @@ def conv2d_forward(c, x, w, b, stride, padding, version=None, relu=False):
 @_declare
 def conv2d_backward_input(c, gy, w, x_shape, stride, padding, version=None, relu_y=None):
     """gy (N,K,Ho,Wo), w (K,C,kh,kw) -> gx (x_shape) = d/dx sum(y * gy); with relu_y (the output of
-    the fused ReLU) of gy * (relu_y > 0) instead."""
+    the fused ReLU) of gy * (relu_y > 0) instead. x_shape may be a list of the shapes of a list
+    input (see conv2d_forward): then the list of their gradients, each written in place."""
     dtype = c.floats(ndim=4, gy=gy, w=w)
-    x_shape = c.shape("x_shape", x_shape)
-    stride, padding, y_shape, flops = _conv2d_call(c, x_shape, w.shape, stride, padding,
+    listed = isinstance(x_shape, (list, tuple)) and bool(x_shape) and all(isinstance(s, (list, tuple)) for s in x_shape)
+    if listed and len(x_shape) > 1:
+        x_shape = [c.shape(f"x_shape[{i}]", s) for i, s in enumerate(x_shape)]
+        whole = _listed_shape(c, "x_shape", x_shape)
+    else:
+        x_shape = whole = c.shape("x_shape", x_shape[0] if listed else x_shape)
+        listed = False
+    stride, padding, y_shape, flops = _conv2d_call(c, whole, w.shape, stride, padding,
                                                    (f"x_shape {x_shape}", f"w {w.shape}"))
     c.same_shape("gy", gy, y_shape)
+    out = [Out(s, dtype) for s in x_shape] if listed else Out(x_shape, dtype)
     return c.call(gy, w, x_shape, stride, padding, c.version(version), _relu_mask(c, relu_y, gy),
-                  out=Out(x_shape, dtype), flops=flops)
+                  out=out, flops=flops)
 
 
 @_declare
 def conv2d_backward_weight(c, x, gy, w_shape, stride, padding, version=None, relu_y=None, bias=False):
     """x (N,C,H,W), gy (N,K,Ho,Wo) -> gw (w_shape) = d/dw sum(y * gy), of gy * (relu_y > 0) with
-    relu_y; bias=True: (gw, gb) with gb (K,) = that gy summed over n, h, w (bias_backward's)."""
-    dtype = c.floats(ndim=4, x=x, gy=gy)
+    relu_y; bias=True: (gw, gb) with gb (K,) = that gy summed over n, h, w (bias_backward's).
+    x may be a list, as conv2d_forward's."""
+    x, x_shape, dtype = _conv_input(c, x, gy=gy)
     w_shape = c.shape("w_shape", w_shape)
-    stride, padding, y_shape, flops = _conv2d_call(c, x.shape, w_shape, stride, padding, ("x", f"w_shape {w_shape}"))
+    stride, padding, y_shape, flops = _conv2d_call(c, x_shape, w_shape, stride, padding, ("x", f"w_shape {w_shape}"))
     c.same_shape("gy", gy, y_shape)
     out = (Out(w_shape, dtype), Out((w_shape[0],), dtype)) if bias else Out(w_shape, dtype)
     return c.call(x, gy, w_shape, stride, padding, c.version(version), _relu_mask(c, relu_y, gy), bool(bias),

@@ -285,9 +285,20 @@ def _conv2d_grid(op, v, outputs, pixels, taps, rows):
     return (_cdiv(pixels, GEMM_TILE_N), _cdiv(rows, GEMM_TILE_M)), (GEMM_THREADS,)
 
 
+# A list input (contract.conv2d_forward) is concatenated along channels first, and its gradient
+# split after, by concat.cu's kernels: conv2d.cu's kernels read one array. (The CPU's Winograd
+# kernels read the list in place.)
+
+def _joined(x):
+    """x, or a list's concatenation along channels"""
+    return concat_forward(x, [(0, 0)] * len(x), x[0].shape[2:]) if isinstance(x, list) else x
+
+
 def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
-    # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo) (max(y, 0) with relu)
+    # x: (N, C, H, W) or a list of (N, C_i, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo)
+    # (max(y, 0) with relu)
     op = "conv2d_forward"
+    x = _joined(x)
     v = _kernel_version(op, version or DEFAULT_VERSION[op], x.dtype)
     dims = _conv2d_dims(x.shape, w.shape, stride, padding)
     N, C, H, W, K, kh, kw, *_, Ho, Wo = (int(d) for d in dims)
@@ -310,7 +321,12 @@ def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
 
 
 def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=None):
-    # gy: (N, K, Ho, Wo), w: (K, C, kh, kw), relu_y: gy's shape or None -> gx: x_shape = (N, C, H, W)
+    # gy: (N, K, Ho, Wo), w: (K, C, kh, kw), relu_y: gy's shape or None -> gx: x_shape = (N, C, H, W),
+    # or for a list of shapes the list of gradients
+    if isinstance(x_shape, list):
+        whole = (x_shape[0][0], sum(s[1] for s in x_shape), *x_shape[0][2:])
+        gx = conv2d_backward_input(gy, w, whole, stride, padding, version, relu_y)
+        return concat_backward(gx, x_shape, [(0, 0)] * len(x_shape))
     op = "conv2d_backward_input"
     v = _kernel_version(op, version or DEFAULT_VERSION[op], gy.dtype)
     dims = _conv2d_dims(x_shape, w.shape, stride, padding)
@@ -335,8 +351,9 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=
 
 def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None, relu_y=None, bias=False):
     # x: (N, C, H, W), gy: (N, K, Ho, Wo), relu_y: gy's shape or None -> gw: w_shape = (K, C, kh, kw),
-    # or (gw, gb (K,)) with bias
+    # or (gw, gb (K,)) with bias; x may be a list
     op = "conv2d_backward_weight"
+    x = _joined(x)
     v = _kernel_version(op, version or DEFAULT_VERSION[op], x.dtype)
     dims = _conv2d_dims(x.shape, w_shape, stride, padding)
     N, C, _, _, K, kh, kw, *_, Ho, Wo = (int(d) for d in dims)

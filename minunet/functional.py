@@ -82,28 +82,56 @@ def _check_conv_tensors(op, x, weight, bias):
     _check_same(op, x=x, weight=weight, bias=bias)
 
 
+def _conv_inputs(op, x, weight, bias):
+    """A convolution's input as a list of Tensors: [x], or the Tensors of a list x (their
+    concatenation along channels, see conv2d), checked with weight and bias."""
+    if not isinstance(x, (list, tuple)):
+        _check_conv_tensors(op, x, weight, bias)
+        return [x]
+    xs = list(x)
+    if not xs:
+        raise ValueError(f"{op}: input x is an empty list")
+    for i, a in enumerate(xs):
+        _check_tensor(a, op, f"input x[{i}]", 4)
+    _check_conv_tensors(op, xs[0], weight, bias)
+    _check_same(op, **{f"x[{i}]": a for i, a in enumerate(xs)}, weight=weight)
+    for i, a in enumerate(xs):
+        if (a.shape[0], *a.shape[2:]) != (xs[0].shape[0], *xs[0].shape[2:]):
+            raise ValueError(f"{op}: input x[{i}] has shape {a.shape} but x[0] has {xs[0].shape}; a list input "
+                             f"is concatenated along channels, so N, H and W must agree")
+    return xs
+
+
 class Conv2d(Function):
     """conv2d, and with relu=True conv2d followed by a ReLU as one op: the kernels fuse the ReLU
     into the forward's epilogue and its mask (y > 0) into the loads of gy in both gradients, and
     the weight gradient computes the bias gradient on the way (bias=True): no pass over memory of
-    its own for the ReLU, its backward or the bias gradient."""
+    its own for the ReLU, its backward or the bias gradient.
+
+    Inputs after b are more input channels: the convolution of x and them concatenated along
+    channels (the U-Net's skip features and up-convolved features), which the kernels read where
+    they lie, and whose gradient they write as one array per input: free concatenation."""
     name = "conv2d"
 
-    def forward(self, x, w, b, stride, padding, relu=False):
-        # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) -> y: (N, K, Ho, Wo) (max(y, 0) with relu)
-        x, w = _contiguous(x), _contiguous(w)
-        self.x, self.w, self.stride, self.padding = x, w, stride, padding
-        y = backend.kernels_for(x).conv2d_forward(x, w, b, stride, padding, relu=relu)
+    def forward(self, x, w, b, *more, stride, padding, relu=False):
+        # x: (N, C, H, W) (with more: (N, C_i, H, W) each, C = their sum), w: (K, C, kh, kw), b: (K,)
+        # -> y: (N, K, Ho, Wo) (max(y, 0) with relu)
+        xs, w = [_contiguous(a) for a in (x, *more)], _contiguous(w)
+        self.x = xs if more else xs[0]
+        self.w, self.stride, self.padding = w, stride, padding
+        y = backend.kernels_for(x).conv2d_forward(self.x, w, b, stride, padding, relu=relu)
         self.relu_y = y if relu else None
         return y
 
     def backward(self, gy):
         k, gy = backend.kernels_for(gy), _contiguous(gy)
-        need_x, need_w, need_b = self.needs_input_grad
+        need_x, need_w, need_b, *need_more = self.needs_input_grad
+        listed = isinstance(self.x, list)
         mask = self.relu_y
         gx = gw = gb = None
-        if need_x:
-            gx = k.conv2d_backward_input(gy, self.w, self.x.shape, self.stride, self.padding, relu_y=mask)
+        if need_x or any(need_more):
+            x_shape = [a.shape for a in self.x] if listed else self.x.shape
+            gx = k.conv2d_backward_input(gy, self.w, x_shape, self.stride, self.padding, relu_y=mask)
         if need_w:
             gw = k.conv2d_backward_weight(self.x, gy, self.w.shape, self.stride, self.padding, relu_y=mask,
                                           bias=need_b)
@@ -111,26 +139,31 @@ class Conv2d(Function):
                 gw, gb = gw
         elif need_b:
             gb = k.bias_backward(gy if mask is None else k.relu_backward(gy, mask))
-        return gx, gw, gb
+        if not listed:
+            return gx, gw, gb
+        gx = gx or [None] * len(self.x)
+        return (gx[0], gw, gb, *gx[1:])
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """2-D cross-correlation, as torch.nn.functional.conv2d; dilation and groups must be 1."""
+    """2-D cross-correlation, as torch.nn.functional.conv2d; dilation and groups must be 1.
+    x may also be a list of tensors (N, C_i, H, W): the convolution of torch.cat(x, 1), computed
+    without making that concatenation (the kernels read each tensor where it lies)."""
     op = "conv2d"
     _unsupported(op, dilation=dilation, groups=groups)
-    _check_conv_tensors(op, x, weight, bias)
+    xs = _conv_inputs(op, x, weight, bias)
     stride, padding = pair(op, "stride", stride, 1), pair(op, "padding", padding, 0)
-    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding)
+    return Conv2d.apply(xs[0], weight, bias, *xs[1:], stride=stride, padding=padding)
 
 
 def conv2d_relu(x, weight, bias=None, stride=1, padding=0):
     """relu(conv2d(x, weight, bias, stride, padding)) as one fused op (see Conv2d): the same values,
     with the ReLU, its backward and the bias gradient inside the convolution's kernels.
-    nn.Sequential uses it for a Conv2d followed by a ReLU."""
+    nn.Sequential uses it for a Conv2d followed by a ReLU. x may be a list, as conv2d's."""
     op = "conv2d_relu"
-    _check_conv_tensors(op, x, weight, bias)
+    xs = _conv_inputs(op, x, weight, bias)
     stride, padding = pair(op, "stride", stride, 1), pair(op, "padding", padding, 0)
-    return Conv2d.apply(x, weight, bias, stride=stride, padding=padding, relu=True)
+    return Conv2d.apply(xs[0], weight, bias, *xs[1:], stride=stride, padding=padding, relu=True)
 
 
 def _patchwise(w_shape, stride, padding, output_padding):

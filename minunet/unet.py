@@ -12,7 +12,9 @@ base_channels * 2^l channels; a 2x2 max-pool halves the size between levels. The
 block at level `depth` has base_channels * 2^depth channels. The expanding path goes back up:
 a 2x2 stride-2 transposed convolution doubles the size and halves the channels, the
 contracting path's features of that level (the skip) are concatenated in front of it on the
-channel axis, and a block maps the 2C channels back to C. A 1x1 convolution (the head) maps
+channel axis, and a block maps the 2C channels back to C. That concatenation is never made: the
+block's first convolution reads the skip and the upsampled features where they lie
+(F.conv2d of a list), and writes their two gradients apart. A 1x1 convolution (the head) maps
 base_channels to num_classes logits per pixel.
 
 padding='same' pads the 3x3 convolutions by 1, so every block keeps its size and the output
@@ -113,7 +115,8 @@ class UNet(nn.Module):
             x = up(x)               # (N, C_l, 2h, 2w)
             if self.padding == "valid":
                 skip = F.center_crop(skip, x.shape[2:])
-            x = block(F.cat([skip, x], 1))  # (N, 2 C_l, ...) -> (N, C_l, ...)
+            x = block([skip, x])    # (N, C_l + C_l, ...) -> (N, C_l, ...): the block's first conv reads
+                                    # the pair as torch.cat([skip, x], 1), never made (free concatenation)
         return self.head(x)
 
     # ---- size arithmetic ---------------------------------------------------------------

@@ -108,12 +108,12 @@ def _bad_calls(xp):
     i64 = lambda *shape: xp.zeros(shape, np.int64)  # noqa: E731
     i32 = lambda *shape: xp.zeros(shape, np.int32)  # noqa: E731
     hyper = lambda *shape: xp.zeros(shape, np.float64)  # noqa: E731
-    wrong = "numpy" if xp is not np else "list"
-    wrong_x = np.zeros((1, 2, 6, 6), np.float32) if xp is not np else [[1.0]]
+    wrong = "numpy" if xp is not np else "float"
+    wrong_x = np.zeros((1, 2, 6, 6), np.float32) if xp is not np else 1.5
     name = xp.__name__
     return [
         ("wrong array type", lambda k, d: k.conv2d_forward(wrong_x, d(3, 2, 3, 3), None, 1, 0),
-         TypeError, rf"conv2d_forward: x must be a {name}.ndarray on the .*, got {'ndarray' if wrong == 'numpy' else 'list'}"),
+         TypeError, rf"conv2d_forward: x must be a {name}.ndarray on the .*, got {'ndarray' if wrong == 'numpy' else 'float'}"),
         ("float16", lambda k, d: k.relu_forward(d(2, 3, dtype=np.float16)), TypeError,
          r"relu_forward: x has dtype float16"),
         ("mixed dtypes", lambda k, d: k.conv2d_forward(d(1, 2, 6, 6), d(3, 2, 3, 3, dtype=np.float64), None, 1, 0),

@@ -61,6 +61,16 @@ def test_conv2d(device, stride, padding, rng):
               [rng.standard_normal((2, 2, 5, 6)), rng.standard_normal((3, 2, 3, 2)), rng.standard_normal(3)], device)
 
 
+def test_conv2d_of_a_list(device, rng):
+    """conv2d (and conv2d_relu) of a list of inputs, their concatenation along channels read in
+    place: each input gets its own gradient. 9 channels in and 8 out: Winograd (v4) on the CPU."""
+    x1, x2, w, b = (rng.standard_normal((2, 4, 6, 7)), away_from_zero(rng, 2, 5, 6, 7), rng.standard_normal((8, 9, 3, 3)),
+                    rng.standard_normal(8))
+    gradcheck(lambda a, c, w, b: F.conv2d([a, c], w, b, 1, 1), [x1, x2, w, b], device)
+    gradcheck(lambda a, c, w, b: F.conv2d_relu([a, c], w, b, 1, 1), [x1, x2, w, b], device)
+    gradcheck(lambda a, c, w: F.conv2d([a, c, a], w, None, 1, 0), [x1[:, :2], x2, w], device)  # a twice
+
+
 @pytest.mark.parametrize("stride,padding,output_padding", [(2, 0, 0), (2, 1, 1), (1, 1, 0)])
 def test_conv_transpose2d(device, stride, padding, output_padding, rng):
     gradcheck(lambda x, w, b: F.conv_transpose2d(x, w, b, stride, padding, output_padding),

@@ -207,6 +207,62 @@ def _check_fused(device, version, dtype, case, rng, what=""):
     check(gb, ref.bias_backward(gz), dtype, f"conv2d_backward_weight bias {what}", rtol["conv2d_backward_weight"])
 
 
+def _check_list(device, version, dtype, case, rng, parts, what=""):
+    """The convolution of a list input (x cut along channels into `parts` channels each), fused
+    (relu=, relu_y=, bias=): against the oracle on x whole; the input gradient a list of the
+    parts' own gradients."""
+    x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
+    xs = [np.ascontiguousarray(a) for a in np.split(x, np.cumsum(parts)[:-1], axis=1)]
+    y_ref = ref.relu_forward(ref.conv2d_forward(x, w, b, stride, padding))
+    (gy,) = make(rng, dtype, y_ref.shape)
+    gz = ref.relu_backward(gy, y_ref)
+    what = f"{device} v{version} {what} {case_id(case)} parts {parts}"
+    rtol = {kernel: conv_rtol(device, kernel, version, dtype)
+            for kernel in ("conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight")}
+    y = run(device, "conv2d_forward", xs, w, b, stride, padding, version=version, relu=True)
+    check(y, y_ref, dtype, f"conv2d_forward of a list {what}", rtol["conv2d_forward"])
+    y_dev = y_ref.astype(dtype)
+    gxs = run(device, "conv2d_backward_input", gy, w, [a.shape for a in xs], stride, padding, version=version,
+              relu_y=y_dev)
+    assert isinstance(gxs, list) and len(gxs) == len(parts), f"conv2d_backward_input of a list {what}: {type(gxs)}"
+    gx_ref = np.split(ref.conv2d_backward_input(gz, w, x.shape, stride, padding), np.cumsum(parts)[:-1], axis=1)
+    for i, (g, g_ref) in enumerate(zip(gxs, gx_ref)):
+        check(g, g_ref, dtype, f"conv2d_backward_input of a list, gx[{i}] {what}", rtol["conv2d_backward_input"])
+    gw, gb = run(device, "conv2d_backward_weight", xs, gy, w.shape, stride, padding, version=version,
+                 relu_y=y_dev, bias=True)
+    check(gw, ref.conv2d_backward_weight(x, gz, w.shape, stride, padding), dtype,
+          f"conv2d_backward_weight of a list {what}", rtol["conv2d_backward_weight"])
+    check(gb, ref.bias_backward(gz), dtype, f"conv2d_backward_weight of a list, bias {what}",
+          rtol["conv2d_backward_weight"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_list_input(device, dtype, rng):
+    """conv2d's three kernels take a list of inputs for their concatenation along channels (the
+    U-Net's skip and up-convolved features; v4 on the CPU reads them in place, the others join
+    them first): every version, 2 and 3 parts, the U-Net's 3x3 convolution and others."""
+    k = backend.kernels_for(backend.to_device(np.zeros(1), device))
+    for case, parts in [((2, 32, 12, 12, 16, (3, 3), (1, 1), (1, 1)), [16, 16]),
+                        ((2, 7, 10, 9, 4, (3, 3), (1, 1), (0, 0)), [3, 4]),
+                        ((1, 24, 9, 70, 9, (3, 3), (1, 1), (1, 1)), [8, 10, 6]),
+                        ((1, 5, 9, 7, 3, (3, 3), (2, 2), (1, 1)), [1, 4]),
+                        ((2, 6, 5, 7, 3, (1, 1), (1, 1), (0, 0)), [2, 4])]:
+        for version in k.VERSIONS["conv2d_forward"]:
+            _check_list(device, version, dtype, case, rng, parts)
+
+
+def test_conv2d_list_input_errors():
+    """A list input whose arrays disagree in N, H or W is refused, naming them."""
+    k = backend.kernels_for(np.zeros(1))
+    x1, x2, w = np.zeros((2, 3, 8, 8)), np.zeros((2, 4, 8, 9)), np.zeros((5, 7, 3, 3))
+    with pytest.raises(ValueError, match=r"conv2d_forward: x\[1\] has shape \(2, 4, 8, 9\)"):
+        k.conv2d_forward([x1, x2], w, None, 1, 1)
+    with pytest.raises(ValueError, match=r"conv2d_backward_input: x_shape\[1\] has shape \(1, 4, 8, 8\)"):
+        k.conv2d_backward_input(np.zeros((2, 5, 8, 8)), w, [(2, 3, 8, 8), (1, 4, 8, 8)], 1, 1)
+    with pytest.raises(ValueError, match="conv2d_forward: x has 6 channels but w"):
+        k.conv2d_forward([x1, x1], w, None, 1, 1)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @strategies.SETTINGS
 @given(case=strategies.conv2d_cases())
@@ -242,7 +298,8 @@ def test_cpu_winograd_work_splits(split, dtype, monkeypatch, rng):
     monkeypatch.setattr(conv2d_winograd_small, "suits", lambda c_in, c_out, Wo: split == "small")
     for case in [(2, 16, 21, 38, 24, (3, 3), (1, 1), (1, 1)), (3, 9, 13, 10, 12, (3, 3), (1, 1), (0, 0)),
                  (1, 16, 26, 50, 17, (3, 3), (1, 1), (1, 1)),    # 4 blocks of 2, 2, 2, 1 tile rows
-                 (2, 5, 9, 10, 17, (3, 3), (1, 1), (1, 1))]:     # one vector of input channels, 16 + 1 outputs
+                 (2, 5, 9, 10, 17, (3, 3), (1, 1), (1, 1)),      # one vector of input channels, 16 + 1 outputs
+                 (2, 32, 9, 10, 8, (3, 3), (1, 1), (1, 1))]:     # input gradients split at a whole vector
         x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
         what = f"{split} {case_id(case)}"
         y = ref.conv2d_forward(x, w, b, stride, padding)
@@ -253,6 +310,7 @@ def test_cpu_winograd_work_splits(split, dtype, monkeypatch, rng):
         check(run("cpu", "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=4),
               ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, f"gw {what}")
         _check_fused("cpu", 4, dtype, case, rng, split)
+        _check_list("cpu", 4, dtype, case, rng, [case[1] // 2, case[1] - case[1] // 2], split)
 
 
 @pytest.mark.parametrize("stride, khw, padding, c_in, c_out, plane, expected", [

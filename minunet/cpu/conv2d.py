@@ -55,6 +55,7 @@ from numba import prange
 from minunet.contract import conv_out_hw
 from minunet.cpu import conv2d_winograd, conv2d_winograd_small, conv2d_winograd_weight, gemm
 from minunet.cpu.activation import bias_backward, relu_backward
+from minunet.cpu.concat import concat_backward, concat_forward
 from minunet.cpu.runtime import batches, empty, kernel, one_blas_thread, scratch, zeros
 from minunet.cpu.simd import lanes, load_range, relu_mask, store_range
 
@@ -99,13 +100,15 @@ def _pointwise(stride, khw, padding):
     return tuple(stride) == (1, 1) and tuple(khw) == (1, 1) and tuple(padding) == (0, 0)
 
 
-def _winograd(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
+def _winograd(x, x2, mask, w, flip, b, relu, ph, pw, Ho, Wo, K1):
     """v4's stride-1 3x3 convolution (conv2d_winograd.convolve: the forward, or with flip and the
     mask relu_y the input gradient) onto planes Wo wide: products with the tiles in the vectors,
-    or (small planes, many channels) with the output channels."""
+    or (small planes, many channels) with the output channels. The input is x and x2 along
+    channels, the output (y, y2) split after K1 channels."""
     c_out = w.shape[1] if flip else w.shape[0]
-    small = conv2d_winograd_small.suits(x.shape[1], c_out, Wo)
-    return (conv2d_winograd_small if small else conv2d_winograd).convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo)
+    small = conv2d_winograd_small.suits(x.shape[1] + x2.shape[1], c_out, Wo)
+    return (conv2d_winograd_small if small else conv2d_winograd).convolve(x, x2, mask, w, flip, b, relu, ph, pw,
+                                                                          Ho, Wo, K1)
 
 
 def _winograd_fits(stride, khw):
@@ -557,12 +560,42 @@ def _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding, relu_y, bias):
 # convolution: the public kernels
 # ---------------------------------------------------------------------------------------------
 
+# An input may be a list of arrays (N, C_i, H, W): the convolution of their concatenation along
+# channels (the U-Net's skip features and up-convolved features), whose input gradient is then
+# the list of theirs. v4's Winograd kernels read two inputs where they lie and write the two
+# gradients in place (conv2d_winograd._input_rows, _output_transform): no concatenated copy is
+# ever made. The other versions read one array: for them the list is concatenated (and the
+# gradient split) by the concat kernels, as a separate torch.cat would.
+
+def _joined(x):
+    """x, or a list's concatenation along channels (a copy)"""
+    return concat_forward(x, [(0, 0)] * len(x), x[0].shape[2:]) if isinstance(x, list) else x
+
+
+def _two(x):
+    """(x, x2), an input as v4's Winograd kernels read it: x alone (x2 a view of none of its
+    channels), or a list's first array and the rest"""
+    if not isinstance(x, list):
+        return x, x[:, :0]
+    return x[0], x[1] if len(x) == 2 else _joined(x[1:])
+
+
+def _shape(x):
+    """the (N, C, H, W) of an input or a list of inputs"""
+    if not isinstance(x, list):
+        return tuple(x.shape)
+    return (x[0].shape[0], sum(a.shape[1] for a in x), *x[0].shape[2:])
+
+
 def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
-    # x: (N, C, H, W), w: (K, C, kh, kw), b: (K,) or None -> y: (N, K, Ho, Wo) (max(y, 0) with relu)
-    Ho, Wo = conv_out_hw(x.shape[2:], w.shape[2:], stride, padding)
-    v = version or choose_version(stride, w.shape[2:], padding, x.shape[1], w.shape[0], Ho * Wo)
+    # x: (N, C, H, W) or a list of (N, C_i, H, W) (see above), w: (K, C, kh, kw), b: (K,) or None
+    # -> y: (N, K, Ho, Wo) (max(y, 0) with relu)
+    N, C, H, W = _shape(x)
+    Ho, Wo = conv_out_hw((H, W), w.shape[2:], stride, padding)
+    v = version or choose_version(stride, w.shape[2:], padding, C, w.shape[0], Ho * Wo)
     if v == 4 and _winograd_fits(stride, w.shape[2:]):   # v4 adds the bias and the ReLU as it writes y
-        return _winograd(x, None, w, False, b, relu, *padding, Ho, Wo)
+        return _winograd(*_two(x), None, w, False, b, relu, *padding, Ho, Wo, w.shape[0])[0]
+    x = _joined(x)
     if v == 4 and _pointwise(stride, w.shape[2:], padding):
         y = empty((x.shape[0], w.shape[0], Ho, Wo), x.dtype)
         gemm.pointwise_forward(x, w.reshape(w.shape[0], -1), np.zeros(w.shape[0], x.dtype) if b is None else b,
@@ -581,12 +614,27 @@ def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
 
 
 def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=None):
-    # gy: (N, K, Ho, Wo), w: (K, C, kh, kw), relu_y: gy's shape or None -> gx: x_shape = (N, C, H, W)
+    # gy: (N, K, Ho, Wo), w: (K, C, kh, kw), relu_y: gy's shape or None -> gx: x_shape = (N, C, H, W);
+    # x_shape a list of shapes (the inputs of a list, see above) -> the list of their gradients
+    shapes = x_shape if isinstance(x_shape, list) else None
+    if shapes:
+        x_shape = (shapes[0][0], sum(s[1] for s in shapes), *shapes[0][2:])
     N, C, H, W = x_shape
     v = version or choose_version(stride, w.shape[2:], padding, w.shape[0], C, H * W)
     if v == 4 and _winograd_fits(stride, w.shape[2:]):   # v4 masks gy as it reads it
-        return _winograd(gy, relu_y, w, True, None, False, 2 - padding[0], 2 - padding[1], H, W)  # padded by 2 - p
-    gy = gy if relu_y is None else relu_backward(gy, relu_y)  # the others: a pass of its own
+        gx, gx2 = _winograd(gy, gy[:, :0], relu_y, w, True, None, False, 2 - padding[0], 2 - padding[1], H, W,
+                            shapes[0][1] if shapes else C)  # gy padded by 2 - p
+        if not shapes:
+            return gx
+        return [gx, gx2] if len(shapes) == 2 else [gx] + concat_backward(gx2, shapes[1:], [(0, 0)] * (len(shapes) - 1))
+    gx = _conv2d_backward_input(gy, w, x_shape, stride, padding, v, relu_y)
+    return concat_backward(gx, shapes, [(0, 0)] * len(shapes)) if shapes else gx
+
+
+def _conv2d_backward_input(gy, w, x_shape, stride, padding, v, relu_y):
+    # v1 to v3 and v4's 1x1 product
+    N, C, H, W = x_shape
+    gy = gy if relu_y is None else relu_backward(gy, relu_y)  # masked by a pass of its own
     if v == 1:
         gx = zeros(x_shape, gy.dtype)
         _conv2d_backward_input_v1(gy, w, *stride, *padding, gx)
@@ -602,13 +650,14 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=
 
 
 def conv2d_backward_weight(x, gy, w_shape, stride, padding, version=None, relu_y=None, bias=False):
-    # x: (N, C, H, W), gy: (N, K, Ho, Wo), relu_y: gy's shape or None -> gw: w_shape = (K, C, kh, kw),
-    # or (gw, gb (K,)) with bias
+    # x: (N, C, H, W) or a list (see above), gy: (N, K, Ho, Wo), relu_y: gy's shape or None -> gw:
+    # w_shape = (K, C, kh, kw), or (gw, gb (K,)) with bias
     K, C, kh, kw = w_shape
     v = version or choose_version(stride, (kh, kw), padding, C, K, gy.shape[2] * gy.shape[3])
     if v == 4 and _winograd_fits(stride, (kh, kw)):      # v4 masks gy as it reads it, and sums gb
-        gw, gb = conv2d_winograd_weight.conv2d_backward_weight(x, gy, w_shape, padding, relu_y)
+        gw, gb = conv2d_winograd_weight.conv2d_backward_weight(*_two(x), gy, w_shape, padding, relu_y)
         return (gw, gb) if bias else gw
+    x = _joined(x)
     if v >= 3 and not _pointwise(stride, (kh, kw), padding):   # v3 masks gy as it pads it
         gw, gb = _conv2d_backward_weight_v3(x, gy, w_shape, stride, padding, relu_y, bias)
         return (gw, gb) if bias else gw

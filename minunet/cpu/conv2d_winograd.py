@@ -215,26 +215,32 @@ def _column(x, mask, o, h, j, z):
 
 
 @_helper
-def _input_rows(x, mask, r0, nr, TH, S, top, left, c0, c1, xs):
+def _input_rows(x, x2, mask, r0, nr, TH, S, top, left, c0, c1, xs):
     # The input transform's first half, down the columns, on the way in: xs[c, a, lr*S + q] =
     # (B^T d)[a], d the column of six input rows d_i = x[n, c, 4*ti - top + i, q - left] (0
     # outside x, masked as _column), for q < S and channels c0 <= c < c1, where r0 + lr =
     # n*TH + ti runs over nr tile rows; 0 from nr*S to the end. Done here on whole columns, it
     # costs 4 vectors of B^T per vector of tiles, where done per tile (after the pass along the
     # rows) it would cost 6: neighbouring tiles overlap by 2 columns.
-    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    # The input is the concatenation of x and x2 along channels, read where they lie: channel
+    # c >= C1 (x's channels) is x2's channel c - C1 (free concatenation; x2 has no channels for
+    # a single input, and always none with a mask).
+    C1, H, W = x.shape[1], x.shape[2], x.shape[3]
     Wx = xs.shape[2]
     L = lanes(xs)
     z = zeros(xs)
     for c in range(c0, c1):
         out = c * 6 * Wx                                # xs[c, 0, 0]
+        src, cs, Cs = x, c, C1
+        if c >= C1:
+            src, cs, Cs = x2, c - C1, x2.shape[1]
         for lr in range(nr):
             n, ti = (r0 + lr) // TH, (r0 + lr) % TH
             h, base = 4 * ti - top, lr * S
-            o = ((n * C + c) * H + h) * W               # x[n, c, h, 0]
+            o = ((n * Cs + cs) * H + h) * W             # src[n, cs, h, 0]
             for q in range(0, S, L):
                 j = q - left                            # x's column under lane 0
-                d0, d1, d2, d3, d4, d5 = _column(x, mask, o, h, j, z)
+                d0, d1, d2, d3, d4, d5 = _column(src, mask, o, h, j, z)
                 e0, e1, e2, e3, e4, e5 = _bt(d0, d1, d2, d3, d4, d5)
                 at = out + base + q
                 store_range(xs, at, e0, 0, S - q)
@@ -356,12 +362,14 @@ def _rows_at(Mt, o, P, tmp):
 
 
 @_helper
-def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y):
+def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y, y2):
     # y[n, k0+kk, 4*ti + i, 4*tj + j] = (A^T M A)[i, j] + b[k0+kk], M[a, b'] = Mt[a*6+b', kk, t] for
     # the tiles t = lr*(TW+1) + tj of tile rows r0 + lr (with apply_relu, max of that and 0: the bias and
-    # the ReLU in the registers, before the one store); places past y's edge are not written
+    # the ReLU in the registers, before the one store); places past y's edge are not written.
+    # The output is the concatenation of y and y2 along channels: channel k >= K1 (y's channels)
+    # goes to y2's channel k - K1 (the input gradient of a convolution of two inputs).
     nk, TBv = Mt.shape[1], Mt.shape[2]
-    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    K1, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     L = lanes(Mt)
     T1 = TW + 1
     nt = nr * T1
@@ -369,35 +377,38 @@ def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y):
     tmp = np.empty(24 * L, Mt.dtype)
     for kk in range(nk):
         bias = splat(b[k0 + kk], zeros(Mt))
+        dst, kd, Kd = y, k0 + kk, K1
+        if kd >= K1:
+            dst, kd, Kd = y2, kd - K1, y2.shape[1]
         for t0 in range(0, nt, L):
             o = kk * TBv + t0
             _rows_at(Mt, o, P, tmp)                     # along each row: A^T over the columns
-            y0 = _at(load(tmp, 0), load(tmp, 4 * L), load(tmp, 8 * L),                # then down each column
+            v0 = _at(load(tmp, 0), load(tmp, 4 * L), load(tmp, 8 * L),                # then down each column
                      load(tmp, 12 * L), load(tmp, 16 * L), load(tmp, 20 * L))
-            y1 = _at(load(tmp, L), load(tmp, 5 * L), load(tmp, 9 * L),
+            v1 = _at(load(tmp, L), load(tmp, 5 * L), load(tmp, 9 * L),
                      load(tmp, 13 * L), load(tmp, 17 * L), load(tmp, 21 * L))
-            y2 = _at(load(tmp, 2 * L), load(tmp, 6 * L), load(tmp, 10 * L),
+            v2 = _at(load(tmp, 2 * L), load(tmp, 6 * L), load(tmp, 10 * L),
                      load(tmp, 14 * L), load(tmp, 18 * L), load(tmp, 22 * L))
-            y3 = _at(load(tmp, 3 * L), load(tmp, 7 * L), load(tmp, 11 * L),
+            v3 = _at(load(tmp, 3 * L), load(tmp, 7 * L), load(tmp, 11 * L),
                      load(tmp, 15 * L), load(tmp, 19 * L), load(tmp, 23 * L))
             if apply_relu:
-                y0 = (relu(y0[0] + bias), relu(y0[1] + bias), relu(y0[2] + bias), relu(y0[3] + bias))
-                y1 = (relu(y1[0] + bias), relu(y1[1] + bias), relu(y1[2] + bias), relu(y1[3] + bias))
-                y2 = (relu(y2[0] + bias), relu(y2[1] + bias), relu(y2[2] + bias), relu(y2[3] + bias))
-                y3 = (relu(y3[0] + bias), relu(y3[1] + bias), relu(y3[2] + bias), relu(y3[3] + bias))
+                v0 = (relu(v0[0] + bias), relu(v0[1] + bias), relu(v0[2] + bias), relu(v0[3] + bias))
+                v1 = (relu(v1[0] + bias), relu(v1[1] + bias), relu(v1[2] + bias), relu(v1[3] + bias))
+                v2 = (relu(v2[0] + bias), relu(v2[1] + bias), relu(v2[2] + bias), relu(v2[3] + bias))
+                v3 = (relu(v3[0] + bias), relu(v3[1] + bias), relu(v3[2] + bias), relu(v3[3] + bias))
             else:
-                y0 = (y0[0] + bias, y0[1] + bias, y0[2] + bias, y0[3] + bias)
-                y1 = (y1[0] + bias, y1[1] + bias, y1[2] + bias, y1[3] + bias)
-                y2 = (y2[0] + bias, y2[1] + bias, y2[2] + bias, y2[3] + bias)
-                y3 = (y3[0] + bias, y3[1] + bias, y3[2] + bias, y3[3] + bias)
+                v0 = (v0[0] + bias, v0[1] + bias, v0[2] + bias, v0[3] + bias)
+                v1 = (v1[0] + bias, v1[1] + bias, v1[2] + bias, v1[3] + bias)
+                v2 = (v2[0] + bias, v2[1] + bias, v2[2] + bias, v2[3] + bias)
+                v3 = (v3[0] + bias, v3[1] + bias, v3[2] + bias, v3[3] + bias)
             for lr in range(t0 // T1, min(nr, (t0 + L - 1) // T1 + 1)):   # the tile rows in the vector
                 n, ti = (r0 + lr) // TH, (r0 + lr) % TH
                 start = lr * T1 - t0                    # the lane of tile (lr, 0), maybe < 0
                 lo, hi = max(0, start), min(L, start + TW)
-                row = ((n * K + k0 + kk) * Ho + 4 * ti) * Wo    # y[n, k0 + kk, 4*ti, 0], a flat place: no view
+                row = ((n * Kd + kd) * Ho + 4 * ti) * Wo   # dst[n, kd, 4*ti, 0], a flat place: no view
                 for i in range(4):
                     if 4 * ti + i < Ho and lo < hi:     # lane l -> columns 4*(l - start) + j
-                        store_every4(y, row + i * Wo - 4 * start, y0[i], y1[i], y2[i], y3[i], 4 * lo,
+                        store_every4(dst, row + i * Wo - 4 * start, v0[i], v1[i], v2[i], v3[i], 4 * lo,
                                      min(4 * hi, Wo + 4 * start))
 
 
@@ -436,12 +447,13 @@ def _task(t, rows_per_block, R, groups, K):
 
 
 @_kernel
-def _forward_by_tiles(x, mask, U, b, apply_relu, ph, pw, rows_per_block, groups, work, y):
+def _forward_by_tiles(x, x2, mask, U, b, apply_relu, ph, pw, rows_per_block, groups, work, y, y2):
     # y: (N, K, Ho, Wo) = b + the convolution of x: (N, C, H, W) (masked, see _column), padded
     # by (ph, pw), by the transformed filters U: (36, K, C); with apply_relu, max(y, 0). A task's
-    # buffers are its thread's row of work (_task_buffers).
-    N, C = x.shape[0], x.shape[1]
-    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    # buffers are its thread's row of work (_task_buffers). x2 and y2: the channels that follow
+    # x's and y's (see _input_rows and _output_transform).
+    N, C = x.shape[0], x.shape[1] + x2.shape[1]
+    K, Ho, Wo = y.shape[1] + y2.shape[1], y.shape[2], y.shape[3]
     L = lanes(x)
     TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
     R = N * TH
@@ -455,10 +467,10 @@ def _forward_by_tiles(x, mask, U, b, apply_relu, ph, pw, rows_per_block, groups,
             xs = mine[:n_xs].reshape((C, 6, 4 * TBv + 4))
             V = mine[n_xs:n_xs + n_v].reshape((36, C, TBv))
             Mt = mine[n_xs + n_v:n_xs + n_v + 36 * nk * TBv].reshape((36, nk, TBv))
-            _input_rows(x, mask, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
+            _input_rows(x, x2, mask, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
             _input_transform(xs, nt, 0, C, V)
             _multiply(U[:, k0:k0 + nk], V, Mt)
-            _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y)
+            _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y, y2)
 
 
 def _task_buffers(C, K, rows, groups, TW, dtype):
@@ -471,39 +483,39 @@ def _task_buffers(C, K, rows, groups, TW, dtype):
 
 
 @_kernel
-def _transform_inputs(x, mask, ph, pw, Ho, Wo, CB, xs, V):
+def _transform_inputs(x, x2, mask, ph, pw, Ho, Wo, CB, xs, V):
     # V: (36, C, TBv) = the input transform of every tile of x: (N, C, H, W) (masked, see
-    # _column), padded by (ph, pw), onto planes (Ho, Wo), through xs: (C, 6, 4*TBv + 4); CB input
-    # channels to a task. The first step of the split by channels (and of
-    # conv2d_winograd_small.py's kernel).
-    N, C = x.shape[0], x.shape[1]
+    # _column; x2: the channels that follow x's), padded by (ph, pw), onto planes (Ho, Wo),
+    # through xs: (C, 6, 4*TBv + 4); CB input channels to a task. The first step of the split by
+    # channels (and of conv2d_winograd_small.py's kernel).
+    N, C = x.shape[0], x.shape[1] + x2.shape[1]
     TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
     R = N * TH
     nt = R * (TW + 1)
     for cb in prange((C + CB - 1) // CB):
         c0, c1 = cb * CB, min(C, cb * CB + CB)
-        _input_rows(x, mask, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
+        _input_rows(x, x2, mask, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
         _input_transform(xs, nt, c0, c1, V)
 
 
-def transformed_inputs(x, mask, ph, pw, Ho, Wo):
+def transformed_inputs(x, x2, mask, ph, pw, Ho, Wo):
     """V: (36, C, TBv), the transformed inputs of every tile of the batch (_transform_inputs),
     split over input channels between the threads."""
-    N, C = x.shape[:2]
+    N, C = x.shape[0], x.shape[1] + x2.shape[1]
     TBv = _tiles(N, Ho, Wo, x.itemsize)[2]
     V, xs = empty((36, C, TBv), x.dtype), scratch((C, 6, 4 * TBv + 4), x.dtype, 1)
-    _transform_inputs(x, mask, ph, pw, Ho, Wo, max(1, C // (4 * numba.get_num_threads())), xs, V)
+    _transform_inputs(x, x2, mask, ph, pw, Ho, Wo, max(1, C // (4 * numba.get_num_threads())), xs, V)
     return V
 
 
 @_kernel
-def _forward_by_channels(V, w, flip, b, apply_relu, KB, work, y):
+def _forward_by_channels(V, w, flip, b, apply_relu, KB, work, y, y2):
     # y: (N, K, Ho, Wo) = b + the products of the transformed inputs V (transformed_inputs) with w
-    # (or w flipped, see _transform_filters), with apply_relu max(y, 0): one task per block of KB
-    # output channels, which transforms its own filters, multiplies and writes its outputs, in
-    # its thread's row of work: 36*KB*(C + TBv) elements
+    # (or w flipped, see _transform_filters), with apply_relu max(y, 0) (y2: the channels that
+    # follow y's): one task per block of KB output channels, which transforms its own filters,
+    # multiplies and writes its outputs, in its thread's row of work: 36*KB*(C + TBv) elements
     N, C, TBv = y.shape[0], V.shape[1], V.shape[2]
-    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    K, Ho, Wo = y.shape[1] + y2.shape[1], y.shape[2], y.shape[3]
     TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
     R = N * TH
     for kb in prange((K + KB - 1) // KB):
@@ -514,7 +526,7 @@ def _forward_by_channels(V, w, flip, b, apply_relu, KB, work, y):
         _transform_filters(w, flip, k0, nk, Ub, 0, nk * C)
         Mt = mine[36 * nk * C:36 * nk * (C + TBv)].reshape((36, nk, TBv))
         _multiply(Ub, V, Mt)
-        _output_transform(Mt, b, apply_relu, k0, 0, R, TH, TW, y)
+        _output_transform(Mt, b, apply_relu, k0, 0, R, TH, TW, y, y2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,24 +577,30 @@ def _blocking(R, TW, C, K, itemsize):
     return rows, groups
 
 
-def convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
-    """y: (N, K, Ho, Wo) = b + the stride-1 3x3 convolution of x: (N, C, H, W), padded by (ph, pw),
-    by w: (K, C, 3, 3), max(y, 0) with relu; or with flip by w turned 180 degrees with its
-    channel axes swapped (K = w.shape[1]): conv2d's input gradient, of x = gy padded by 2 - p,
-    masked by mask = relu_y (None: not masked) as it is read. b may be None."""
-    N, C = x.shape[:2]
+def outputs(N, K, K1, Ho, Wo, dtype):
+    """(y, y2): a convolution's K output channels as two arrays, (N, K1, Ho, Wo) and the rest"""
+    return empty((N, K1, Ho, Wo), dtype), empty((N, K - K1, Ho, Wo), dtype)
+
+
+def convolve(x, x2, mask, w, flip, b, relu, ph, pw, Ho, Wo, K1):
+    """(y, y2): y = b + the stride-1 3x3 convolution of x: (N, C, H, W), padded by (ph, pw), by
+    w: (K, C, 3, 3), max(y, 0) with relu; or with flip by w turned 180 degrees with its channel
+    axes swapped (K = w.shape[1]): conv2d's input gradient, of x = gy padded by 2 - p, masked by
+    mask = relu_y (None: not masked) as it is read. b may be None. The input is the
+    concatenation of x and x2 (N, C2, H, W) along channels (C2 = 0: x alone), the output that of
+    y (N, K1, Ho, Wo) and y2 (N, K - K1, Ho, Wo): no copy concatenates or splits them."""
+    N, C = x.shape[0], x.shape[1] + x2.shape[1]
     K = w.shape[1] if flip else w.shape[0]
-    y = empty((N, K, Ho, Wo), x.dtype)
+    y, y2 = outputs(N, K, K1, Ho, Wo, x.dtype)
     b = np.zeros(K, x.dtype) if b is None else b
     R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
     rows, groups = _blocking(R, TW, C, K, x.itemsize)
     if TW <= _BY_CHANNELS_TILES and _by_channels(C, N, Ho, Wo, x.itemsize, rows):
-        V = transformed_inputs(x, mask, ph, pw, Ho, Wo)
-        _forward_by_channels(V, w, flip, b, relu, _KB, thread_scratch(36 * _KB * (C + V.shape[2]), x.dtype), y)
-        return y
+        V = transformed_inputs(x, x2, mask, ph, pw, Ho, Wo)
+        _forward_by_channels(V, w, flip, b, relu, _KB, thread_scratch(36 * _KB * (C + V.shape[2]), x.dtype), y, y2)
+        return y, y2
     U = empty((36, K, C), x.dtype)
     _transform_all_filters(w, flip, U)
-    _forward_by_tiles(x, mask, U, b, relu, ph, pw, rows, groups, _task_buffers(C, K, rows, groups, TW, x.dtype), y)
-    return y
-
-
+    _forward_by_tiles(x, x2, mask, U, b, relu, ph, pw, rows, groups, _task_buffers(C, K, rows, groups, TW, x.dtype),
+                      y, y2)
+    return y, y2

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from minunet.cpu.conv2d_winograd import _at, _filter_block, _rows_at, _tiles, transformed_inputs
+from minunet.cpu.conv2d_winograd import _at, _filter_block, _rows_at, _tiles, outputs, transformed_inputs
 from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel, thread_scratch
 from minunet.cpu.simd import broadcast, fma, lanes, load, load_range, relu, scatter, store, zeros
 
@@ -107,18 +107,23 @@ def _store2(a, o, L, v0, v1):
 
 
 @_helper
-def _output_transform(Mt, T, b, apply_relu, k0, nk, TH, TW, y):
+def _output_transform(Mt, T, b, apply_relu, k0, nk, TH, TW, y, y2):
     # y[n, k0 + k, 4*ti + i, 4*tj + c] = (A^T M A)[i, c] + b[k0 + k] (with apply_relu, max of that
     # and 0) for k < nk, M[a, b'] = Mt[a*6 + b', j, k] of real tile j = (n*TH + ti)*TW + tj < T;
-    # vectors over k, each output scattered to its L channels; places past y's edge not written
+    # vectors over k, each output scattered to its L channels; places past y's edge not written.
+    # Channels k0 + k >= K1 (y's) go to y2's channel k0 + k - K1 (see conv2d_winograd's); K1 is
+    # a multiple of the vector (see convolve), so no vector straddles the two.
     KB = Mt.shape[2]
-    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    K1, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
     L = lanes(Mt)
     P = Mt.shape[1] * KB                                          # from one point to the next in Mt
     HW = Ho * Wo
     tmp = np.empty(24 * L, Mt.dtype)
     for kv in range(0, nk, L):
         n_lanes = min(L, nk - kv)
+        dst, kd, Kd = y, k0 + kv, K1
+        if kd >= K1:
+            dst, kd, Kd = y2, kd - K1, y2.shape[1]
         bias = load_range(b, k0 + kv, 0, n_lanes)
         for j in range(T):
             r, tj = j // TW, j % TW
@@ -128,29 +133,30 @@ def _output_transform(Mt, T, b, apply_relu, k0, nk, TH, TW, y):
             for c in range(4):                          # then down each column: outputs (i, c)
                 col = 4 * tj + c
                 if col < Wo:
-                    y0, y1, y2, y3 = _at(load(tmp, c * L), load(tmp, (4 + c) * L), load(tmp, (8 + c) * L),
+                    v0, v1, v2, v3 = _at(load(tmp, c * L), load(tmp, (4 + c) * L), load(tmp, (8 + c) * L),
                                          load(tmp, (12 + c) * L), load(tmp, (16 + c) * L), load(tmp, (20 + c) * L))
-                    y0, y1, y2, y3 = y0 + bias, y1 + bias, y2 + bias, y3 + bias
+                    v0, v1, v2, v3 = v0 + bias, v1 + bias, v2 + bias, v3 + bias
                     if apply_relu:
-                        y0, y1, y2, y3 = relu(y0), relu(y1), relu(y2), relu(y3)
-                    at = ((n * K + k0 + kv) * Ho + 4 * ti) * Wo + col
-                    scatter(y, at, HW, y0, n_lanes)
+                        v0, v1, v2, v3 = relu(v0), relu(v1), relu(v2), relu(v3)
+                    at = ((n * Kd + kd) * Ho + 4 * ti) * Wo + col
+                    scatter(dst, at, HW, v0, n_lanes)
                     if 4 * ti + 1 < Ho:
-                        scatter(y, at + Wo, HW, y1, n_lanes)
+                        scatter(dst, at + Wo, HW, v1, n_lanes)
                     if 4 * ti + 2 < Ho:
-                        scatter(y, at + 2 * Wo, HW, y2, n_lanes)
+                        scatter(dst, at + 2 * Wo, HW, v2, n_lanes)
                     if 4 * ti + 3 < Ho:
-                        scatter(y, at + 3 * Wo, HW, y3, n_lanes)
+                        scatter(dst, at + 3 * Wo, HW, v3, n_lanes)
 
 
 @_kernel
-def _forward(V, w, flip, b, apply_relu, work, y):
+def _forward(V, w, flip, b, apply_relu, work, y, y2):
     # y: (N, K, Ho, Wo) = b + the products of the transformed inputs V (conv2d_winograd's
     # transformed_inputs) with w (or w flipped: conv2d_winograd._transform_filters); with
-    # apply_relu max(y, 0). One task per 2 vectors of output channels: its filters, products
-    # and outputs, in its thread's row of work (36*(C + T8)*KB elements).
+    # apply_relu max(y, 0); y2 the channels that follow y's. One task per 2 vectors of output
+    # channels: its filters, products and outputs, in its thread's row of work (36*(C + T8)*KB
+    # elements).
     N, C = y.shape[0], V.shape[1]
-    K, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    K, Ho, Wo = y.shape[1] + y2.shape[1], y.shape[2], y.shape[3]
     Cw = w.shape[1]
     L = lanes(V)
     TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
@@ -170,17 +176,20 @@ def _forward(V, w, flip, b, apply_relu, work, y):
         T8 = (R * TW + 7) // 8 * 8
         Mt = mine[36 * C * KB:36 * (C + T8) * KB].reshape((36, T8, KB))
         _multiply(V, Ut, R * TW, TW, Mt)
-        _output_transform(Mt, R * TW, b, apply_relu, k0, nk, TH, TW, y)
+        _output_transform(Mt, R * TW, b, apply_relu, k0, nk, TH, TW, y, y2)
 
 
-def convolve(x, mask, w, flip, b, relu, ph, pw, Ho, Wo):
+def convolve(x, x2, mask, w, flip, b, relu, ph, pw, Ho, Wo, K1):
     """As conv2d_winograd.convolve."""
+    N, C = x.shape[0], x.shape[1] + x2.shape[1]
     K = w.shape[1] if flip else w.shape[0]
-    y = empty((x.shape[0], K, Ho, Wo), x.dtype)
+    if K1 < K and K1 % (64 // x.itemsize):   # a vector of output channels would straddle y and y2: one output, then a copy
+        y, _ = convolve(x, x2, mask, w, flip, b, relu, ph, pw, Ho, Wo, K)
+        return np.ascontiguousarray(y[:, :K1]), np.ascontiguousarray(y[:, K1:])
+    y, y2 = outputs(N, K, K1, Ho, Wo, x.dtype)
     b = np.zeros(K, x.dtype) if b is None else b
-    N, C = x.shape[:2]
     R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
     T8 = (R * TW + 7) // 8 * 8                          # the real tiles, rounded up to 8
     work = thread_scratch(36 * (C + T8) * 2 * (64 // x.itemsize), x.dtype)   # Ut and Mt, KB = 2 vectors
-    _forward(transformed_inputs(x, mask, ph, pw, Ho, Wo), w, flip, b, relu, work, y)
-    return y
+    _forward(transformed_inputs(x, x2, mask, ph, pw, Ho, Wo), w, flip, b, relu, work, y, y2)
+    return y, y2

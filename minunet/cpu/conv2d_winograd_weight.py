@@ -270,12 +270,12 @@ def _filter_gradients(m, o, step, gw, k, c0):
 
 
 @_kernel
-def _backward_weight_by_tiles(x, gy, mask, ph, pw, rows_per_block, work, part, gb_part):
+def _backward_weight_by_tiles(x, x2, gy, mask, ph, pw, rows_per_block, work, part, gb_part):
     # part[th, p, k, c] = thread th's share of sum_t (A gy_t A^T)[p] * (B^T x_t B)[p], and
     # gb_part[th, k] its share of gy's sum (gy masked by relu_y, see _gradient_rows): one prange
     # iteration per thread, over every threads-th block of tile rows, in its row of work
-    # (_buffers)
-    N, C = x.shape[0], x.shape[1]
+    # (_buffers); x2: the input channels that follow x's (conv2d_winograd._input_rows)
+    N, C = x.shape[0], x.shape[1] + x2.shape[1]
     K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
     n_parts, Cv = part.shape[0], part.shape[3]
     L = lanes(x)
@@ -292,7 +292,7 @@ def _backward_weight_by_tiles(x, gy, mask, ph, pw, rows_per_block, work, part, g
             r0 = blk * rows_per_block
             nr = min(R, r0 + rows_per_block) - r0
             nt = nr * (TW + 1)
-            _input_rows(x, None, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
+            _input_rows(x, x2, None, r0, nr, TH, 4 * (TW + 1), ph, pw, 0, C, xs)
             _input_transform_t(xs, nt, 0, Cv, VT)
             _gradient_rows(gy, mask, r0, nr, TH, 4 * (TW + 1), 0, K, gs)
             _gradient_transform(gs, nt, 0, K, G)
@@ -329,12 +329,12 @@ def _carve(buf, C, K, TBv, Cv):
 
 
 @_kernel
-def _backward_weight_by_channels(x, gy, mask, ph, pw, KB, work, sums, gw, gb):
+def _backward_weight_by_channels(x, x2, gy, mask, ph, pw, KB, work, sums, gw, gb):
     # gw: (K, C, 3, 3) and gb: (K,), every tile at once: the transforms of x and of gy (masked
     # by relu_y, see _gradient_rows; gb on the way) into work (_buffers) split over channels, then
     # one prange iteration per block of KB output channels, from the products (summed in its
-    # thread's row of sums) to gw
-    N, C = x.shape[0], x.shape[1]
+    # thread's row of sums) to gw; x2 as in _backward_weight_by_tiles
+    N, C = x.shape[0], x.shape[1] + x2.shape[1]
     K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
     L = lanes(x)
     TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
@@ -347,7 +347,7 @@ def _backward_weight_by_channels(x, gy, mask, ph, pw, KB, work, sums, gw, gb):
     for task in prange(nc + K):                         # a vector of input channels, or one output channel
         if task < nc:
             c0, c1 = task * L, min(C, task * L + L)
-            _input_rows(x, None, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
+            _input_rows(x, x2, None, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
             _input_transform_t(xs, nt, c0, c0 + L, VT)
         else:
             k = task - nc
@@ -376,10 +376,11 @@ def _buffers(C, K, rows, TW, dtype, per_thread):
     return thread_scratch(n, dtype) if per_thread else scratch((n,), dtype, 1)
 
 
-def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
+def conv2d_backward_weight(x, x2, gy, w_shape, padding, relu_y):
     # x: (N, C, H, W), gy: (N, K, Ho, Wo), relu_y: gy's shape or None -> (gw: w_shape = (K, C, 3, 3),
-    # gb: (K,)), both of gy where relu_y > 0 (else 0) with relu_y
-    (N, C), (K, Ho, Wo) = x.shape[:2], gy.shape[1:]
+    # gb: (K,)), both of gy where relu_y > 0 (else 0) with relu_y; the input is the concatenation
+    # of x and x2 (N, C2, H, W) along channels (C2 = 0: x alone), read where they lie
+    N, C, (K, Ho, Wo) = x.shape[0], x.shape[1] + x2.shape[1], gy.shape[1:]
     gw, gb = np.empty(w_shape, x.dtype), np.empty(K, x.dtype)
     R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
     rows, _ = _blocking(R, TW, C, K, x.itemsize)
@@ -393,11 +394,11 @@ def conv2d_backward_weight(x, gy, w_shape, padding, relu_y):
     if (_by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads()
             or conv2d_winograd_small.suits(C, K, Wo)):
         sums = thread_scratch(36 * _KB * Cv, x.dtype)
-        _backward_weight_by_channels(x, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, False),
+        _backward_weight_by_channels(x, x2, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, False),
                                      sums, gw, gb)
         return gw, gb
     part, gb_part = empty((n_parts, 36, K, Cv), x.dtype), np.empty((n_parts, K))
-    _backward_weight_by_tiles(x, gy, relu_y, padding[0], padding[1], rows, _buffers(C, K, rows, TW, x.dtype, True),
+    _backward_weight_by_tiles(x, x2, gy, relu_y, padding[0], padding[1], rows, _buffers(C, K, rows, TW, x.dtype, True),
                               part, gb_part)
     _filters_from_parts(part, gb_part, gw, gb)
     return gw, gb

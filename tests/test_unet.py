@@ -176,3 +176,20 @@ def test_batch_norm_eval_output_does_not_depend_on_the_batch(device, rng):
     np.testing.assert_allclose(run(x[:1]), run(x)[:1], rtol=1e-5, atol=1e-6)
     model.train()
     assert not np.allclose(run(x[:1]), run(x)[:1], atol=1e-3)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_the_decoder_makes_no_concatenation_on_the_cpu(padding, rng):
+    """Free concatenation: on the CPU the decoder blocks read [skip, up-convolved] in place (v4
+    at base 8, every 3x3 layer), so a training step's forward and backward launch no concat
+    kernel for it: none at all with 'same' padding, only the skips' centre crops with 'valid'."""
+    import minunet
+    nn.manual_seed(2)
+    model = UNet(in_channels=1, num_classes=2, base_channels=8, depth=2, padding=padding, batch_norm=False)
+    hw = (16, 16) if padding == "same" else (44, 44)
+    x = tensor(rng.standard_normal((2, 1) + hw).astype(np.float32))
+    with minunet.debug() as counts:
+        (model(x) ** 2).mean().backward()
+    crops = 0 if padding == "same" else model.depth
+    assert counts.calls["concat_forward"] == crops and counts.calls["concat_backward"] == crops, dict(counts.calls)
+    assert counts.calls["conv2d_backward_input"] > 0

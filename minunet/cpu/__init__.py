@@ -10,9 +10,10 @@ version, allocating the outputs with NumPy and launching the numba loops.
 One module per op family, with the stems of kernels/*.cu and of the oracles in
 tests/reference.py:
 
-    conv2d.py            convolution, versions v1 (direct), v2 (im2col + GEMM), v3 (direct over padded planes),
-                         v4 (Winograd: conv2d_winograd.py, its weight gradient conv2d_winograd_weight.py,
-                         its small planes conv2d_winograd_small.py; a 1x1 kernel as one product per image)
+    conv2d.py            convolution, versions v1 (direct), v2 (im2col + GEMM), v3 (direct over padded planes:
+                         conv2d_direct.py), v4 (Winograd: conv2d_winograd.py, its weight gradient
+                         conv2d_winograd_weight.py, its small planes conv2d_winograd_small.py; a 1x1 kernel as
+                         one product per image); an input may be a list, read in place (free concatenation)
     conv_transpose2d.py  transposed convolution with kernel == stride (the U-Net's up-convolution)
     max_pool2d.py        max pooling with argmax
     concat.py            crop-and-concatenate along channels

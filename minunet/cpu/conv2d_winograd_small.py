@@ -29,7 +29,7 @@ import numpy as np
 from numba import prange
 
 from minunet.cpu.conv2d_winograd import _at, _filter_block, _rows_at, _tiles, outputs, transformed_inputs
-from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel, thread_scratch
+from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel, thread_scratch
 from minunet.cpu.simd import broadcast, fma, lanes, load, load_range, relu, scatter, store, zeros
 
 _WIDEST = 8          # planes at most this wide (2 tiles a row) run here, ...

@@ -231,6 +231,18 @@ def _conv_input(c, x, **more):
     return (x[0], x[0].shape, dtype) if len(x) == 1 else (list(x), _listed_shape(c, "x", [a.shape for a in x]), dtype)
 
 
+def _conv_input_shape(c, x_shape):
+    """x_shape: a shape, or the shapes of a list input (see _conv_input). Returns (x_shape: a
+    tuple, or a list of two or more; the (N, C, H, W) of the whole)."""
+    if isinstance(x_shape, (list, tuple)) and x_shape and all(isinstance(s, (list, tuple)) for s in x_shape):
+        if len(x_shape) > 1:
+            shapes = [c.shape(f"x_shape[{i}]", s) for i, s in enumerate(x_shape)]
+            return shapes, _listed_shape(c, "x_shape", shapes)
+        x_shape = x_shape[0]
+    x_shape = c.shape("x_shape", x_shape)
+    return x_shape, x_shape
+
+
 def _listed_shape(c, name, shapes):
     """The (N, sum C_i, H, W) of the shapes of a list input, which must agree in N, H and W"""
     for i, s in enumerate(shapes):
@@ -267,17 +279,11 @@ def conv2d_backward_input(c, gy, w, x_shape, stride, padding, version=None, relu
     the fused ReLU) of gy * (relu_y > 0) instead. x_shape may be a list of the shapes of a list
     input (see conv2d_forward): then the list of their gradients, each written in place."""
     dtype = c.floats(ndim=4, gy=gy, w=w)
-    listed = isinstance(x_shape, (list, tuple)) and bool(x_shape) and all(isinstance(s, (list, tuple)) for s in x_shape)
-    if listed and len(x_shape) > 1:
-        x_shape = [c.shape(f"x_shape[{i}]", s) for i, s in enumerate(x_shape)]
-        whole = _listed_shape(c, "x_shape", x_shape)
-    else:
-        x_shape = whole = c.shape("x_shape", x_shape[0] if listed else x_shape)
-        listed = False
+    x_shape, whole = _conv_input_shape(c, x_shape)
     stride, padding, y_shape, flops = _conv2d_call(c, whole, w.shape, stride, padding,
                                                    (f"x_shape {x_shape}", f"w {w.shape}"))
     c.same_shape("gy", gy, y_shape)
-    out = [Out(s, dtype) for s in x_shape] if listed else Out(x_shape, dtype)
+    out = [Out(s, dtype) for s in x_shape] if isinstance(x_shape, list) else Out(x_shape, dtype)
     return c.call(gy, w, x_shape, stride, padding, c.version(version), _relu_mask(c, relu_y, gy),
                   out=out, flops=flops)
 

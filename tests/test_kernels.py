@@ -184,56 +184,37 @@ def test_conv2d_fused_relu_and_bias(device, dtype, rng):
             _check_fused(device, version, dtype, case, rng)
 
 
-def _check_fused(device, version, dtype, case, rng, what=""):
+def _check_fused(device, version, dtype, case, rng, what="", parts=None):
     """conv2d_forward(relu=True), conv2d_backward_input(relu_y=) and conv2d_backward_weight(relu_y=,
-    bias=True) of one case and version against the oracle's relu, relu_backward and bias_backward."""
+    bias=True) of one case and version against the oracle's relu, relu_backward and bias_backward.
+    With `parts` (channel counts), x goes in as the list of its channel slices (a list input: their
+    concatenation) and the input gradient must come back as the list of theirs."""
     x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
+    xs = x if parts is None else [np.ascontiguousarray(a) for a in np.split(x, np.cumsum(parts)[:-1], axis=1)]
+    x_shape = x.shape if parts is None else [a.shape for a in xs]
     y_ref = ref.relu_forward(ref.conv2d_forward(x, w, b, stride, padding))
     (gy,) = make(rng, dtype, y_ref.shape)
     gz = ref.relu_backward(gy, y_ref)
-    what = f"{device} v{version} {what} {case_id(case)}"
+    what = f"{device} v{version} {what} {case_id(case)}" + ("" if parts is None else f" parts {parts}")
     rtol = {kernel: conv_rtol(device, kernel, version, dtype)
             for kernel in ("conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight")}
-    y = run(device, "conv2d_forward", x, w, b, stride, padding, version=version, relu=True)
+    y = run(device, "conv2d_forward", xs, w, b, stride, padding, version=version, relu=True)
     check(y, y_ref, dtype, f"conv2d_forward relu {what}", rtol["conv2d_forward"])
     y_dev = y_ref.astype(dtype)  # the reference's mask: a kernel's own y may differ in sign near 0
-    gx = run(device, "conv2d_backward_input", gy, w, x.shape, stride, padding, version=version, relu_y=y_dev)
-    check(gx, ref.conv2d_backward_input(gz, w, x.shape, stride, padding), dtype,
-          f"conv2d_backward_input relu_y {what}", rtol["conv2d_backward_input"])
-    gw, gb = run(device, "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=version,
+    gx = run(device, "conv2d_backward_input", gy, w, x_shape, stride, padding, version=version, relu_y=y_dev)
+    gx_ref = ref.conv2d_backward_input(gz, w, x.shape, stride, padding)
+    if parts is None:
+        gx, gx_ref = [gx], [gx_ref]
+    else:
+        assert isinstance(gx, list) and len(gx) == len(parts), f"conv2d_backward_input of a list {what}: {type(gx)}"
+        gx_ref = np.split(gx_ref, np.cumsum(parts)[:-1], axis=1)
+    for i, (g, g_ref) in enumerate(zip(gx, gx_ref)):
+        check(g, g_ref, dtype, f"conv2d_backward_input relu_y {what} gx[{i}]", rtol["conv2d_backward_input"])
+    gw, gb = run(device, "conv2d_backward_weight", xs, gy, w.shape, stride, padding, version=version,
                  relu_y=y_dev, bias=True)
     check(gw, ref.conv2d_backward_weight(x, gz, w.shape, stride, padding), dtype,
           f"conv2d_backward_weight relu_y {what}", rtol["conv2d_backward_weight"])
     check(gb, ref.bias_backward(gz), dtype, f"conv2d_backward_weight bias {what}", rtol["conv2d_backward_weight"])
-
-
-def _check_list(device, version, dtype, case, rng, parts, what=""):
-    """The convolution of a list input (x cut along channels into `parts` channels each), fused
-    (relu=, relu_y=, bias=): against the oracle on x whole; the input gradient a list of the
-    parts' own gradients."""
-    x, w, b, stride, padding = _conv_inputs(rng, dtype, case)
-    xs = [np.ascontiguousarray(a) for a in np.split(x, np.cumsum(parts)[:-1], axis=1)]
-    y_ref = ref.relu_forward(ref.conv2d_forward(x, w, b, stride, padding))
-    (gy,) = make(rng, dtype, y_ref.shape)
-    gz = ref.relu_backward(gy, y_ref)
-    what = f"{device} v{version} {what} {case_id(case)} parts {parts}"
-    rtol = {kernel: conv_rtol(device, kernel, version, dtype)
-            for kernel in ("conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight")}
-    y = run(device, "conv2d_forward", xs, w, b, stride, padding, version=version, relu=True)
-    check(y, y_ref, dtype, f"conv2d_forward of a list {what}", rtol["conv2d_forward"])
-    y_dev = y_ref.astype(dtype)
-    gxs = run(device, "conv2d_backward_input", gy, w, [a.shape for a in xs], stride, padding, version=version,
-              relu_y=y_dev)
-    assert isinstance(gxs, list) and len(gxs) == len(parts), f"conv2d_backward_input of a list {what}: {type(gxs)}"
-    gx_ref = np.split(ref.conv2d_backward_input(gz, w, x.shape, stride, padding), np.cumsum(parts)[:-1], axis=1)
-    for i, (g, g_ref) in enumerate(zip(gxs, gx_ref)):
-        check(g, g_ref, dtype, f"conv2d_backward_input of a list, gx[{i}] {what}", rtol["conv2d_backward_input"])
-    gw, gb = run(device, "conv2d_backward_weight", xs, gy, w.shape, stride, padding, version=version,
-                 relu_y=y_dev, bias=True)
-    check(gw, ref.conv2d_backward_weight(x, gz, w.shape, stride, padding), dtype,
-          f"conv2d_backward_weight of a list {what}", rtol["conv2d_backward_weight"])
-    check(gb, ref.bias_backward(gz), dtype, f"conv2d_backward_weight of a list, bias {what}",
-          rtol["conv2d_backward_weight"])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -248,7 +229,7 @@ def test_conv2d_list_input(device, dtype, rng):
                         ((1, 5, 9, 7, 3, (3, 3), (2, 2), (1, 1)), [1, 4]),
                         ((2, 6, 5, 7, 3, (1, 1), (1, 1), (0, 0)), [2, 4])]:
         for version in k.VERSIONS["conv2d_forward"]:
-            _check_list(device, version, dtype, case, rng, parts)
+            _check_fused(device, version, dtype, case, rng, parts=parts)
 
 
 def test_conv2d_list_input_errors():
@@ -310,7 +291,7 @@ def test_cpu_winograd_work_splits(split, dtype, monkeypatch, rng):
         check(run("cpu", "conv2d_backward_weight", x, gy, w.shape, stride, padding, version=4),
               ref.conv2d_backward_weight(x, gy, w.shape, stride, padding), dtype, f"gw {what}")
         _check_fused("cpu", 4, dtype, case, rng, split)
-        _check_list("cpu", 4, dtype, case, rng, [case[1] // 2, case[1] - case[1] // 2], split)
+        _check_fused("cpu", 4, dtype, case, rng, split, parts=[case[1] // 2, case[1] - case[1] // 2])
 
 
 @pytest.mark.parametrize("stride, khw, padding, c_in, c_out, plane, expected", [

@@ -179,7 +179,8 @@ def test_conv2d_fused_relu_and_bias(device, dtype, rng):
     gradients of gy * (y > 0), with gb its sum over n, h, w (what bias_backward gives)."""
     k = backend.kernels_for(backend.to_device(np.zeros(1), device))
     for case in [(2, 4, 8, 8, 5, (3, 3), (1, 1), (1, 1)), (1, 2, 9, 7, 3, (3, 3), (2, 2), (1, 1)),
-                 (2, 70, 13, 11, 67, (3, 3), (1, 1), (1, 1)), (2, 20, 5, 37, 9, (1, 1), (1, 1), (0, 0))]:
+                 (2, 70, 13, 11, 67, (3, 3), (1, 1), (1, 1)), (2, 20, 5, 37, 9, (1, 1), (1, 1), (0, 0)),
+                 (2, 1, 9, 21, 8, (3, 3), (1, 1), (1, 1))]:   # one input channel: v3 masks gy as it reads it
         for version in k.VERSIONS["conv2d_forward"]:
             _check_fused(device, version, dtype, case, rng)
 

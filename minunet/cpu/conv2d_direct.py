@@ -17,6 +17,12 @@ garbage, computed and dropped) in long straight loops with no per-row bookkeepin
 LLVM vectorises: in the 3x3 case the three taps of a kernel row and four output channels
 share each load of x, so one pass of the loop does 12 fused multiply-adds on vector lanes.
 
+The weight gradient correlates gy with the padded planes of x the same way, but reads gy where
+it lies, row by row on explicit SIMD vectors (simd.py), since a padded copy of gy (which the
+flat loops would need) costs more memory traffic than the correlation itself at the top of a
+U-Net; it sums the bias gradient on the way, and applies the fused ReLU's mask as it loads gy
+where x has one channel (with more, every channel's tasks read gy, so it is masked once before).
+
 Strided convolutions are not v3's business (None never picks it for them), but every version
 computes every case: a stride s forward is the stride-1 one read at every s-th place, and
 the gradients dilate gy (s - 1 zeros between its entries) and correlate at stride 1.
@@ -24,13 +30,12 @@ the gradients dilate gy (s - 1 zeros between its entries) and correlate at strid
 import numpy as np
 from numba import prange
 
-from minunet.cpu.activation import bias_backward
-from minunet.cpu.runtime import empty, kernel, scratch
-from minunet.cpu.simd import lanes, load_range, relu_mask, store_range
+from minunet.cpu.activation import relu_backward
+from minunet.cpu.runtime import empty, fma_helper, kernel, scratch
+from minunet.cpu.simd import fma, hsum, lanes, load_range, relu_mask, zeros
 
 _V3_CHUNK = 1024  # output places per task in v3's forward: 4 channels' accumulators stay in L1
 _V3_FAST = {"contract"}            # let LLVM fuse a*b + c into one FMA
-_V3_REDUCE = {"contract", "reassoc"}  # ... and reorder sums, so the reductions vectorise
 
 
 def flipped(w):
@@ -40,14 +45,11 @@ def flipped(w):
 
 
 @kernel
-def _pad_planes(x, mask, top, left, Hp, Wp, xp):
+def _pad_planes(x, top, left, Hp, Wp, xp):
     # x: (N, C, H, W) -> xp: (N, C, Hp*Wp + tail), xp[n, c, h*Wp + q] = x[n, c, h - top, q - left]
-    # where that lies inside x, else 0 (top and left may be negative: a crop); with a mask (x's
-    # shape: the output of the ReLU fused into the convolution whose gradient x is), 0 also
-    # where the mask is <= 0. One plane per task; each place is written once (a zero fill
-    # first would double the memory traffic).
+    # where that lies inside x, else 0 (top and left may be negative: a crop). One plane per task;
+    # each place is written once (a zero fill first would double the memory traffic).
     N, C, H, W = x.shape
-    L = lanes(x)
     h0, h1 = min(Hp, max(0, top)), max(min(Hp, max(0, top)), min(Hp, H + top))
     q0, q1 = min(Wp, max(0, left)), max(min(Wp, max(0, left)), min(Wp, W + left))
     for nc in prange(N * C):
@@ -57,22 +59,16 @@ def _pad_planes(x, mask, top, left, Hp, Wp, xp):
         for h in range(h0, h1):
             row = plane[h * Wp:(h + 1) * Wp]
             row[:q0] = 0
-            if mask is None:
-                row[q0:q1] = x[n, c, h - top, q0 - left:q1 - left]
-            else:                                       # on vectors: LLVM leaves this loop scalar
-                src, m = x[n, c, h - top], mask[n, c, h - top]
-                for q in range(q0, q1, L):
-                    v = relu_mask(load_range(src, q - left, 0, q1 - q), load_range(m, q - left, 0, q1 - q))
-                    store_range(plane, h * Wp + q, v, 0, q1 - q)
+            row[q0:q1] = x[n, c, h - top, q0 - left:q1 - left]
             row[q1:] = 0
         plane[h1 * Wp:] = 0
 
 
-def _padded(x, top, left, Hp, Wp, tail, slot=0, mask=None):
-    """x (masked, see _pad_planes) as zero-padded flat planes (N, C, Hp*Wp + tail) with x[.., 0, 0]
-    at row top, column left, in scratch buffer `slot`."""
-    xp = scratch((*x.shape[:2], Hp * Wp + tail), x.dtype, slot)
-    _pad_planes(x, mask, top, left, Hp, Wp, xp)
+def _padded(x, top, left, Hp, Wp, tail):
+    """x as zero-padded flat planes (N, C, Hp*Wp + tail) with x[.., 0, 0] at row top, column left,
+    in a scratch buffer"""
+    xp = scratch((*x.shape[:2], Hp * Wp + tail), x.dtype)
+    _pad_planes(x, top, left, Hp, Wp, xp)
     return xp
 
 
@@ -123,65 +119,98 @@ def _correlate_v3(xp, w, b, apply_relu, Wp, Ho, Wo, y):
                     dst[j] = 0 if apply_relu and t <= 0 else t
 
 
-@kernel(fastmath=_V3_REDUCE)
-def _correlate_grad_v3(xp, gp, Wp, gw):
-    # gw[k, c, u, v] = sum_{n, p} gp[n, k, p] * xp[n, c, p + u*Wp + v] over the extended places p
-    # (gp is gy with zeros in the garbage columns); one task per (input channel, block of 4 k).
-    # Each loop is a reduction over a whole plane: float32 partial sums inside it (vectorised),
-    # float64 across planes and rows of the kernel.
-    N, C, _ = xp.shape
-    K, P = gp.shape[1], gp.shape[2]
+@fma_helper
+def _masked(g, mask, o, n):
+    """the vector of g's flat places o, o + 1, ... (n of them at most, 0 past that), and 0 where
+    mask <= 0 (mask None: g as it is)"""
+    v = load_range(g, o, 0, n)
+    if mask is None:
+        return v
+    return relu_mask(v, load_range(mask, o, 0, n))
+
+
+@kernel(fastmath=_V3_FAST)
+def _correlate_grad_v3(xp, gy, mask, Wp, gw, gb):
+    # gw[k, c, u, v] = sum_{n, i, j} g[n, k, i, j] * xp[n, c, (i + u)*Wp + j + v] and gb[k] = sum_{n, i, j}
+    # g[n, k, i, j], for g = gy where mask > 0, else 0 (mask None: g = gy), read where it lies: no
+    # padded copy of gy. One task per (input channel, block of 4 k); the tasks of channel 0 also
+    # sum gb. On explicit vectors along the rows: in the 3x3 case the three taps of a kernel row
+    # and four output channels share each vector of x, 12 accumulators (and 4 sums of g) that stay
+    # in registers across the rows. Sums are float32 vectors over one (image, kernel row), float64
+    # across them.
+    N, C, P = xp.shape
+    K, H1, W1 = gy.shape[1], gy.shape[2], gy.shape[3]
     kh, kw = gw.shape[2], gw.shape[3]
+    L = lanes(gy)
+    z = zeros(gy)
+    HW = H1 * W1
     KB = (K + 3) // 4
     for t in prange(C * KB):
         c, kb = t // KB, t % KB
         k0, k1 = kb * 4, min(K, kb * 4 + 4)
         acc = np.zeros((4, kh, kw))
-        zero = np.zeros(1, gp.dtype)[0]
+        sums = np.zeros(4)
         for n in range(N):
-            for u in range(kh):
-                xs = xp[n, c, u * Wp:]
-                if kw == 3 and k1 - k0 == 4:
-                    # written out, not looped: 12 named scalars are what LLVM keeps in 12 vector
-                    # registers (an array of sums would go through memory on every step)
-                    g0, g1, g2, g3 = gp[n, k0], gp[n, k0 + 1], gp[n, k0 + 2], gp[n, k0 + 3]
-                    s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = s30 = s31 = s32 = zero
-                    for p in range(P):
-                        xa, xb, xc = xs[p], xs[p + 1], xs[p + 2]
-                        s00 += g0[p] * xa
-                        s01 += g0[p] * xb
-                        s02 += g0[p] * xc
-                        s10 += g1[p] * xa
-                        s11 += g1[p] * xb
-                        s12 += g1[p] * xc
-                        s20 += g2[p] * xa
-                        s21 += g2[p] * xb
-                        s22 += g2[p] * xc
-                        s30 += g3[p] * xa
-                        s31 += g3[p] * xb
-                        s32 += g3[p] * xc
-                    acc[0, u, 0] += s00
-                    acc[0, u, 1] += s01
-                    acc[0, u, 2] += s02
-                    acc[1, u, 0] += s10
-                    acc[1, u, 1] += s11
-                    acc[1, u, 2] += s12
-                    acc[2, u, 0] += s20
-                    acc[2, u, 1] += s21
-                    acc[2, u, 2] += s22
-                    acc[3, u, 0] += s30
-                    acc[3, u, 1] += s31
-                    acc[3, u, 2] += s32
-                else:
-                    for k in range(k0, k1):
-                        g = gp[n, k]
+            xo = (n * C + c) * P                        # xp[n, c, 0], a flat place
+            if kw == 3 and k1 - k0 == 4:
+                for u in range(kh):
+                    with_sums = c == 0 and u == 0
+                    s00 = s01 = s02 = s10 = s11 = s12 = s20 = s21 = s22 = s30 = s31 = s32 = z
+                    t0 = t1 = t2 = t3 = z
+                    for i in range(H1):
+                        go, xr = ((n * K + k0) * H1 + i) * W1, xo + (i + u) * Wp   # gy[n, k0, i, 0], xp's row i + u
+                        for j in range(0, W1, L):
+                            g0 = _masked(gy, mask, go + j, W1 - j)
+                            g1 = _masked(gy, mask, go + HW + j, W1 - j)
+                            g2 = _masked(gy, mask, go + 2 * HW + j, W1 - j)
+                            g3 = _masked(gy, mask, go + 3 * HW + j, W1 - j)
+                            xa = load_range(xp, xr + j, 0, W1 - j)
+                            xb = load_range(xp, xr + j + 1, 0, W1 - j)
+                            xc = load_range(xp, xr + j + 2, 0, W1 - j)
+                            s00, s01, s02 = fma(g0, xa, s00), fma(g0, xb, s01), fma(g0, xc, s02)
+                            s10, s11, s12 = fma(g1, xa, s10), fma(g1, xb, s11), fma(g1, xc, s12)
+                            s20, s21, s22 = fma(g2, xa, s20), fma(g2, xb, s21), fma(g2, xc, s22)
+                            s30, s31, s32 = fma(g3, xa, s30), fma(g3, xb, s31), fma(g3, xc, s32)
+                            if with_sums:
+                                t0, t1, t2, t3 = t0 + g0, t1 + g1, t2 + g2, t3 + g3
+                    acc[0, u, 0] += hsum(s00)
+                    acc[0, u, 1] += hsum(s01)
+                    acc[0, u, 2] += hsum(s02)
+                    acc[1, u, 0] += hsum(s10)
+                    acc[1, u, 1] += hsum(s11)
+                    acc[1, u, 2] += hsum(s12)
+                    acc[2, u, 0] += hsum(s20)
+                    acc[2, u, 1] += hsum(s21)
+                    acc[2, u, 2] += hsum(s22)
+                    acc[3, u, 0] += hsum(s30)
+                    acc[3, u, 1] += hsum(s31)
+                    acc[3, u, 2] += hsum(s32)
+                    if with_sums:
+                        sums[0] += hsum(t0)
+                        sums[1] += hsum(t1)
+                        sums[2] += hsum(t2)
+                        sums[3] += hsum(t3)
+            else:
+                for k in range(k0, k1):
+                    go = (n * K + k) * HW                # gy[n, k, 0, 0]
+                    for u in range(kh):
                         for v in range(kw):
-                            s = zero
-                            for p in range(P):
-                                s += g[p] * xs[p + v]
-                            acc[k - k0, u, v] += s
+                            s = z
+                            for i in range(H1):
+                                xr = xo + (i + u) * Wp + v
+                                for j in range(0, W1, L):
+                                    s = fma(_masked(gy, mask, go + i * W1 + j, W1 - j),
+                                            load_range(xp, xr + j, 0, W1 - j), s)
+                            acc[k - k0, u, v] += hsum(s)
+                    if c == 0:
+                        s = z
+                        for q in range(0, HW, L):
+                            s = s + _masked(gy, mask, go + q, HW - q)
+                        sums[k - k0] += hsum(s)
         for k in range(k0, k1):
             gw[k, c] = acc[k - k0]
+            if c == 0:
+                gb[k] = sums[k - k0]
 
 
 def _dilated(gy, stride, shape):
@@ -221,15 +250,16 @@ def backward_input(gy, w, x_shape, stride, padding):
 
 
 def backward_weight(x, gy, w_shape, stride, padding, relu_y, bias):
-    # -> (gw, gb or None) of gy masked by relu_y (None: not masked) as it is padded; gb (with
-    # bias) summed over that padded copy
+    # -> (gw, gb or None) of gy masked by relu_y (None: not masked) as it is read; gb summed on the way
     (K, _, kh, kw), (sh, sw), (ph, pw) = w_shape, stride, padding
     N, _, Ho, Wo = gy.shape
     H1, W1 = (Ho - 1) * sh + 1, (Wo - 1) * sw + 1
     Wp = W1 + kw - 1
     xp = _padded(x, ph, pw, H1 + kh - 1, Wp, kw)
+    g = _dilated(gy, stride, (N, K, H1, W1))
     mask = None if relu_y is None else _dilated(relu_y, stride, (N, K, H1, W1))
-    gp = _padded(_dilated(gy, stride, (N, K, H1, W1)), 0, 0, H1, Wp, 0, slot=1, mask=mask)  # 0 in the garbage columns
-    gw = np.empty(w_shape, x.dtype)
-    _correlate_grad_v3(xp, gp, Wp, gw)
-    return gw, (bias_backward(gp) if bias else None)
+    if mask is not None and x.shape[1] > 1:   # every input channel's tasks read g: mask it once, in a pass
+        g, mask = relu_backward(g, mask), None
+    gw, gb = np.empty(w_shape, x.dtype), np.empty(K)
+    _correlate_grad_v3(xp, g, mask, Wp, gw, gb)
+    return gw, (gb.astype(x.dtype) if bias else None)

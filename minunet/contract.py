@@ -243,13 +243,18 @@ def _conv_input_shape(c, x_shape):
     return x_shape, x_shape
 
 
+def joined_shape(shapes):
+    """The (N, sum C_i, H, W) of a list input's shapes (N, C_i, H, W): its concatenation's."""
+    return (shapes[0][0], sum(s[1] for s in shapes), *shapes[0][2:])
+
+
 def _listed_shape(c, name, shapes):
-    """The (N, sum C_i, H, W) of the shapes of a list input, which must agree in N, H and W"""
+    """joined_shape of the shapes of a list input, which must agree in N, H and W"""
     for i, s in enumerate(shapes):
         if (s[0], *s[2:]) != (shapes[0][0], *shapes[0][2:]):
             c.fail(f"{name}[{i}] has shape {tuple(s)} but {name}[0] has {tuple(shapes[0])}: a list input is its "
                    f"arrays' concatenation along channels, which must agree in N, H and W")
-    return (shapes[0][0], sum(s[1] for s in shapes), *shapes[0][2:])
+    return joined_shape(shapes)
 
 
 def _relu_mask(c, relu_y, gy):

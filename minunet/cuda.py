@@ -73,7 +73,7 @@ import re
 import cupy
 import numpy as np
 
-from minunet.contract import conv_out_hw
+from minunet.contract import conv_out_hw, joined_shape
 
 VERSIONS = {
     "conv2d_forward": (1, 2, 3, 4, 5),
@@ -324,8 +324,7 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=
     # gy: (N, K, Ho, Wo), w: (K, C, kh, kw), relu_y: gy's shape or None -> gx: x_shape = (N, C, H, W),
     # or for a list of shapes the list of gradients
     if isinstance(x_shape, list):
-        whole = (x_shape[0][0], sum(s[1] for s in x_shape), *x_shape[0][2:])
-        gx = conv2d_backward_input(gy, w, whole, stride, padding, version, relu_y)
+        gx = conv2d_backward_input(gy, w, joined_shape(x_shape), stride, padding, version, relu_y)
         return concat_backward(gx, x_shape, [(0, 0)] * len(x_shape))
     op = "conv2d_backward_input"
     v = _kernel_version(op, version or DEFAULT_VERSION[op], gy.dtype)

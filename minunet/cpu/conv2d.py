@@ -52,7 +52,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from minunet.contract import conv_out_hw
+from minunet.contract import conv_out_hw, joined_shape
 from minunet.cpu import conv2d_direct, conv2d_winograd, conv2d_winograd_small, conv2d_winograd_weight, gemm
 from minunet.cpu.activation import bias_backward, relu_backward
 from minunet.cpu.concat import concat_backward, concat_forward
@@ -353,9 +353,7 @@ def _two(x):
 
 def _shape(x):
     """the (N, C, H, W) of an input or a list of inputs"""
-    if not isinstance(x, list):
-        return tuple(x.shape)
-    return (x[0].shape[0], sum(a.shape[1] for a in x), *x[0].shape[2:])
+    return joined_shape([a.shape for a in x]) if isinstance(x, list) else tuple(x.shape)
 
 
 def conv2d_forward(x, w, b, stride, padding, version=None, relu=False):
@@ -389,7 +387,7 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, version=None, relu_y=
     # x_shape a list of shapes (the inputs of a list, see above) -> the list of their gradients
     shapes = x_shape if isinstance(x_shape, list) else None
     if shapes:
-        x_shape = (shapes[0][0], sum(s[1] for s in shapes), *shapes[0][2:])
+        x_shape = joined_shape(shapes)
     N, C, H, W = x_shape
     v = version or choose_version(stride, w.shape[2:], padding, w.shape[0], C, H * W)
     if v == 4 and _winograd_fits(stride, w.shape[2:]):   # v4 masks gy as it reads it

@@ -129,6 +129,14 @@ def _masked(g, mask, o, n):
     return relu_mask(v, load_range(mask, o, 0, n))
 
 
+@fma_helper
+def _add3(acc, k, u, a, b, c):
+    """acc[k, u] += the lane sums of a, b and c (one kernel row's three taps)"""
+    acc[k, u, 0] += hsum(a)
+    acc[k, u, 1] += hsum(b)
+    acc[k, u, 2] += hsum(c)
+
+
 @kernel(fastmath=_V3_FAST)
 def _correlate_grad_v3(xp, gy, mask, Wp, gw, gb):
     # gw[k, c, u, v] = sum_{n, i, j} g[n, k, i, j] * xp[n, c, (i + u)*Wp + j + v] and gb[k] = sum_{n, i, j}
@@ -173,23 +181,12 @@ def _correlate_grad_v3(xp, gy, mask, Wp, gw, gb):
                             s30, s31, s32 = fma(g3, xa, s30), fma(g3, xb, s31), fma(g3, xc, s32)
                             if with_sums:
                                 t0, t1, t2, t3 = t0 + g0, t1 + g1, t2 + g2, t3 + g3
-                    acc[0, u, 0] += hsum(s00)
-                    acc[0, u, 1] += hsum(s01)
-                    acc[0, u, 2] += hsum(s02)
-                    acc[1, u, 0] += hsum(s10)
-                    acc[1, u, 1] += hsum(s11)
-                    acc[1, u, 2] += hsum(s12)
-                    acc[2, u, 0] += hsum(s20)
-                    acc[2, u, 1] += hsum(s21)
-                    acc[2, u, 2] += hsum(s22)
-                    acc[3, u, 0] += hsum(s30)
-                    acc[3, u, 1] += hsum(s31)
-                    acc[3, u, 2] += hsum(s32)
+                    _add3(acc, 0, u, s00, s01, s02)
+                    _add3(acc, 1, u, s10, s11, s12)
+                    _add3(acc, 2, u, s20, s21, s22)
+                    _add3(acc, 3, u, s30, s31, s32)
                     if with_sums:
-                        sums[0] += hsum(t0)
-                        sums[1] += hsum(t1)
-                        sums[2] += hsum(t2)
-                        sums[3] += hsum(t3)
+                        sums += np.array([hsum(t0), hsum(t1), hsum(t2), hsum(t3)])
             else:
                 for k in range(k0, k1):
                     go = (n * K + k) * HW                # gy[n, k, 0, 0]

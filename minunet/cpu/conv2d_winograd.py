@@ -215,6 +215,15 @@ def _column(x, mask, o, h, j, z):
 
 
 @_helper
+def _part(a, a2, c):
+    """(array, its channel, its channels) that hold channel c of a and a2 concatenated along
+    channels: a list input or output read or written where it lies (free concatenation)"""
+    if c < a.shape[1]:
+        return a, c, a.shape[1]
+    return a2, c - a.shape[1], a2.shape[1]
+
+
+@_helper
 def _input_rows(x, x2, mask, r0, nr, TH, S, top, left, c0, c1, xs):
     # The input transform's first half, down the columns, on the way in: xs[c, a, lr*S + q] =
     # (B^T d)[a], d the column of six input rows d_i = x[n, c, 4*ti - top + i, q - left] (0
@@ -225,15 +234,13 @@ def _input_rows(x, x2, mask, r0, nr, TH, S, top, left, c0, c1, xs):
     # The input is the concatenation of x and x2 along channels, read where they lie: channel
     # c >= C1 (x's channels) is x2's channel c - C1 (free concatenation; x2 has no channels for
     # a single input, and always none with a mask).
-    C1, H, W = x.shape[1], x.shape[2], x.shape[3]
+    H, W = x.shape[2], x.shape[3]
     Wx = xs.shape[2]
     L = lanes(xs)
     z = zeros(xs)
     for c in range(c0, c1):
         out = c * 6 * Wx                                # xs[c, 0, 0]
-        src, cs, Cs = x, c, C1
-        if c >= C1:
-            src, cs, Cs = x2, c - C1, x2.shape[1]
+        src, cs, Cs = _part(x, x2, c)
         for lr in range(nr):
             n, ti = (r0 + lr) // TH, (r0 + lr) % TH
             h, base = 4 * ti - top, lr * S
@@ -369,7 +376,7 @@ def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y, y2):
     # The output is the concatenation of y and y2 along channels: channel k >= K1 (y's channels)
     # goes to y2's channel k - K1 (the input gradient of a convolution of two inputs).
     nk, TBv = Mt.shape[1], Mt.shape[2]
-    K1, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    Ho, Wo = y.shape[2], y.shape[3]
     L = lanes(Mt)
     T1 = TW + 1
     nt = nr * T1
@@ -377,9 +384,7 @@ def _output_transform(Mt, b, apply_relu, k0, r0, nr, TH, TW, y, y2):
     tmp = np.empty(24 * L, Mt.dtype)
     for kk in range(nk):
         bias = splat(b[k0 + kk], zeros(Mt))
-        dst, kd, Kd = y, k0 + kk, K1
-        if kd >= K1:
-            dst, kd, Kd = y2, kd - K1, y2.shape[1]
+        dst, kd, Kd = _part(y, y2, k0 + kk)
         for t0 in range(0, nt, L):
             o = kk * TBv + t0
             _rows_at(Mt, o, P, tmp)                     # along each row: A^T over the columns

@@ -28,7 +28,7 @@ import numba
 import numpy as np
 from numba import prange
 
-from minunet.cpu.conv2d_winograd import _at, _filter_block, _rows_at, _tiles, outputs, transformed_inputs
+from minunet.cpu.conv2d_winograd import _at, _filter_block, _part, _rows_at, _tiles, outputs, transformed_inputs
 from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel, thread_scratch
 from minunet.cpu.simd import broadcast, fma, lanes, load, load_range, relu, scatter, store, zeros
 
@@ -114,16 +114,14 @@ def _output_transform(Mt, T, b, apply_relu, k0, nk, TH, TW, y, y2):
     # Channels k0 + k >= K1 (y's) go to y2's channel k0 + k - K1 (see conv2d_winograd's); K1 is
     # a multiple of the vector (see convolve), so no vector straddles the two.
     KB = Mt.shape[2]
-    K1, Ho, Wo = y.shape[1], y.shape[2], y.shape[3]
+    Ho, Wo = y.shape[2], y.shape[3]
     L = lanes(Mt)
     P = Mt.shape[1] * KB                                          # from one point to the next in Mt
     HW = Ho * Wo
     tmp = np.empty(24 * L, Mt.dtype)
     for kv in range(0, nk, L):
         n_lanes = min(L, nk - kv)
-        dst, kd, Kd = y, k0 + kv, K1
-        if kd >= K1:
-            dst, kd, Kd = y2, kd - K1, y2.shape[1]
+        dst, kd, Kd = _part(y, y2, k0 + kv)
         bias = load_range(b, k0 + kv, 0, n_lanes)
         for j in range(T):
             r, tj = j // TW, j % TW

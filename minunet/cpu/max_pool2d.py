@@ -13,7 +13,7 @@ import numpy as np
 from numba import prange
 
 from minunet.contract import conv_out_hw
-from minunet.cpu.runtime import empty, kernel, zeros
+from minunet.cpu.runtime import empty, kernel
 
 
 @numba.njit(inline="always")
@@ -61,9 +61,11 @@ def _max_pool2d_forward(x, kh, kw, sh, sw, ph, pw, y, argmax):
 
 @kernel
 def _max_pool2d_backward(gy, argmax, gx):
-    # gy, argmax: (N*C, Ho*Wo) -> gx: (N*C, H*W), zeroed by the caller; windows may overlap, so
-    # one prange iteration per whole plane, which owns every += into it
+    # gy, argmax: (N*C, Ho*Wo) -> gx: (N*C, H*W); windows may overlap, so one prange iteration
+    # per whole plane, which zeroes it (in its core's cache, where the += then find it) and owns
+    # every += into it
     for nc in prange(gy.shape[0]):
+        gx[nc] = 0
         for s in range(gy.shape[1]):
             gx[nc, argmax[nc, s]] += gy[nc, s]
 
@@ -79,6 +81,6 @@ def max_pool2d_forward(x, kernel_size, stride, padding):
 def max_pool2d_backward(gy, argmax, x_shape):
     # gy: (N, C, Ho, Wo), argmax: (N, C, Ho, Wo) -> gx: x_shape = (N, C, H, W)
     N, C, H, W = x_shape
-    gx = zeros((N * C, H * W), gy.dtype)
+    gx = empty((N * C, H * W), gy.dtype)
     _max_pool2d_backward(gy.reshape(N * C, -1), argmax.reshape(N * C, -1), gx)
     return gx.reshape(N, C, H, W)

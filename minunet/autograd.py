@@ -49,7 +49,13 @@ def is_grad_enabled():
 
 
 class Function:
-    """One differentiable operation; an instance is the node that records one call."""
+    """One differentiable operation; an instance is the node that records one call.
+
+    `fresh_grads`: True for an op whose backward returns arrays made by that call (kernel
+    outputs), each returned once and kept nowhere else. backward() may then keep such an array
+    as a leaf's .grad, or add another gradient into it in place, where it would otherwise copy
+    it or allocate a sum (PyTorch's engine decides the same by the array's reference count)."""
+    fresh_grads = False
 
     def __init__(self):
         self.parents = ()
@@ -257,14 +263,18 @@ class Tensor:
             if gy.shape != self.data.shape:
                 raise ValueError(f"backward(): gy has shape {tuple(gy.shape)}, the tensor {self.shape}")
 
-        grads = {id(self): gy}
+        # grads: id(tensor) -> [its gradient so far, whether this pass owns that array (made
+        # by a fresh_grads op, or a sum made here): then it may become .grad as it is, and
+        # later gradients are added into it in place]
+        grads = {id(self): [gy, False]}
         for node in reversed(self._toposort()):
-            g = grads.pop(id(node), None)
-            if g is None:
+            entry = grads.pop(id(node), None)
+            if entry is None:
                 continue
+            g, owned = entry
             if node._ctx is None:  # a leaf: accumulate
                 if node._grad is None:
-                    node._grad = Tensor(g.copy())
+                    node._grad = Tensor(g if owned else g.copy())
                 else:
                     node._grad.data += g
                 for hook in node._grad_hooks:
@@ -281,7 +291,12 @@ class Tensor:
                     raise RuntimeError(f"{ctx.op_name()}.backward returned a gradient of shape "
                                        f"{tuple(gx.shape)} for an input of shape {parent.shape}")
                 prev = grads.get(id(parent))
-                grads[id(parent)] = gx if prev is None else prev + gx
+                if prev is None:
+                    grads[id(parent)] = [gx, ctx.fresh_grads]
+                elif prev[1]:
+                    prev[0] += gx
+                else:
+                    grads[id(parent)] = [prev[0] + gx, True]
 
     def _toposort(self):
         """Tensors reachable from self, every tensor after all the tensors it was made from."""

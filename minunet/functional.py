@@ -107,6 +107,7 @@ class Conv2d(Function):
     Inputs after b are more input channels: the convolution of x and them concatenated along
     channels (the U-Net's skip features and up-convolved features), which the kernels read where
     they lie, and whose gradient they write as one array per input: free concatenation."""
+    fresh_grads = True  # kernel outputs (minunet.contract: kernels return fresh arrays)
     name = "conv2d"
 
     def forward(self, x, w, b, *more, stride, padding, relu=False):
@@ -176,6 +177,7 @@ class ConvTranspose2d(Function):
     conv2d's backward_input with x in the role of the output gradient, the gradient of its
     input is conv2d's forward of gy, and the gradient of its weight is conv2d's backward_weight
     with x and gy in swapped roles, which gives gw in the transposed layout (Cin, Cout, kh, kw)."""
+    fresh_grads = True  # kernel outputs (minunet.contract: kernels return fresh arrays)
     name = "conv_transpose2d"
 
     def forward(self, x, w, b, stride, padding, output_padding):
@@ -238,6 +240,7 @@ def conv_transpose2d(x, weight, bias=None, stride=1, padding=0, output_padding=0
 # ---- pooling, concatenation, cropping --------------------------------------------------
 
 class MaxPool2d(Function):
+    fresh_grads = True  # kernel outputs (minunet.contract: kernels return fresh arrays)
     name = "max_pool2d"
 
     def forward(self, x, kernel_size, stride, padding):

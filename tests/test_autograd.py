@@ -182,3 +182,44 @@ def test_post_accumulate_grad_hook_sees_each_final_gradient_once_in_backward_ord
     assert [name for name, _ in seen] == ["w2"]
     with pytest.raises(RuntimeError, match="only a leaf"):
         h.register_post_accumulate_grad_hook(print)
+
+
+class _Made(mn.autograd.Function):
+    """y = x * c with a backward that returns an array it makes, recorded with c in `made`."""
+    made = []
+
+    def forward(self, x, c):
+        self.c = c
+        return x * c
+
+    def backward(self, gy):
+        g = gy * self.c
+        self.made.append((self.c, g))
+        return g, None
+
+
+class _MadeFresh(_Made):
+    fresh_grads = True
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_backward_keeps_fresh_gradients_and_copies_the_others(xp, fresh):
+    # x feeds two ops; a leaf w one. With fresh_grads the engine keeps the ops' own arrays (w.grad
+    # is the array backward made; x's two gradients are summed into the first one in place), and
+    # without it copies or allocates: either way the values are the same and the caller's gy and
+    # every array an op returned without owning stay as they were.
+    op = _MadeFresh if fresh else _Made
+    op.made = []
+    x, w = leaf(xp, (3,)), leaf(xp, (3,), seed=1)
+    gy = xp.asarray(np.array([1.0, 2.0, 3.0]))
+    y = op.apply(x, 2.0) + op.apply(x, 5.0) + op.apply(w, 3.0)
+    y.backward(gy)
+    np.testing.assert_allclose(host(x.grad), 7 * host(gy))
+    np.testing.assert_allclose(host(w.grad), 3 * host(gy))
+    np.testing.assert_allclose(host(gy), [1.0, 2.0, 3.0])
+    made = dict(op.made)                                         # c -> the array of c * gy
+    assert (w.grad.data is made[3.0]) == fresh
+    assert (x.grad.data is made[2.0] or x.grad.data is made[5.0]) == fresh
+    if not fresh:
+        for c, g in made.items():
+            np.testing.assert_allclose(host(g), c * host(gy))

@@ -16,8 +16,9 @@ z[n] = the patches of y as columns, z[n, (o,u,v), (i,j)] = y[n, o, i*kh+u, j*kw+
                      transposed: sum_n patches(gy)[n] @ x[n].T, x[n].T laid out pixel-major
 
 The products run on numba's threads with SIMD micro-kernels (gemm.py, which says why not
-BLAS), one task per block of input rows of one image, the patches of y (or of gy) going into
-(or coming out of) place in the same task.
+BLAS), one task per block of input rows of one image (for the weight gradient, per block of
+output channels), the patches of y (or of gy) going into (or coming out of) place in the same
+task.
 """
 import numba
 import numpy as np
@@ -49,12 +50,11 @@ def conv_transpose2d_backward_weight(x, gy, w_shape):
     # x: (N, Cin, H, W), gy: (N, Cout, H*kh, W*kw) -> gw: w_shape = (Cin, Cout, kh, kw)
     N, Cin, H, W = x.shape
     _, Cout, kh, kw = w_shape
-    gp = empty((N, Cout * kh * kw, H * W), x.dtype)
-    gemm.patches_of(gy, kh, kw, gp)
     xt = empty((N, H * W, Cin), x.dtype)
     gemm.transposed_planes(x.reshape(N, Cin, H * W), xt)
     gwt = np.empty((1, Cout * kh * kw, Cin), x.dtype)
-    gemm.patches_weight_gradient(gp, xt, gemm.weight_rows(Cout * kh * kw, numba.get_num_threads()), gwt[0])
+    gemm.patches_weight_gradient(gy, kh, kw, xt, gemm.weight_rows(Cout * kh * kw, kh * kw, numba.get_num_threads()),
+                                 gemm.row_blocks(H, W), gwt[0])
     gw = np.empty(w_shape, x.dtype)
     gemm.transposed_planes(gwt, gw.reshape(1, Cin, -1))
     return gw

@@ -306,14 +306,14 @@ def patches_weight_gradient(gy, kh, kw, xt, rows, band, gwt):
     for task in prange((Q + rows - 1) // rows):
         q0 = task * rows
         nq = min(Q, q0 + rows) - q0
-        o0 = q0 // khkw
+        mine = gy[:, q0 // khkw:(q0 + nq) // khkw]          # this task's output channels
         gp = np.empty((nq, band * W), gwt.dtype)
         one, acc = np.empty((nq, C), gwt.dtype), np.zeros((nq, C))
         for n in range(N):
             for i0 in range(0, H, band):
                 i1 = min(H, i0 + band)
                 npx = (i1 - i0) * W
-                _patches_of(gy[:, o0:o0 + nq // khkw], n, i0, i1, kh, kw, gp)
+                _patches_of(mine, n, i0, i1, kh, kw, gp)
                 _product(gp, 0, band * W, xt, (n * P + i0 * W) * C, C, zero, False, one, 0, C, nq, npx, C)
                 acc += one
         gwt[q0:q0 + nq] = acc

@@ -277,7 +277,7 @@ def test_cpu_winograd_work_splits(split, dtype, monkeypatch, rng):
     monkeypatch.setattr(conv2d_winograd, "_BY_CHANNELS_BYTES", 0 if split == "tiles" else 1 << 40)
     monkeypatch.setattr(conv2d_winograd, "_BY_CHANNELS_TILES", 0 if split == "tiles" else 1 << 20)
     monkeypatch.setattr(conv2d_winograd, "_BLOCK_BYTES", 4096)
-    monkeypatch.setattr(conv2d_winograd_small, "suits", lambda c_in, c_out, Wo: split == "small")
+    monkeypatch.setattr(conv2d_winograd_small, "suits", lambda N, c_in, c_out, Ho, Wo: split == "small")
     for case in [(2, 16, 21, 38, 24, (3, 3), (1, 1), (1, 1)), (3, 9, 13, 10, 12, (3, 3), (1, 1), (0, 0)),
                  (1, 16, 26, 50, 17, (3, 3), (1, 1), (1, 1)),    # 4 blocks of 2, 2, 2, 1 tile rows
                  (2, 5, 9, 10, 17, (3, 3), (1, 1), (1, 1)),      # one vector of input channels, 16 + 1 outputs

@@ -105,7 +105,7 @@ def _winograd(x, x2, mask, w, flip, b, relu, ph, pw, Ho, Wo, K1):
     or (small planes, many channels) with the output channels. The input is x and x2 along
     channels, the output (y, y2) split after K1 channels."""
     c_out = w.shape[1] if flip else w.shape[0]
-    small = conv2d_winograd_small.suits(x.shape[1] + x2.shape[1], c_out, Wo)
+    small = conv2d_winograd_small.suits(x.shape[0], x.shape[1] + x2.shape[1], c_out, Ho, Wo)
     return (conv2d_winograd_small if small else conv2d_winograd).convolve(x, x2, mask, w, flip, b, relu, ph, pw,
                                                                           Ho, Wo, K1)
 

@@ -32,17 +32,21 @@ from minunet.cpu.conv2d_winograd import _at, _filter_block, _part, _rows_at, _ti
 from minunet.cpu.runtime import fma_helper as _helper, fma_kernel as _kernel, thread_scratch
 from minunet.cpu.simd import broadcast, fma, lanes, load, load_range, relu, scatter, store, zeros
 
-_WIDEST = 8          # planes at most this wide (2 tiles a row) run here, ...
-_WIDE, _MANY = 16, 256  # ... and planes up to 16 wide with at least 256 channels in and out
+_WIDEST = 8           # planes at most this wide (2 tiles a row) run here, ...
+_WIDE, _MANY = 16, 256  # ... planes up to 16 wide with at least 256 channels in and out, ...
+_SOME, _FEW = 128, 128  # ... and those with 128 channels in or out and at most 128 tiles
 
 
-def suits(C, K, Wo):
-    """Whether a convolution of C channels into K onto planes Wo wide runs here rather than in
-    conv2d_winograd.py. Measured on 2 cores, batch 4, forward and input gradient: at 8x8 from
-    128 -> 256 channels up, 10 to 20% faster here, and twice as fast at 512 -> 512; at 16x16
-    as fast at 128 channels, twice as fast at 512 (where conv2d_winograd.py's blocks of tiles
-    each read all the transformed filters, 36 MB); at 32x32 slower."""
-    return Wo <= _WIDEST or (Wo <= _WIDE and min(C, K) >= _MANY)
+def suits(N, C, K, Ho, Wo):
+    """Whether a convolution of C channels into K onto N planes (Ho, Wo) runs here rather than in
+    conv2d_winograd.py. Measured on 2 cores, forward and input gradient, in one process,
+    alternating: at 8x8 from 128 -> 256 channels up, 10 to 20% faster here, and twice as fast at
+    512 -> 512; at 16x16 twice as fast at 512 (where conv2d_winograd.py's blocks of tiles each
+    read all the transformed filters, 36 MB); at 16x16 with 128 channels on either side, 1.1 to
+    1.3x as fast for batches of 1 to 8 (16 to 128 tiles) and 0.9 to 1.1x at 16 images (the
+    products' rows of tiles no longer stay in cache); at 32x32 slower (0.4 to 0.75x)."""
+    tiles = N * -(-Ho // 4) * -(-Wo // 4)
+    return Wo <= _WIDEST or (Wo <= _WIDE and (min(C, K) >= _MANY or (max(C, K) >= _SOME and tiles <= _FEW)))
 
 
 @_helper

@@ -21,12 +21,13 @@ import numba
 import numpy as np
 from numba import prange
 
-from minunet.cpu import conv2d_winograd_small
 from minunet.cpu.conv2d_winograd import (_KB, _blocking, _by_channels, _input_rows, _row, _SIXTH, _24TH, _tile_inputs,
                                          _tiles)
 from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel, scratch, thread_scratch
 from minunet.cpu.simd import (broadcast, fma, hsum, lanes, load, load_every4, relu_mask, scatter, store,
                               store_range, transpose, zeros)
+
+_SMALL_PLANE, _WIDE_PLANE, _MANY_CHANNELS = 8, 16, 256   # split by channels on these planes (conv2d_backward_weight)
 
 
 @_helper
@@ -388,11 +389,11 @@ def conv2d_backward_weight(x, x2, gy, w_shape, padding, relu_y):
     L = 64 // x.itemsize
     Cv = -(-C // L) * L                                 # the input channels in whole vectors
     # by tiles, a thread sums whole blocks of tile rows: where there are fewer blocks than
-    # threads (the 8x8 bottom of a U-Net), split by channels whatever the size; likewise where
-    # the forward runs in conv2d_winograd_small.py (16x16 with 512 channels: each thread's part
-    # would be 36 MB, twice the transformed tiles)
+    # threads (the 8x8 bottom of a U-Net), split by channels whatever the size; likewise on
+    # planes 8 wide (1.9x as fast at 128 -> 256, batch 4 or 8), and 16 wide with 256 channels
+    # in and out (at 512 each thread's part would be 36 MB, twice the transformed tiles)
     if (_by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads()
-            or conv2d_winograd_small.suits(C, K, Wo)):
+            or Wo <= _SMALL_PLANE or (Wo <= _WIDE_PLANE and min(C, K) >= _MANY_CHANNELS)):
         sums = thread_scratch(36 * _KB * Cv, x.dtype)
         _backward_weight_by_channels(x, x2, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, False),
                                      sums, gw, gb)

@@ -344,17 +344,17 @@ def _backward_weight_by_channels(x, x2, gy, mask, ph, pw, KB, work, sums, gw, gb
     TBv = (nt + L - 1) // L * L
     Cv = (C + L - 1) // L * L
     xs, VT, gs, G = _carve(work, C, K, TBv, Cv)
-    nc = Cv // L
-    for task in prange(nc + K):                         # a vector of input channels, or one output channel
-        if task < nc:
-            c0, c1 = task * L, min(C, task * L + L)
-            _input_rows(x, x2, None, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
-            _input_transform_t(xs, nt, c0, c0 + L, VT)
-        else:
-            k = task - nc
-            _gradient_rows(gy, mask, 0, R, TH, 4 * (TW + 1), k, k + 1, gs)
-            _gradient_transform(gs, nt, k, k + 1, G)
-            gb[k] = _tile_sum(G, nt, k)
+    # two loops, not one over both kinds of task: numba hands each thread an equal run of
+    # iterations, and the first thread's run would hold every input vector, the heavier tasks
+    # (1.1-1.2x as fast with two loops at 8x8 and 16x16, 128 to 256 channels)
+    for cv in prange(Cv // L):                          # a vector of input channels
+        c0, c1 = cv * L, min(C, cv * L + L)
+        _input_rows(x, x2, None, 0, R, TH, 4 * (TW + 1), ph, pw, c0, c1, xs)
+        _input_transform_t(xs, nt, c0, c0 + L, VT)
+    for k in prange(K):                                 # an output channel
+        _gradient_rows(gy, mask, 0, R, TH, 4 * (TW + 1), k, k + 1, gs)
+        _gradient_transform(gs, nt, k, k + 1, G)
+        gb[k] = _tile_sum(G, nt, k)
     for kb in prange((K + KB - 1) // KB):
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0

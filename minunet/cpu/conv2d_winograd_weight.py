@@ -27,7 +27,8 @@ from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _ker
 from minunet.cpu.simd import (broadcast, fma, hsum, lanes, load, load_every4, relu_mask, scatter, store,
                               store_range, transpose, zeros)
 
-_SMALL_PLANE, _WIDE_PLANE, _MANY_CHANNELS = 8, 16, 256   # split by channels on these planes (conv2d_backward_weight)
+_SMALL_PLANE, _WIDE_PLANE, _MANY_CHANNELS = 8, 16, 256   # split by channels on these planes, ...
+_FEW_TILES = 64                                          # ... and batches of so few tiles (conv2d_backward_weight)
 
 
 @_helper
@@ -390,10 +391,11 @@ def conv2d_backward_weight(x, x2, gy, w_shape, padding, relu_y):
     Cv = -(-C // L) * L                                 # the input channels in whole vectors
     # by tiles, a thread sums whole blocks of tile rows: where there are fewer blocks than
     # threads (the 8x8 bottom of a U-Net), split by channels whatever the size; likewise on
-    # planes 8 wide (1.9x as fast at 128 -> 256, batch 4 or 8), and 16 wide with 256 channels
-    # in and out (at 512 each thread's part would be 36 MB, twice the transformed tiles)
+    # planes 8 wide (1.9x as fast at 128 -> 256, batch 4 or 8), 16 wide with 256 channels in
+    # and out (at 512 each thread's part would be 36 MB, twice the transformed tiles), and
+    # for at most _FEW_TILES tiles (16x16, batch 4: 1.0-1.6x as fast; 0.8-0.98x at 128 tiles)
     if (_by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads()
-            or Wo <= _SMALL_PLANE or (Wo <= _WIDE_PLANE and min(C, K) >= _MANY_CHANNELS)):
+            or Wo <= _SMALL_PLANE or (Wo <= _WIDE_PLANE and min(C, K) >= _MANY_CHANNELS) or R * TW <= _FEW_TILES):
         sums = thread_scratch(36 * _KB * Cv, x.dtype)
         _backward_weight_by_channels(x, x2, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, False),
                                      sums, gw, gb)

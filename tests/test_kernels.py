@@ -273,11 +273,13 @@ def test_cpu_winograd_work_splits(split, dtype, monkeypatch, rng):
     with the output channels in the vectors (conv2d_winograd_small.py): each way against the
     oracle, with blocks small enough that there are several, and channel counts off the
     micro-kernels' multiples; plain and fused (relu=, relu_y=, bias=)."""
-    from minunet.cpu import conv2d_winograd, conv2d_winograd_small
+    from minunet.cpu import conv2d_winograd, conv2d_winograd_small, conv2d_winograd_weight
     monkeypatch.setattr(conv2d_winograd, "_BY_CHANNELS_BYTES", 0 if split == "tiles" else 1 << 40)
     monkeypatch.setattr(conv2d_winograd, "_BY_CHANNELS_TILES", 0 if split == "tiles" else 1 << 20)
     monkeypatch.setattr(conv2d_winograd, "_BLOCK_BYTES", 4096)
     monkeypatch.setattr(conv2d_winograd_small, "suits", lambda N, c_in, c_out, Ho, Wo: split == "small")
+    if split == "tiles":    # the weight gradient too, however few the tiles
+        monkeypatch.setattr(conv2d_winograd_weight, "_FEW_TILES", 0)
     for case in [(2, 16, 21, 38, 24, (3, 3), (1, 1), (1, 1)), (3, 9, 13, 10, 12, (3, 3), (1, 1), (0, 0)),
                  (1, 16, 26, 50, 17, (3, 3), (1, 1), (1, 1)),    # 4 blocks of 2, 2, 2, 1 tile rows
                  (2, 5, 9, 10, 17, (3, 3), (1, 1), (1, 1)),      # one vector of input channels, 16 + 1 outputs

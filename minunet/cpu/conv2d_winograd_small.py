@@ -1,8 +1,9 @@
 """minunet.cpu.conv2d_winograd_small: Winograd's F(4x4, 3x3) on small planes, output channels in the lanes.
 
 conv2d's version 4 on the CPU (forward and input gradient) where the plane is a few tiles wide:
-the 8x8 bottom of a U-Net and the 16x16 level above it (suits). conv2d_winograd.py teaches the algorithm; this module changes only
-which axis the SIMD lanes run along in the 36 products and the output transform.
+the 8x8 bottom of a U-Net and the 16x16 level above it (suits). conv2d_winograd.py teaches the
+algorithm; this module changes only which axis the SIMD lanes run along in the 36 products and
+the output transform.
 
 Why. conv2d_winograd.py's products M[p] (K, T) = U[p] (K, C) @ V[p] (C, T) run their vectors
 along the tiles T, which its input transform lays out a tile row at a time with one dummy tile

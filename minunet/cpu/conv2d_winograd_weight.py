@@ -395,7 +395,8 @@ def conv2d_backward_weight(x, x2, gy, w_shape, padding, relu_y):
     # and out (at 512 each thread's part would be 36 MB, twice the transformed tiles), and
     # for at most _FEW_TILES tiles (16x16, batch 4: 1.0-1.6x as fast; 0.8-0.98x at 128 tiles)
     if (_by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads()
-            or Wo <= _SMALL_PLANE or (Wo <= _WIDE_PLANE and min(C, K) >= _MANY_CHANNELS) or R * TW <= _FEW_TILES):
+            or Wo <= _SMALL_PLANE or (Wo <= _WIDE_PLANE and min(C, K) >= _MANY_CHANNELS)
+            or R * TW <= _FEW_TILES):
         sums = thread_scratch(36 * _KB * Cv, x.dtype)
         _backward_weight_by_channels(x, x2, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, False),
                                      sums, gw, gb)

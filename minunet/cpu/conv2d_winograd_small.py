@@ -57,11 +57,12 @@ def _slot(j, TW):
 
 
 @_helper
-def _multiply(V, Ut, T, TW, Mt):
-    # Mt[p, j, k] = sum_c V[p, c, slot(j)] * Ut[p, c, k] for the real tiles j < T and k < KB (2
-    # vectors). Micro-kernel: 8 tiles x 2 vectors of output channels (see the module's docstring).
-    # Mt's rows are T rounded up to 8: a last group past tile T - 1 repeats it into rows never read.
-    C, TBv = V.shape[1], V.shape[2]
+def _multiply(V, Ut, C, T, TW, Mt):
+    # Mt[p, j, k] = sum_c V[p, c, slot(j)] * Ut[p, c, k] for c < C, the real tiles j < T and k < KB
+    # (2 vectors). Micro-kernel: 8 tiles x 2 vectors of output channels (see the module's
+    # docstring). Mt's rows are T rounded up to 8: a last group past tile T - 1 repeats it into
+    # rows never read. V, Ut and Mt each have a spare row per point (conv2d_winograd's docstring).
+    CV, TBv, Cu = V.shape[1], V.shape[2], Ut.shape[1]
     T8, KB = Mt.shape[1], Mt.shape[2]
     L = lanes(V)
     z = zeros(V)
@@ -75,9 +76,9 @@ def _multiply(V, Ut, T, TW, Mt):
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
             b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
             for c in range(C):
-                u0 = load(Ut, (p * C + c) * KB)
-                u1 = load(Ut, (p * C + c) * KB + L)
-                v = (p * C + c) * TBv
+                u0 = load(Ut, (p * Cu + c) * KB)
+                u1 = load(Ut, (p * Cu + c) * KB + L)
+                v = (p * CV + c) * TBv
                 s = broadcast(V, v + s0)
                 a0, b0 = fma(s, u0, a0), fma(s, u1, b0)
                 s = broadcast(V, v + s1)
@@ -156,9 +157,9 @@ def _forward(V, w, flip, b, apply_relu, work, y, y2):
     # y: (N, K, Ho, Wo) = b + the products of the transformed inputs V (conv2d_winograd's
     # transformed_inputs) with w (or w flipped: conv2d_winograd._transform_filters); with
     # apply_relu max(y, 0); y2 the channels that follow y's. One task per 2 vectors of output
-    # channels: its filters, products and outputs, in its thread's row of work (36*(C + T8)*KB
-    # elements).
-    N, C = y.shape[0], V.shape[1]
+    # channels: its filters, products and outputs, in its thread's row of work (36*(C + T8 + 2)*KB
+    # elements: a spare row per point in Ut and in Mt).
+    N, C = y.shape[0], V.shape[1] - 1                   # V's spare row
     K, Ho, Wo = y.shape[1] + y2.shape[1], y.shape[2], y.shape[3]
     Cw = w.shape[1]
     L = lanes(V)
@@ -169,16 +170,16 @@ def _forward(V, w, flip, b, apply_relu, work, y, y2):
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0
         mine = work[numba.get_thread_id()]
-        Ut = mine[:36 * C * KB].reshape((36, C, KB))    # U^T
+        Ut = mine[:36 * (C + 1) * KB].reshape((36, C + 1, KB))     # U^T
         if nk < KB:                                     # the lanes past nk: 0
             Ut[:, :, nk:] = 0
         if flip:   # output channel k of this convolution is w's input channel: w[c, k] turned
-            _filter_block(w, k0 * 9 + 8, 9 * Cw, 9, -1, C, nk, Ut, 0, C * KB, KB)
+            _filter_block(w, k0 * 9 + 8, 9 * Cw, 9, -1, C, nk, Ut, 0, (C + 1) * KB, KB)
         else:      # w[k, c]
-            _filter_block(w, k0 * Cw * 9, 9, 9 * Cw, 1, C, nk, Ut, 0, C * KB, KB)
+            _filter_block(w, k0 * Cw * 9, 9, 9 * Cw, 1, C, nk, Ut, 0, (C + 1) * KB, KB)
         T8 = (R * TW + 7) // 8 * 8
-        Mt = mine[36 * C * KB:36 * (C + T8) * KB].reshape((36, T8, KB))
-        _multiply(V, Ut, R * TW, TW, Mt)
+        Mt = mine[36 * (C + 1) * KB:36 * (C + T8 + 2) * KB].reshape((36, T8 + 1, KB))   # a spare row too
+        _multiply(V, Ut, C, R * TW, TW, Mt)
         _output_transform(Mt, R * TW, b, apply_relu, k0, nk, TH, TW, y, y2)
 
 
@@ -193,6 +194,6 @@ def convolve(x, x2, mask, w, flip, b, relu, ph, pw, Ho, Wo, K1):
     b = np.zeros(K, x.dtype) if b is None else b
     R, TW, _ = _tiles(N, Ho, Wo, x.itemsize)
     T8 = (R * TW + 7) // 8 * 8                          # the real tiles, rounded up to 8
-    work = thread_scratch(36 * (C + T8) * 2 * (64 // x.itemsize), x.dtype)   # Ut and Mt, KB = 2 vectors
+    work = thread_scratch(36 * (C + T8 + 2) * 2 * (64 // x.itemsize), x.dtype)   # Ut and Mt, KB = 2 vectors
     _forward(transformed_inputs(x, x2, mask, ph, pw, Ho, Wo), w, flip, b, relu, work, y, y2)
     return y, y2

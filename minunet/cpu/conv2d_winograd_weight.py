@@ -50,11 +50,10 @@ def _gt(m0, m1, m2, m3, m4, m5):
 
 @_helper
 def _input_transform_t(xs, nt, c0, c1, VT):
-    # xs: (C, 6, Wx) -> VT: (36, TBv + 1, Cv) (a spare row per point, as conv2d_winograd's V and M),
-    # V transposed: VT[p, t, c] = (B^T d B)[p] of tile t of
+    # xs: (C, 6, Wx) -> VT: (36, TBv, Cv), V transposed: VT[p, t, c] = (B^T d B)[p] of tile t of
     # channel c for c0 <= c < c1 (c0 a multiple of the lanes), and 0 for C <= c < Cv. Each vector
     # of channels is transformed into `blk` as (36, channel, tile) and transposed into place.
-    C, Cv, TP = xs.shape[0], VT.shape[2], VT.shape[1]
+    C, Cv, TBv = xs.shape[0], VT.shape[2], VT.shape[1]
     L = lanes(xs)
     blk = np.empty(36 * L * L, xs.dtype)
     z = zeros(xs)
@@ -67,7 +66,7 @@ def _input_transform_t(xs, nt, c0, c1, VT):
                     for p in range(36):
                         store(blk, (p * L + cc) * L, z)
             for p in range(36):
-                transpose(blk, p * L * L, L, VT, (p * TP + t0) * Cv + cg, Cv)
+                transpose(blk, p * L * L, L, VT, (p * TBv + t0) * Cv + cg, Cv)
 
 
 @_helper
@@ -96,8 +95,8 @@ def _gradient_rows(gy, mask, r0, nr, TH, S, k0, k1, gs):
 
 @_helper
 def _gradient_transform(gs, nt, k0, k1, G):
-    # gs: (K, 4, Wx) -> G: (36, K + 1, TBv) (a spare row per point), G[a*6+b, k, t] =
-    # (A g A^T)[a, b] of the output-gradient tile g = gs[k, :, 4*t : 4*t+4], for k0 <= k < k1
+    # gs: (K, 4, Wx) -> G: (36, K, TBv), G[a*6+b, k, t] = (A g A^T)[a, b] of the output-gradient
+    # tile g = gs[k, :, 4*t : 4*t+4], for k0 <= k < k1
     K, TBv = G.shape[1], G.shape[2]
     Wg = gs.shape[2]
     L = lanes(gs)
@@ -140,8 +139,7 @@ def _tile_sum(G, nt, k):
 
 @_helper
 def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
-    # acc[p, kk, c] += sum_t G[p, k0 + kk, t] * VT[p, t, c] over the real tiles t of nr tile rows
-    # (G, VT and acc: a spare row per point, their second axes only their strides here):
+    # acc[p, kk, c] += sum_t G[p, k0 + kk, t] * VT[p, t, c] over the real tiles t of nr tile rows:
     # t = lr*(TW + 1) + j, j < TW. The sum runs along t one tile at a time (the vectors lie
     # along c), so it skips the dummy tiles and the vector padding past the last tile, which
     # the transforms computed as zeros: at 8x8 (2 tiles a row, 3 slots) and in blocks of a few
@@ -149,14 +147,14 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
     # vectors of input channels, 16 accumulators in registers along the sum over t, each step
     # 2 loads of VT, 8 broadcasts of G and 16 fused multiply-adds.
     K, TBv = G.shape[1], G.shape[2]
-    Cv, TP, NP = VT.shape[2], VT.shape[1], acc.shape[1]
+    Cv = VT.shape[2]
     L = lanes(VT)
     S = TW + 1
     z = zeros(VT)
     for p in range(36):
         kk = 0
         while Cv == L and nk - kk >= 16:                # one vector of input channels: 16 output channels
-            _multiply16(G, (p * K + k0 + kk) * TBv, VT, p * TP * Cv, nr, TW, acc, (p * NP + kk) * Cv)
+            _multiply16(G, (p * K + k0 + kk) * TBv, VT, p * TBv * Cv, nr, TW, acc, (p * nk + kk) * Cv)
             kk += 16
         while kk < nk:
             rows = min(8, nk - kk)                      # 8 output channels, or the last few
@@ -165,7 +163,7 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
                 two = c + L < Cv
                 a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
                 b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
-                i = p * TP * Cv + c
+                i = p * TBv * Cv + c
                 if rows == 8:
                     for lr in range(nr):
                         for t in range(lr * S, lr * S + TW):
@@ -187,7 +185,7 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
                             a6, b6 = fma(s, x0, a6), fma(s, x1, b6)
                             s = broadcast(G, g + 7 * TBv + t)
                             a7, b7 = fma(s, x0, a7), fma(s, x1, b7)
-                    o = (p * NP + kk) * Cv + c
+                    o = (p * nk + kk) * Cv + c
                     _add8(acc, o, Cv, a0, a1, a2, a3, a4, a5, a6, a7)
                     if two:
                         _add8(acc, o + L, Cv, b0, b1, b2, b3, b4, b5, b6, b7)
@@ -200,7 +198,7 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
                                 a0 = fma(s, load(VT, i + t * Cv), a0)
                                 if two:
                                     b0 = fma(s, load(VT, i + t * Cv + L), b0)
-                        o = (p * NP + kk + r) * Cv + c
+                        o = (p * nk + kk + r) * Cv + c
                         store(acc, o, load(acc, o) + a0)
                         if two:
                             store(acc, o + L, load(acc, o + L) + b0)
@@ -308,18 +306,17 @@ def _backward_weight_by_tiles(x, x2, gy, mask, ph, pw, rows_per_block, work, par
 @_kernel
 def _filters_from_parts(part, gb_part, gw, gb):
     # gw[k, c] = G^T M G, M (6x6) the sum over part's first axis of part[:, :, k, c], and gb[k] the
-    # sum of gb_part[:, k]; one prange iteration per output channel k, vectors over c (part's
-    # third axis has a spare row)
-    n_parts, KP, Cv, K = part.shape[0], part.shape[2], part.shape[3], gw.shape[0]
+    # sum of gb_part[:, k]; one prange iteration per output channel k, vectors over c
+    n_parts, _, K, Cv = part.shape
     L = lanes(part)
     for k in prange(K):
         gb[k] = gb_part[:, k].sum()
         m = np.empty(36 * L, part.dtype)
         for c0 in range(0, Cv, L):
             for p in range(36):
-                s = load(part, (p * KP + k) * Cv + c0)
+                s = load(part, (p * K + k) * Cv + c0)
                 for th in range(1, n_parts):
-                    s = s + load(part, ((th * 36 + p) * KP + k) * Cv + c0)
+                    s = s + load(part, ((th * 36 + p) * K + k) * Cv + c0)
                 store(m, p * L, s)
             _filter_gradients(m, 0, L, gw, k, c0)
 
@@ -327,10 +324,10 @@ def _filters_from_parts(part, gb_part, gw, gb):
 @_helper
 def _carve(buf, C, K, TBv, Cv):
     """(xs, VT, gs, G) over buf's start (see _buffers)"""
-    n_xs, n_vt, n_gs = C * 6 * (4 * TBv + 4), 36 * (TBv + 1) * Cv, K * 4 * (4 * TBv + 4)
-    return (buf[:n_xs].reshape((C, 6, 4 * TBv + 4)), buf[n_xs:n_xs + n_vt].reshape((36, TBv + 1, Cv)),
+    n_xs, n_vt, n_gs = C * 6 * (4 * TBv + 4), 36 * TBv * Cv, K * 4 * (4 * TBv + 4)
+    return (buf[:n_xs].reshape((C, 6, 4 * TBv + 4)), buf[n_xs:n_xs + n_vt].reshape((36, TBv, Cv)),
             buf[n_xs + n_vt:n_xs + n_vt + n_gs].reshape((K, 4, 4 * TBv + 4)),
-            buf[n_xs + n_vt + n_gs:n_xs + n_vt + n_gs + 36 * (K + 1) * TBv].reshape((36, K + 1, TBv)))
+            buf[n_xs + n_vt + n_gs:n_xs + n_vt + n_gs + 36 * K * TBv].reshape((36, K, TBv)))
 
 
 @_kernel
@@ -362,22 +359,22 @@ def _backward_weight_by_channels(x, x2, gy, mask, ph, pw, KB, work, sums, gw, gb
     for kb in prange((K + KB - 1) // KB):
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0
-        acc = sums[numba.get_thread_id(), :36 * (nk + 1) * Cv].reshape((36, nk + 1, Cv))   # a spare row
+        acc = sums[numba.get_thread_id(), :36 * nk * Cv].reshape((36, nk, Cv))
         acc[:] = 0
         _multiply_transposed(G, k0, nk, VT, R, TW, acc)
         for kk in range(nk):
             for c0 in range(0, Cv, L):
-                _filter_gradients(acc, kk * Cv + c0, (nk + 1) * Cv, gw, k0 + kk, c0)
+                _filter_gradients(acc, kk * Cv + c0, nk * Cv, gw, k0 + kk, c0)
 
 
 def _buffers(C, K, rows, TW, dtype, per_thread):
     """work, a row for each thread with per_thread (else one, shared by every thread), enough for the
     padded rows of x (C, 6, 4*TBv + 4) and of gy (K, 4, 4*TBv + 4) and their transforms VT
-    (36, TBv + 1, Cv) and G (36, K + 1, TBv) (_carve) for TBv the tiles of `rows` tile rows rounded up to
+    (36, TBv, Cv) and G (36, K, TBv) (_carve) for TBv the tiles of `rows` tile rows rounded up to
     whole vectors; on huge pages (runtime.scratch)"""
     L = 64 // np.dtype(dtype).itemsize
     TBv, Cv = -(-rows * (TW + 1) // L) * L, -(-C // L) * L
-    n = (C * 6 + K * 4) * (4 * TBv + 4) + 36 * ((TBv + 1) * Cv + (K + 1) * TBv)
+    n = (C * 6 + K * 4) * (4 * TBv + 4) + 36 * TBv * (Cv + K)
     return thread_scratch(n, dtype) if per_thread else scratch((n,), dtype, 1)
 
 
@@ -400,11 +397,11 @@ def conv2d_backward_weight(x, x2, gy, w_shape, padding, relu_y):
     if (_by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads()
             or Wo <= _SMALL_PLANE or (Wo <= _WIDE_PLANE and min(C, K) >= _MANY_CHANNELS)
             or R * TW <= _FEW_TILES):
-        sums = thread_scratch(36 * (_KB + 1) * Cv, x.dtype)
+        sums = thread_scratch(36 * _KB * Cv, x.dtype)
         _backward_weight_by_channels(x, x2, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, False),
                                      sums, gw, gb)
         return gw, gb
-    part, gb_part = empty((n_parts, 36, K + 1, Cv), x.dtype), np.empty((n_parts, K))   # a spare row per point
+    part, gb_part = empty((n_parts, 36, K, Cv), x.dtype), np.empty((n_parts, K))
     _backward_weight_by_tiles(x, x2, gy, relu_y, padding[0], padding[1], rows, _buffers(C, K, rows, TW, x.dtype, True),
                               part, gb_part)
     _filters_from_parts(part, gb_part, gw, gb)

@@ -57,12 +57,13 @@ def _slot(j, TW):
 
 
 @_helper
-def _multiply(V, Ut, C, T, TW, Mt):
-    # Mt[p, j, k] = sum_c V[p, c, slot(j)] * Ut[p, c, k] for c < C, the real tiles j < T and k < KB
-    # (2 vectors). Micro-kernel: 8 tiles x 2 vectors of output channels (see the module's
-    # docstring). Mt's rows are T rounded up to 8: a last group past tile T - 1 repeats it into
-    # rows never read. V, Ut and Mt each have a spare row per point (conv2d_winograd's docstring).
-    CV, TBv, Cu = V.shape[1], V.shape[2], Ut.shape[1]
+def _multiply(V, Ut, T, TW, Mt):
+    # Mt[p, j, k] = sum_c V[p, c, slot(j)] * Ut[p, c, k] for the real tiles j < T and k < KB (2
+    # vectors). Micro-kernel: 8 tiles x 2 vectors of output channels (see the module's docstring).
+    # Mt's rows are T rounded up to 8: a last group past tile T - 1 repeats it into rows never read.
+    # V, Ut and Mt each have a spare row per point (conv2d_winograd's docstring): V and Ut C + 1.
+    CP, TBv = V.shape[1], V.shape[2]
+    C = CP - 1
     T8, KB = Mt.shape[1], Mt.shape[2]
     L = lanes(V)
     z = zeros(V)
@@ -76,9 +77,9 @@ def _multiply(V, Ut, C, T, TW, Mt):
             a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z
             b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z
             for c in range(C):
-                u0 = load(Ut, (p * Cu + c) * KB)
-                u1 = load(Ut, (p * Cu + c) * KB + L)
-                v = (p * CV + c) * TBv
+                u0 = load(Ut, (p * CP + c) * KB)
+                u1 = load(Ut, (p * CP + c) * KB + L)
+                v = (p * CP + c) * TBv
                 s = broadcast(V, v + s0)
                 a0, b0 = fma(s, u0, a0), fma(s, u1, b0)
                 s = broadcast(V, v + s1)
@@ -179,7 +180,7 @@ def _forward(V, w, flip, b, apply_relu, work, y, y2):
             _filter_block(w, k0 * Cw * 9, 9, 9 * Cw, 1, C, nk, Ut, 0, (C + 1) * KB, KB)
         T8 = (R * TW + 7) // 8 * 8
         Mt = mine[36 * (C + 1) * KB:36 * (C + T8 + 2) * KB].reshape((36, T8 + 1, KB))   # a spare row too
-        _multiply(V, Ut, C, R * TW, TW, Mt)
+        _multiply(V, Ut, R * TW, TW, Mt)
         _output_transform(Mt, R * TW, b, apply_relu, k0, nk, TH, TW, y, y2)
 
 

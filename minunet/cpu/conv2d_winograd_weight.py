@@ -138,14 +138,16 @@ def _tile_sum(G, nt, k):
 
 
 @_helper
-def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
-    # acc[p, kk, c] += sum_t G[p, k0 + kk, t] * VT[p, t, c] over the real tiles t of nr tile rows:
+def _multiply_transposed(G, k0, nk, VT, nr, TW, add, acc):
+    # acc[p, kk, c] (+)= sum_t G[p, k0 + kk, t] * VT[p, t, c] over the real tiles t of nr tile rows:
     # t = lr*(TW + 1) + j, j < TW. The sum runs along t one tile at a time (the vectors lie
     # along c), so it skips the dummy tiles and the vector padding past the last tile, which
     # the transforms computed as zeros: at 8x8 (2 tiles a row, 3 slots) and in blocks of a few
     # tile rows these are as many again as the real tiles. Micro-kernel: 8 output channels x 2
     # vectors of input channels, 16 accumulators in registers along the sum over t, each step
-    # 2 loads of VT, 8 broadcasts of G and 16 fused multiply-adds.
+    # 2 loads of VT, 8 broadcasts of G and 16 fused multiply-adds. With add, the sums are added to
+    # acc; without, they replace what it holds (a single pass over every tile: no zeroing of acc
+    # beforehand, no load of it after).
     K, TBv = G.shape[1], G.shape[2]
     Cv = VT.shape[2]
     L = lanes(VT)
@@ -154,7 +156,7 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
     for p in range(36):
         kk = 0
         while Cv == L and nk - kk >= 16:                # one vector of input channels: 16 output channels
-            _multiply16(G, (p * K + k0 + kk) * TBv, VT, p * TBv * Cv, nr, TW, acc, (p * nk + kk) * Cv)
+            _multiply16(G, (p * K + k0 + kk) * TBv, VT, p * TBv * Cv, nr, TW, add, acc, (p * nk + kk) * Cv)
             kk += 16
         while kk < nk:
             rows = min(8, nk - kk)                      # 8 output channels, or the last few
@@ -186,9 +188,9 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
                             s = broadcast(G, g + 7 * TBv + t)
                             a7, b7 = fma(s, x0, a7), fma(s, x1, b7)
                     o = (p * nk + kk) * Cv + c
-                    _add8(acc, o, Cv, a0, a1, a2, a3, a4, a5, a6, a7)
+                    _put8(acc, o, Cv, add, a0, a1, a2, a3, a4, a5, a6, a7)
                     if two:
-                        _add8(acc, o + L, Cv, b0, b1, b2, b3, b4, b5, b6, b7)
+                        _put8(acc, o + L, Cv, add, b0, b1, b2, b3, b4, b5, b6, b7)
                 else:
                     for r in range(rows):
                         a0 = b0 = z
@@ -199,15 +201,15 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, acc):
                                 if two:
                                     b0 = fma(s, load(VT, i + t * Cv + L), b0)
                         o = (p * nk + kk + r) * Cv + c
-                        store(acc, o, load(acc, o) + a0)
+                        store(acc, o, load(acc, o) + a0 if add else a0)
                         if two:
-                            store(acc, o + L, load(acc, o + L) + b0)
+                            store(acc, o + L, load(acc, o + L) + b0 if add else b0)
             kk += rows
 
 
 @_helper
-def _multiply16(G, g, VT, i, nr, TW, acc, o):
-    # acc[o + r*L : o + r*L + L] += sum_t G[g + r*T + t] * VT[i + t*L : i + t*L + L], r < 16 (T = G's
+def _multiply16(G, g, VT, i, nr, TW, add, acc, o):
+    # acc[o + r*L : o + r*L + L] (+)= sum_t G[g + r*T + t] * VT[i + t*L : i + t*L + L], r < 16 (T = G's
     # rows: G[g + r*T] is row r of a block of G's rows of one point), over the real
     # tiles t of nr tile rows: _multiply_transposed's micro-kernel where the input channels are
     # one vector (C <= L: the top of a U-Net), which there would leave half its accumulators
@@ -229,20 +231,26 @@ def _multiply16(G, g, VT, i, nr, TW, acc, o):
             a10, a11 = fma(broadcast(G, g + 10 * T + t), x, a10), fma(broadcast(G, g + 11 * T + t), x, a11)
             a12, a13 = fma(broadcast(G, g + 12 * T + t), x, a12), fma(broadcast(G, g + 13 * T + t), x, a13)
             a14, a15 = fma(broadcast(G, g + 14 * T + t), x, a14), fma(broadcast(G, g + 15 * T + t), x, a15)
-    _add8(acc, o, L, a0, a1, a2, a3, a4, a5, a6, a7)
-    _add8(acc, o + 8 * L, L, a8, a9, a10, a11, a12, a13, a14, a15)
+    _put8(acc, o, L, add, a0, a1, a2, a3, a4, a5, a6, a7)
+    _put8(acc, o + 8 * L, L, add, a8, a9, a10, a11, a12, a13, a14, a15)
 
 
 @_helper
-def _add8(a, o, step, v0, v1, v2, v3, v4, v5, v6, v7):
-    store(a, o, load(a, o) + v0)
-    store(a, o + step, load(a, o + step) + v1)
-    store(a, o + 2 * step, load(a, o + 2 * step) + v2)
-    store(a, o + 3 * step, load(a, o + 3 * step) + v3)
-    store(a, o + 4 * step, load(a, o + 4 * step) + v4)
-    store(a, o + 5 * step, load(a, o + 5 * step) + v5)
-    store(a, o + 6 * step, load(a, o + 6 * step) + v6)
-    store(a, o + 7 * step, load(a, o + 7 * step) + v7)
+def _put8(a, o, step, add, v0, v1, v2, v3, v4, v5, v6, v7):
+    """a's vectors at flat places o, o + step, ..., o + 7*step: plus v0, ..., v7 with add, else
+    replaced by them"""
+    if add:
+        v0, v1, v2, v3 = load(a, o) + v0, load(a, o + step) + v1, load(a, o + 2 * step) + v2, load(a, o + 3 * step) + v3
+        v4, v5 = load(a, o + 4 * step) + v4, load(a, o + 5 * step) + v5
+        v6, v7 = load(a, o + 6 * step) + v6, load(a, o + 7 * step) + v7
+    store(a, o, v0)
+    store(a, o + step, v1)
+    store(a, o + 2 * step, v2)
+    store(a, o + 3 * step, v3)
+    store(a, o + 4 * step, v4)
+    store(a, o + 5 * step, v5)
+    store(a, o + 6 * step, v6)
+    store(a, o + 7 * step, v7)
 
 
 @_helper
@@ -300,7 +308,7 @@ def _backward_weight_by_tiles(x, x2, gy, mask, ph, pw, rows_per_block, work, par
             _gradient_transform(gs, nt, 0, K, G)
             for k in range(K):
                 gb_part[th, k] += _tile_sum(G, nt, k)
-            _multiply_transposed(G, 0, K, VT, nr, TW, acc)
+            _multiply_transposed(G, 0, K, VT, nr, TW, True, acc)
 
 
 @_kernel
@@ -360,8 +368,7 @@ def _backward_weight_by_channels(x, x2, gy, mask, ph, pw, KB, work, sums, gw, gb
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0
         acc = sums[numba.get_thread_id(), :36 * nk * Cv].reshape((36, nk, Cv))
-        acc[:] = 0
-        _multiply_transposed(G, k0, nk, VT, R, TW, acc)
+        _multiply_transposed(G, k0, nk, VT, R, TW, False, acc)      # every tile in one pass
         for kk in range(nk):
             for c0 in range(0, Cv, L):
                 _filter_gradients(acc, kk * Cv + c0, nk * Cv, gw, k0 + kk, c0)

@@ -139,7 +139,7 @@ def _tile_sum(G, nt, k):
 
 @_helper
 def _multiply_transposed(G, k0, nk, VT, nr, TW, add, acc):
-    # acc[p, kk, c] (+)= sum_t G[p, k0 + kk, t] * VT[p, t, c] over the real tiles t of nr tile rows:
+    # acc[p, kk*Cv + c] (+)= sum_t G[p, k0 + kk, t] * VT[p, t, c] over the real tiles t of nr tile rows:
     # t = lr*(TW + 1) + j, j < TW. The sum runs along t one tile at a time (the vectors lie
     # along c), so it skips the dummy tiles and the vector padding past the last tile, which
     # the transforms computed as zeros: at 8x8 (2 tiles a row, 3 slots) and in blocks of a few
@@ -147,16 +147,17 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, add, acc):
     # vectors of input channels, 16 accumulators in registers along the sum over t, each step
     # 2 loads of VT, 8 broadcasts of G and 16 fused multiply-adds. With add, the sums are added to
     # acc; without, they replace what it holds (a single pass over every tile: no zeroing of acc
-    # beforehand, no load of it after).
+    # beforehand, no load of it after). acc: (36, P), each point's row P >= nk*Cv long (the
+    # places past nk*Cv, a spare vector, not written: see conv2d_backward_weight).
     K, TBv = G.shape[1], G.shape[2]
-    Cv = VT.shape[2]
+    Cv, P = VT.shape[2], acc.shape[1]
     L = lanes(VT)
     S = TW + 1
     z = zeros(VT)
     for p in range(36):
         kk = 0
         while Cv == L and nk - kk >= 16:                # one vector of input channels: 16 output channels
-            _multiply16(G, (p * K + k0 + kk) * TBv, VT, p * TBv * Cv, nr, TW, add, acc, (p * nk + kk) * Cv)
+            _multiply16(G, (p * K + k0 + kk) * TBv, VT, p * TBv * Cv, nr, TW, add, acc, p * P + kk * Cv)
             kk += 16
         while kk < nk:
             rows = min(8, nk - kk)                      # 8 output channels, or the last few
@@ -187,7 +188,7 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, add, acc):
                             a6, b6 = fma(s, x0, a6), fma(s, x1, b6)
                             s = broadcast(G, g + 7 * TBv + t)
                             a7, b7 = fma(s, x0, a7), fma(s, x1, b7)
-                    o = (p * nk + kk) * Cv + c
+                    o = p * P + kk * Cv + c
                     _put8(acc, o, Cv, add, a0, a1, a2, a3, a4, a5, a6, a7)
                     if two:
                         _put8(acc, o + L, Cv, add, b0, b1, b2, b3, b4, b5, b6, b7)
@@ -200,7 +201,7 @@ def _multiply_transposed(G, k0, nk, VT, nr, TW, add, acc):
                                 a0 = fma(s, load(VT, i + t * Cv), a0)
                                 if two:
                                     b0 = fma(s, load(VT, i + t * Cv + L), b0)
-                        o = (p * nk + kk + r) * Cv + c
+                        o = p * P + (kk + r) * Cv + c
                         store(acc, o, load(acc, o) + a0 if add else a0)
                         if two:
                             store(acc, o + L, load(acc, o + L) + b0 if add else b0)
@@ -281,14 +282,15 @@ def _filter_gradients(m, o, step, gw, k, c0):
 
 @_kernel
 def _backward_weight_by_tiles(x, x2, gy, mask, ph, pw, rows_per_block, work, part, gb_part):
-    # part[th, p, k, c] = thread th's share of sum_t (A gy_t A^T)[p] * (B^T x_t B)[p], and
+    # part[th, p, k*Cv + c] = thread th's share of sum_t (A gy_t A^T)[p] * (B^T x_t B)[p], and
     # gb_part[th, k] its share of gy's sum (gy masked by relu_y, see _gradient_rows): one prange
     # iteration per thread, over every threads-th block of tile rows, in its row of work
     # (_buffers); x2: the input channels that follow x's (conv2d_winograd._input_rows)
     N, C = x.shape[0], x.shape[1] + x2.shape[1]
     K, Ho, Wo = gy.shape[1], gy.shape[2], gy.shape[3]
-    n_parts, Cv = part.shape[0], part.shape[3]
+    n_parts = part.shape[0]
     L = lanes(x)
+    Cv = (C + L - 1) // L * L
     TH, TW = (Ho + 3) // 4, (Wo + 3) // 4
     R = N * TH
     n_blocks = (R + rows_per_block - 1) // rows_per_block
@@ -313,18 +315,20 @@ def _backward_weight_by_tiles(x, x2, gy, mask, ph, pw, rows_per_block, work, par
 
 @_kernel
 def _filters_from_parts(part, gb_part, gw, gb):
-    # gw[k, c] = G^T M G, M (6x6) the sum over part's first axis of part[:, :, k, c], and gb[k] the
-    # sum of gb_part[:, k]; one prange iteration per output channel k, vectors over c
-    n_parts, _, K, Cv = part.shape
+    # gw[k, c] = G^T M G, M (6x6) the sum over part's first axis of part[:, :, k*Cv + c], and gb[k]
+    # the sum of gb_part[:, k]; one prange iteration per output channel k, vectors over c
+    n_parts, P = part.shape[0], part.shape[2]
+    K = gw.shape[0]
     L = lanes(part)
+    Cv = (gw.shape[1] + L - 1) // L * L
     for k in prange(K):
         gb[k] = gb_part[:, k].sum()
         m = np.empty(36 * L, part.dtype)
         for c0 in range(0, Cv, L):
             for p in range(36):
-                s = load(part, (p * K + k) * Cv + c0)
+                s = load(part, p * P + k * Cv + c0)
                 for th in range(1, n_parts):
-                    s = s + load(part, ((th * 36 + p) * K + k) * Cv + c0)
+                    s = s + load(part, (th * 36 + p) * P + k * Cv + c0)
                 store(m, p * L, s)
             _filter_gradients(m, 0, L, gw, k, c0)
 
@@ -367,11 +371,12 @@ def _backward_weight_by_channels(x, x2, gy, mask, ph, pw, KB, work, sums, gw, gb
     for kb in prange((K + KB - 1) // KB):
         k0 = kb * KB
         nk = min(K, k0 + KB) - k0
-        acc = sums[numba.get_thread_id(), :36 * nk * Cv].reshape((36, nk, Cv))
+        P = nk * Cv + L                                 # a spare vector per point (conv2d_backward_weight)
+        acc = sums[numba.get_thread_id(), :36 * P].reshape((36, P))
         _multiply_transposed(G, k0, nk, VT, R, TW, False, acc)      # every tile in one pass
         for kk in range(nk):
             for c0 in range(0, Cv, L):
-                _filter_gradients(acc, kk * Cv + c0, nk * Cv, gw, k0 + kk, c0)
+                _filter_gradients(acc, kk * Cv + c0, P, gw, k0 + kk, c0)
 
 
 def _buffers(C, K, rows, TW, dtype, per_thread):
@@ -400,15 +405,21 @@ def conv2d_backward_weight(x, x2, gy, w_shape, padding, relu_y):
     # threads (the 8x8 bottom of a U-Net), split by channels whatever the size; likewise on
     # planes 8 wide (1.9x as fast at 128 -> 256, batch 4 or 8), 16 wide with 256 channels in
     # and out (at 512 each thread's part would be 36 MB, twice the transformed tiles), and
-    # for at most _FEW_TILES tiles (16x16, batch 4: 1.0-1.6x as fast; 0.8-0.98x at 128 tiles)
+    # for at most _FEW_TILES tiles (16x16, batch 4: 1.0-1.6x as fast; 0.8-0.98x at 128 tiles).
+    #
+    # The sums per point (sums' rows, part) end with a spare vector, never written: the inverse
+    # transform reads a (k, c) pair's 36 points from 36 rows, and without the spare vector these
+    # are nk*Cv floats apart, a multiple of 4 KB at nearly every U-Net shape (16 x 256: 16 KB),
+    # so all 36 fall in one set of the L1 cache, which holds 12 (conv2d_winograd.py's V and M
+    # have a spare row for the same reason).
     if (_by_channels(C + K, N, Ho, Wo, x.itemsize, rows) or n_parts < numba.get_num_threads()
             or Wo <= _SMALL_PLANE or (Wo <= _WIDE_PLANE and min(C, K) >= _MANY_CHANNELS)
             or R * TW <= _FEW_TILES):
-        sums = thread_scratch(36 * _KB * Cv, x.dtype)
+        sums = thread_scratch(36 * (_KB * Cv + L), x.dtype)
         _backward_weight_by_channels(x, x2, gy, relu_y, padding[0], padding[1], _KB, _buffers(C, K, R, TW, x.dtype, False),
                                      sums, gw, gb)
         return gw, gb
-    part, gb_part = empty((n_parts, 36, K, Cv), x.dtype), np.empty((n_parts, K))
+    part, gb_part = empty((n_parts, 36, K * Cv + L), x.dtype), np.empty((n_parts, K))
     _backward_weight_by_tiles(x, x2, gy, relu_y, padding[0], padding[1], rows, _buffers(C, K, rows, TW, x.dtype, True),
                               part, gb_part)
     _filters_from_parts(part, gb_part, gw, gb)

@@ -21,8 +21,8 @@ import numba
 import numpy as np
 from numba import prange
 
-from minunet.cpu.conv2d_winograd import (_KB, _blocking, _by_channels, _input_rows, _row, _SIXTH, _24TH, _tile_inputs,
-                                         _tiles)
+from minunet.cpu.conv2d_winograd import (_KB, _blocking, _by_channels, _input_rows, _row, _SIXTH, _24TH, _store8,
+                                         _tile_inputs, _tiles)
 from minunet.cpu.runtime import empty, fma_helper as _helper, fma_kernel as _kernel, scratch, thread_scratch
 from minunet.cpu.simd import (broadcast, fma, hsum, lanes, load, load_every4, relu_mask, scatter, store,
                               store_range, transpose, zeros)
@@ -244,14 +244,7 @@ def _put8(a, o, step, add, v0, v1, v2, v3, v4, v5, v6, v7):
         v0, v1, v2, v3 = load(a, o) + v0, load(a, o + step) + v1, load(a, o + 2 * step) + v2, load(a, o + 3 * step) + v3
         v4, v5 = load(a, o + 4 * step) + v4, load(a, o + 5 * step) + v5
         v6, v7 = load(a, o + 6 * step) + v6, load(a, o + 7 * step) + v7
-    store(a, o, v0)
-    store(a, o + step, v1)
-    store(a, o + 2 * step, v2)
-    store(a, o + 3 * step, v3)
-    store(a, o + 4 * step, v4)
-    store(a, o + 5 * step, v5)
-    store(a, o + 6 * step, v6)
-    store(a, o + 7 * step, v7)
+    _store8(a, o, step, v0, v1, v2, v3, v4, v5, v6, v7)
 
 
 @_helper

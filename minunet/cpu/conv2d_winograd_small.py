@@ -64,7 +64,7 @@ def _multiply(V, Ut, T, TW, Mt):
     # V, Ut and Mt each have a spare row per point (conv2d_winograd's docstring): V and Ut C + 1.
     CP, TBv = V.shape[1], V.shape[2]
     C = CP - 1
-    T8, KB = Mt.shape[1], Mt.shape[2]
+    TP, KB = Mt.shape[1], Mt.shape[2]                   # Mt's rows per point: T rounded up to 8, and the spare
     L = lanes(V)
     z = zeros(V)
     for p in range(36):
@@ -96,7 +96,7 @@ def _multiply(V, Ut, T, TW, Mt):
                 a6, b6 = fma(s, u0, a6), fma(s, u1, b6)
                 s = broadcast(V, v + s7)
                 a7, b7 = fma(s, u0, a7), fma(s, u1, b7)
-            o = (p * T8 + j) * KB
+            o = (p * TP + j) * KB
             _store2(Mt, o, L, a0, b0)
             _store2(Mt, o + KB, L, a1, b1)
             _store2(Mt, o + 2 * KB, L, a2, b2)
